@@ -1,0 +1,106 @@
+"""The `passthru` command: serve under gunicorn with LiteLLM's flags, or `check` a config like `nginx -t`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from passthru.config import Settings, load_settings
+from passthru.errors import ConfigError
+
+GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run it; the return value is the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["check"]:
+        return check(_check_parser().parse_args(args[1:]).config)
+    return serve(_serve_parser().parse_args(args))
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="passthru",
+        description="Serve LiteLLM pass-through endpoints from a config.yaml. "
+        "`passthru check --config F` only validates the file.",
+    )
+    parser.add_argument("--config", required=True, help="LiteLLM config.yaml with general_settings")
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (0.0.0.0)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "4000")), help="port ($PORT or 4000)")
+    parser.add_argument("--num_workers", type=int, help="worker processes (default: deploy/gunicorn.conf.py)")
+    parser.add_argument(
+        "--detailed_debug", action="store_true", help="log each forwarded call (names and sizes, values masked)"
+    )
+    return parser
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="passthru check", description="Validate a config and list its routes.")
+    parser.add_argument("--config", required=True)
+    return parser
+
+
+def check(path: str) -> int:
+    """Validate the config and print the routes it would serve, header values masked; 0 if it is valid."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(f"passthru: {exc}", file=sys.stderr)
+        return 1
+    print(f"{settings.source}: ok, {len(settings.endpoints)} route(s)")
+    for ep in settings.endpoints:
+        flags = [f"auth={str(ep.auth).lower()}", f"timeout={ep.timeout:g}s"]
+        flags += [name for name in ("include_subpath", "forward_headers") if getattr(ep, name)]
+        subpath = "/**" if ep.include_subpath else ""
+        print(f"  {ep.path}{subpath} -> {ep.target_shown}  [{' '.join(ep.methods)}] {' '.join(flags)}")
+        for name, _ in ep.headers:
+            print(f"      {name}: ***")
+        for name, value in ep.default_query_params:
+            print(f"      ?{name}={value}")
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Validate the config, then run gunicorn in-process with deploy/gunicorn.conf.py and the given flags."""
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"passthru: {exc}", file=sys.stderr)
+        return 1
+    # The conf's on_starting hook and any reload read the same file.
+    os.environ["PASSTHRU_CONFIG"] = os.path.abspath(args.config)
+    options: dict[str, Any] = {"bind": f"{args.host}:{args.port}"}
+    if args.num_workers:
+        options["workers"] = args.num_workers
+    _Gunicorn(settings, options, args.detailed_debug).run()
+    return 0
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    """gunicorn run in-process: deploy/gunicorn.conf.py, then the command line's flags, then our app."""
+
+    def __init__(self, settings: Settings, options: dict[str, Any], detailed_debug: bool) -> None:
+        self.settings = settings
+        self.options = options
+        self.detailed_debug = detailed_debug
+        super().__init__()
+
+    def load_config(self) -> None:
+        conf = runpy.run_path(str(GUNICORN_CONF))
+        for name, value in {**conf, **self.options}.items():
+            if name in self.cfg.settings and value is not None:
+                self.cfg.set(name, value)
+
+    def load(self) -> Any:
+        from passthru import create_app
+
+        return create_app(self.settings, detailed_debug=self.detailed_debug)

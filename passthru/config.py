@@ -1,0 +1,314 @@
+"""LiteLLM's config.yaml → frozen Settings, with every problem found here, at start-up.
+
+Field names are LiteLLM's own (`general_settings.pass_through_endpoints[i].include_subpath`), so one file runs in
+both. Unlike LiteLLM, nothing is skipped or defaulted silently: a problem raises ConfigError naming the file, the
+entry and the field, and never quotes a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from passthru.errors import ConfigError
+
+ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+DEFAULT_TIMEOUT = 600.0
+ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
+# RFC 9110 token characters: a header name that is anything else cannot be sent.
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
+ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
+LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
+
+ENDPOINT_FIELDS = (
+    "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
+    "default_query_params", "cost_per_request",
+)  # fmt: skip
+GENERAL_FIELDS = ("master_key", "pass_through_endpoints")  # the general_settings keys passthru serves
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One pass-through route, ready to serve: every value checked, every os.environ/ reference resolved."""
+
+    index: int
+    path: str  # the route on passthru, without a trailing slash (except "/")
+    target: str  # the upstream URL, query included, as the forwarder uses it
+    target_shown: str  # the same URL with environment-derived parts masked, for logs and `passthru check`
+    headers: tuple[tuple[str, str], ...]  # sent upstream on every call, overriding the caller's
+    auth: bool
+    forward_headers: bool
+    include_subpath: bool
+    methods: tuple[str, ...]
+    timeout: float
+    default_query_params: tuple[tuple[str, str], ...]
+    cost_per_request: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated config: what the app serves and which values must never be shown."""
+
+    source: str
+    master_key: str | None
+    endpoints: tuple[Endpoint, ...]
+    secrets: frozenset[str]  # every value a log line or an answer must mask
+    warnings: tuple[str, ...]  # said at start-up: routes that hand environment secrets to anyone
+
+
+def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a config file; raise ConfigError naming the file, the entry and the field."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the config file ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from exc
+    return parse_settings(raw, source, os.environ if environ is None else environ)
+
+
+def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Settings:
+    """Validate an already-parsed config document (the part of load_settings that needs no file)."""
+    reader = _Reader(source, environ)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise reader.error("", "the file must be a mapping with a general_settings section")
+    general = raw.get("general_settings") or {}
+    if not isinstance(general, dict):
+        raise reader.error("general_settings", "must be a mapping")
+    # Other LiteLLM sections (model_list, litellm_settings, ...) and general_settings keys are LiteLLM's business:
+    # the same file runs in both, so passthru reads only the keys it serves.
+    for key in general:
+        close = difflib.get_close_matches(str(key), GENERAL_FIELDS, n=1, cutoff=0.8)
+        if key not in GENERAL_FIELDS and close:
+            raise reader.error(f"general_settings.{key}", f"unknown field (did you mean {close[0]}?)")
+    master_key = None
+    if general.get("master_key") is not None:
+        master_key = reader.string(general["master_key"], "general_settings.master_key")
+        if not master_key:
+            raise reader.error("general_settings.master_key", "must not be empty")
+        reader.secrets.add(master_key)
+    entries = general.get("pass_through_endpoints") or []
+    if not isinstance(entries, list):
+        raise reader.error("general_settings.pass_through_endpoints", "must be a list of entries")
+    endpoints = tuple(_endpoint(reader, i, entry) for i, entry in enumerate(entries))
+    seen: dict[str, int] = {}
+    for ep in endpoints:
+        if ep.path in seen:
+            where = _where(ep.index, ep.path)
+            raise reader.error(f"{where}.path", f"duplicates the path of entry [{seen[ep.path]}]")
+        seen[ep.path] = ep.index
+        if ep.auth and master_key is None:
+            raise reader.error(f"{_where(ep.index, ep.path)}.auth", "is true but general_settings.master_key is not set")
+    warnings = tuple(
+        f"{source}: route {ep.path} injects secrets from the environment and has auth: false; "
+        "anyone who can reach passthru can use them"
+        for ep in endpoints
+        if not ep.auth and any(value in reader.from_environment for _, value in ep.headers)
+    )
+    return Settings(source, master_key, endpoints, frozenset(reader.secrets), warnings)
+
+
+def _where(index: int, path: str | None) -> str:
+    label = f"general_settings.pass_through_endpoints[{index}]"
+    return f"{label} ({path})" if path else label
+
+
+class _Reader:
+    """Field checks that know the file name (for messages) and collect every secret they resolve."""
+
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+        self.secrets: set[str] = set()
+        self.from_environment: set[str] = set()  # whole values that an os.environ/ reference went into
+
+    def error(self, field: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {field}: {problem}" if field else f"{self.source}: {problem}")
+
+    def string(self, value: Any, field: str, *, secret: bool = False) -> str:
+        """A string with os.environ/NAME resolved; `secret` marks the whole value as one to mask."""
+        return self.resolve(value, field, secret=secret)[0]
+
+    def resolve(self, value: Any, field: str, *, secret: bool = False) -> tuple[str, str]:
+        """(value, shown): the string with os.environ/NAME resolved, and with each resolved part masked."""
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(field, f"must be a string, not {_kind(value)}")
+        text = str(value)
+        missing = [name for name in ENV_REF.findall(text) if name not in self.environ]
+        if missing:
+            raise self.error(field, f"environment variable {missing[0]} is not set")
+
+        def sub(match: re.Match[str]) -> str:
+            resolved = self.environ[match.group(1)]
+            if resolved:
+                self.secrets.add(resolved)
+            return resolved
+
+        resolved = ENV_REF.sub(sub, text)
+        if resolved != text:
+            self.from_environment.add(resolved)
+        # A literal value is masked too when it is long enough to be a credential; masking a short one such as
+        # "1" would mangle every log line, and header values are never logged in the first place.
+        if secret and (resolved != text or len(resolved) >= 8):
+            self.secrets.add(resolved)
+        return resolved, ENV_REF.sub("***", text)
+
+    def boolean(self, entry: dict[str, Any], key: str, where: str) -> bool:
+        value = entry.get(key, False)
+        if not isinstance(value, bool):
+            hint = " (write true or false without quotes)" if isinstance(value, str) else ""
+            raise self.error(f"{where}.{key}", f"must be true or false, not {_kind(value)}{hint}")
+        return value
+
+    def mapping(self, entry: dict[str, Any], key: str, where: str, *, secret: bool) -> list[tuple[str, str]]:
+        value = entry.get(key) or {}
+        if not isinstance(value, dict):
+            raise self.error(f"{where}.{key}", f"must be a mapping of names to values, not {_kind(value)}")
+        pairs = []
+        for name, item in value.items():
+            field = f"{where}.{key}.{name}"
+            if not isinstance(name, str) or not name:
+                raise self.error(f"{where}.{key}", f"has a name that is not a string: {name!r}")
+            text = self.string(item, field, secret=secret)
+            if "\r" in text or "\n" in text or "\0" in text:
+                raise self.error(field, "must not contain line breaks or NUL")
+            pairs.append((name, text))
+        return pairs
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return f"the string {value!r}" if len(value) <= 20 else "a string"
+    return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _endpoint(reader: _Reader, index: int, entry: Any) -> Endpoint:
+    if not isinstance(entry, dict):
+        raise reader.error(_where(index, None), f"must be a mapping with path and target, not {_kind(entry)}")
+    raw_path = entry.get("path")
+    where = _where(index, raw_path if isinstance(raw_path, str) else None)
+    for key in entry:
+        if key not in ENDPOINT_FIELDS:
+            close = difflib.get_close_matches(str(key), ENDPOINT_FIELDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(ENDPOINT_FIELDS)})"
+            raise reader.error(f"{where}.{key}", f"unknown field{hint}")
+    for key in ("path", "target"):
+        if entry.get(key) in (None, ""):
+            raise reader.error(f"{where}.{key}", "is required")
+    path = _route_path(reader, entry["path"], f"{where}.path")
+    target, target_shown = _target(reader, entry["target"], f"{where}.target")
+    headers = _headers(reader, entry, where)
+    methods = _methods(reader, entry.get("methods"), f"{where}.methods")
+    return Endpoint(
+        index=index,
+        path=path,
+        target=target,
+        target_shown=target_shown,
+        headers=headers,
+        auth=reader.boolean(entry, "auth", where),
+        forward_headers=reader.boolean(entry, "forward_headers", where),
+        include_subpath=reader.boolean(entry, "include_subpath", where),
+        methods=methods,
+        timeout=_number(reader, entry.get("timeout", DEFAULT_TIMEOUT), f"{where}.timeout", positive=True),
+        default_query_params=tuple(reader.mapping(entry, "default_query_params", where, secret=False)),
+        cost_per_request=_number(reader, entry.get("cost_per_request", 0), f"{where}.cost_per_request"),
+    )
+
+
+def _route_path(reader: _Reader, value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise reader.error(field, f"must be a string starting with /, not {_kind(value)}")
+    if not value.startswith("/"):
+        raise reader.error(field, "must start with /")
+    if "//" in value or not ROUTE_PATH.match(value):
+        raise reader.error(field, "must be a plain URL path: letters, digits and -._~!$&'()*+,;=:@% between slashes")
+    if any(segment in (".", "..") for segment in value.split("/")):
+        raise reader.error(field, "must not contain . or .. segments")
+    return value.rstrip("/") or "/"
+
+
+def _target(reader: _Reader, value: Any, field: str) -> tuple[str, str]:
+    target, shown = reader.resolve(value, field)
+    try:
+        parts = urlsplit(target)
+        port = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise reader.error(field, "is not a valid URL") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise reader.error(field, "must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise reader.error(field, "must not carry user:password@; send credentials with headers: Authorization")
+    if parts.fragment or target.endswith("#"):
+        raise reader.error(field, "must not have a #fragment")
+    if any(c.isspace() for c in target) or (port is not None and port == 0):
+        raise reader.error(field, "is not a valid URL")
+    return target, shown
+
+
+def _headers(reader: _Reader, entry: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    pairs = reader.mapping(entry, "headers", where, secret=True)
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if not HEADER_NAME.match(name):
+            raise reader.error(f"{where}.headers.{name}", "is not a valid HTTP header name")
+        if name.lower() in seen:
+            raise reader.error(f"{where}.headers.{name}", "is given twice (header names ignore case)")
+        seen.add(name.lower())
+    langfuse = {name.lower(): value for name, value in pairs if name.lower() in LANGFUSE_HEADERS}
+    if not langfuse:
+        return tuple(pairs)
+    # LiteLLM's Langfuse tutorial: the two keys become one Basic credential, as Langfuse's API expects.
+    if len(langfuse) == 1:
+        (name,) = langfuse
+        raise reader.error(f"{where}.headers.{name.upper()}", "needs LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY both")
+    if "authorization" in seen:
+        raise reader.error(f"{where}.headers.Authorization", "cannot be set together with the LANGFUSE_* keys")
+    token = base64.b64encode(f"{langfuse['langfuse_public_key']}:{langfuse['langfuse_secret_key']}".encode()).decode()
+    reader.secrets.update((token, f"Basic {token}"))
+    reader.from_environment.add(f"Basic {token}")
+    kept = [(name, value) for name, value in pairs if name.lower() not in LANGFUSE_HEADERS]
+    return (*kept, ("Authorization", f"Basic {token}"))
+
+
+def _methods(reader: _Reader, value: Any, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ALL_METHODS
+    if not isinstance(value, list) or not value:
+        raise reader.error(field, f"must be a non-empty list such as [GET, POST], not {_kind(value)}")
+    methods = []
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in ALL_METHODS:
+            raise reader.error(field, f"{item!r} is not one of {', '.join(ALL_METHODS)}")
+        if item.upper() not in methods:
+            methods.append(item.upper())
+    return tuple(methods)
+
+
+def _number(reader: _Reader, value: Any, field: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise reader.error(field, f"must be a number, not {_kind(value)}")
+    if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
+        raise reader.error(field, "must be a positive number" if positive else "must be zero or more")
+    return float(value)

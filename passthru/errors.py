@@ -1,0 +1,92 @@
+"""passthru's errors and the one place they become LiteLLM-shaped JSON answers.
+
+    PassthruError               anything passthru raises on purpose (500)
+    ├── ConfigError             the config file is wrong; raised at start-up only
+    ├── RequestError            the caller's request is malformed (400)
+    ├── AuthError               no key or a wrong key (401)
+    └── UpstreamError           the upstream refused, reset or broke the exchange (502)
+        └── UpstreamTimeout     the upstream did not answer within the route's timeout (504)
+
+Messages are written for the caller: they never carry a library's exception text, which can hold the upstream
+URL and so a secret. The library exception is chained (`raise ... from exc`) and logged instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+log = logging.getLogger("passthru")
+
+
+class PassthruError(Exception):
+    """Base of every error passthru raises on purpose; carries the answer's status and LiteLLM error type."""
+
+    status = 500
+    type = "internal_server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ConfigError(PassthruError):
+    """The config file cannot be served; the message names the file, the entry and the field."""
+
+
+class RequestError(PassthruError):
+    status = 400
+    type = "bad_request_error"
+
+
+class AuthError(PassthruError):
+    status = 401
+    type = "auth_error"
+
+
+class UpstreamError(PassthruError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+
+
+_HTTP_TYPES = {400: "bad_request_error", 401: "auth_error", 404: "not_found_error", 405: "method_not_allowed"}
+
+
+def error_response(
+    status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    """Build the JSON error answer in LiteLLM's shape: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": str(status)}}
+    return Response(json.dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Turn every exception that reaches Flask into a JSON answer, never a stack trace."""
+
+    @app.errorhandler(PassthruError)
+    def _passthru(exc: PassthruError) -> Response:
+        return error_response(exc.status, exc.message, exc.type, exc.param)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response | HTTPException:
+        status = exc.code or 500
+        if status < 400:  # routing redirects (a missing trailing slash) are answers, not errors
+            return exc
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(exc.valid_methods)
+        return error_response(status, exc.description or exc.name, _HTTP_TYPES.get(status, exc.name), None, headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error")
+        return error_response(500, "internal error", "internal_server_error")

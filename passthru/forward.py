@@ -1,0 +1,318 @@
+"""The hot path: build the upstream request, send it on the pooled Session, relay the answer as it arrives.
+
+Everything that depends only on the config is computed once in `compile_route`; per request this module reads the
+WSGI environ, never the config. Bodies stream both ways; nothing here reads a body whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+from typing import IO, Any
+from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from werkzeug.wrappers import Response
+
+from passthru.config import Endpoint
+from passthru.errors import RequestError, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("passthru")
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the pre-standard Proxy-Connection and Keep-Alive.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+     "transfer-encoding", "upgrade"}
+)  # fmt: skip
+# Never copied from the caller: framing is redone for the body we send, Host is the target's, Expect: 100-continue
+# was already answered by the WSGI server, and X-Forwarded-* are set by passthru rather than trusted.
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
+                             "x-forwarded-host"}  # fmt: skip
+# The WSGI server writes its own Date and Server lines; relaying the upstream's would send each twice.
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+# Without forward_headers only these caller headers go upstream (environ key, header name).
+DEFAULT_FORWARDED = (
+    ("CONTENT_TYPE", "Content-Type"),
+    ("HTTP_CONTENT_ENCODING", "Content-Encoding"),
+    ("HTTP_ACCEPT", "Accept"),
+    ("HTTP_ACCEPT_ENCODING", "Accept-Encoding"),
+)
+CHUNK_SIZE = 64 * 1024
+POOL_SIZE = 256  # connections kept per upstream host: at least the threads of any worker we ship
+SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segment is re-encoded with these kept
+# Characters a query may carry as they are; anything else (non-ASCII, controls, space) is percent-encoded.
+QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]^_`{|}~"
+TIMEOUT_ERRORS = (requests.ConnectTimeout, requests.ReadTimeout)
+
+
+@dataclass(frozen=True)
+class Route:
+    """An Endpoint turned into what the hot path needs, computed once at start-up."""
+
+    endpoint: Endpoint
+    url: str  # target without its query
+    query: str  # the target's own query, put before the caller's
+    default_query: tuple[tuple[str, str], ...]  # (name, "name=value" encoded)
+    headers: tuple[tuple[str, str], ...]
+    header_names: frozenset[str]  # lower-case names of `headers`: the caller's are overridden
+    timeout: tuple[float, float]
+
+
+def compile_route(endpoint: Endpoint) -> Route:
+    """Split the target and pre-encode everything that does not change between requests."""
+    parts = urlsplit(endpoint.target)
+    return Route(
+        endpoint=endpoint,
+        url=parts._replace(query="", fragment="").geturl() or endpoint.target,
+        query=parts.query,
+        default_query=tuple((k, urlencode([(k, v)])) for k, v in endpoint.default_query_params),
+        headers=endpoint.headers,
+        header_names=frozenset(name.lower() for name, _ in endpoint.headers),
+        timeout=(endpoint.timeout, endpoint.timeout),
+    )
+
+
+def new_session(upstream_hosts: int) -> requests.Session:
+    """The forwarding Session of one worker process: pooled, and sharing nothing between callers."""
+    session = requests.Session()
+    session.trust_env = False  # no .netrc credentials, no proxies from the environment
+    # A shared cookie jar would carry one caller's upstream Set-Cookie into the next caller's request.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def upstream_url(route: Route, subpath: str | None, query_string: str) -> str:
+    """Target URL + cleaned sub-path + the target's query, the caller's query as sent, and missing defaults."""
+    url = route.url
+    if subpath is not None:
+        url = url.rstrip("/") + "/" + clean_subpath(subpath)
+    query = encode_query(query_string)
+    if route.query:
+        query = f"{route.query}&{query}" if query else route.query
+    if route.default_query:
+        present = {unquote_plus(pair.split("=", 1)[0]) for pair in query.split("&") if pair}
+        extra = "&".join(encoded for name, encoded in route.default_query if name not in present)
+        if extra:
+            query = f"{query}&{extra}" if query else extra
+    return f"{url}?{query}" if query else url
+
+
+def clean_subpath(subpath: str) -> str:
+    """Resolve dot segments inside the route and re-encode each segment; refuse what could climb out of it.
+
+    The WSGI server has already percent-decoded the path once, so %2e%2e arrives here as `..` and %2F as `/`.
+    """
+    kept: list[str] = []
+    for segment in subpath.split("/"):
+        if segment == "..":
+            if not kept:
+                raise RequestError("the path leaves the route's prefix", param="path")
+            kept.pop()
+        elif segment != ".":
+            decoded = unquote(segment)  # a second decoding, as a careless upstream might do
+            if "\\" in decoded or "/" in decoded or decoded in (".", "..") or not decoded.isprintable():
+                raise RequestError("the path has an encoded slash, dot segment or control character", param="path")
+            kept.append(quote(segment, safe=SEGMENT_SAFE))
+    return "/".join(kept)
+
+
+def encode_query(query_string: str) -> str:
+    """The caller's query as sent: repeated keys, order, empty values and escapes kept (urllib3 upper-cases hex)."""
+    if query_string.isascii() and query_string.isprintable() and " " not in query_string:
+        return query_string
+    # WSGI hands the query over as latin-1 text; bytes the request line may not carry raw are escaped.
+    return quote(query_string.encode("latin-1"), safe=QUERY_SAFE)
+
+
+def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[str]) -> CaseInsensitiveDict[str]:
+    """The headers sent upstream: the caller's (all, or the default few), then the route's, then X-Forwarded-*."""
+    headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    if route.endpoint.forward_headers:
+        skip = REQUEST_DROP | route.header_names | drop | _connection_tokens(environ.get("HTTP_CONNECTION"))
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                name = key[5:].replace("_", "-").title()
+            elif key == "CONTENT_TYPE":
+                name = "Content-Type"
+            else:
+                continue
+            if name.lower() not in skip:
+                headers[name] = value
+    else:
+        for key, name in DEFAULT_FORWARDED:
+            value = environ.get(key)
+            if value and name.lower() not in route.header_names:
+                headers[name] = value
+    for name, value in route.headers:
+        headers[name] = value
+    headers["X-Forwarded-For"] = environ.get("REMOTE_ADDR", "")
+    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
+    if environ.get("HTTP_HOST"):
+        headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
+    return headers
+
+
+def _connection_tokens(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+class SizedBody:
+    """The caller's body of known length, read in pieces so only Content-Length goes upstream (never chunked too)."""
+
+    def __init__(self, stream: IO[bytes], length: int) -> None:
+        self._stream = stream
+        self._left = length
+        self.length = length
+        self.broken = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        size = self._left if size < 0 else min(size, self._left)
+        try:
+            data = self._stream.read(size)
+        except Exception as exc:  # the WSGI server's own "client went away" errors differ between servers
+            self.broken = True
+            raise OSError(errno.ECONNABORTED, "the client's body ended early") from exc
+        if not data:
+            self.broken = True
+            raise OSError(errno.ECONNABORTED, "the client's body ended early")
+        self._left -= len(data)
+        return data
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    """A body of unknown length (the caller sent it chunked): requests sends it on chunked."""
+    while True:
+        data = stream.read(CHUNK_SIZE)
+        if not data:
+            return
+        yield data
+
+
+def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | Iterator[bytes] | None, str | None]:
+    """The body to send upstream and its Content-Length (None: none, or chunked); refuse ambiguous framing."""
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH") or None
+    encoding = environ.get("HTTP_TRANSFER_ENCODING")
+    if encoding is not None:
+        if length is not None:
+            raise RequestError("a request must not carry both Content-Length and Transfer-Encoding")
+        if encoding.strip().lower() != "chunked":
+            raise RequestError("only the chunked Transfer-Encoding is supported")
+        return _chunks(stream), None
+    if length is None:
+        return None, None
+    if not length.isdigit() or not length.isascii():
+        raise RequestError("Content-Length must be a number", param="Content-Length")
+    if int(length) == 0:
+        return None, "0"
+    return SizedBody(stream, int(length)), str(int(length))
+
+
+class UpstreamBody:
+    """The upstream's body relayed piece by piece as it arrives; closing it frees the upstream connection."""
+
+    def __init__(self, raw: urllib3.HTTPResponse, bodiless: bool) -> None:
+        self._raw = raw
+        self._bodiless = bodiless
+        self._done = False
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        read1 = self._raw.read1
+        try:
+            while True:
+                # read1, not stream() or iter_content(): whatever has arrived, undecoded (gzip stays gzip).
+                chunk = read1(CHUNK_SIZE, decode_content=False)
+                if not chunk:
+                    break
+                yield chunk
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("upstream broke off mid-body (%s); closing the client connection", type(exc).__name__)
+            # The status is already sent: the only honest signal left is to end the connection uncleanly.
+            # WSGI servers treat a connection reset as the client's problem and close quietly.
+            raise ConnectionResetError(errno.ECONNRESET, "upstream broke off mid-body") from exc
+        self._done = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bodiless and not self._done:
+            self._raw.drain_conn()  # nothing to read, but it marks the exchange finished
+        elif not self._done:
+            self._raw.close()  # half-read: this connection cannot carry another request
+        self._raw.release_conn()
+
+
+class UpstreamResponse(Response):
+    # Relay the upstream's headers exactly: no Content-Type is invented when the upstream sent none.
+    default_mimetype = None
+
+
+def forward(
+    session: requests.Session, route: Route, subpath: str | None, environ: dict[str, Any], drop: frozenset[str]
+) -> Response:
+    """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
+    body, length = request_body(environ)
+    prepared = requests.PreparedRequest()
+    prepared.method = environ["REQUEST_METHOD"]
+    prepared.url = upstream_url(route, subpath, environ.get("QUERY_STRING", ""))
+    prepared.headers = upstream_headers(route, environ, drop)
+    if length is not None:
+        prepared.headers["Content-Length"] = length
+    prepared.body = body  # type: ignore[assignment]  # requests streams any file-like or iterable body
+    started = time.perf_counter()
+    try:
+        upstream = session.send(prepared, stream=True, timeout=route.timeout, allow_redirects=False)
+    except TIMEOUT_ERRORS as exc:
+        log.warning("upstream timeout on %s: %s", route.endpoint.path, type(exc).__name__)
+        raise UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s") from exc
+    except requests.RequestException as exc:
+        if isinstance(body, SizedBody) and body.broken:
+            raise RequestError("the request body ended before its Content-Length") from exc
+        log.warning("upstream error on %s: %s", route.endpoint.path, _describe(exc))
+        raise UpstreamError("the upstream could not be reached or broke the connection") from exc
+    environ["passthru.upstream_seconds"] = time.perf_counter() - started
+    raw = upstream.raw
+    if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
+        log.debug(
+            "forward %s %s -> %s%s headers=[%s] request_length=%s -> %s response_length=%s",
+            prepared.method, route.endpoint.path, route.endpoint.target_shown, f" +/{subpath}" if subpath else "",
+            ", ".join(prepared.headers), length or ("chunked" if body is not None else 0), upstream.status_code,
+            raw.headers.get("Content-Length", "chunked/close"),
+        )  # fmt: skip
+    skip = RESPONSE_DROP | _connection_tokens(raw.headers.get("Connection"))
+    headers = [(name, value) for name, value in raw.headers.items() if name.lower() not in skip]
+    status = upstream.status_code
+    relay = UpstreamBody(raw, bodiless=prepared.method == "HEAD" or status in (204, 304) or status < 200)
+    response = UpstreamResponse(relay, status=status, headers=headers, direct_passthrough=True)
+    # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
+    response.call_on_close(relay.close)
+    return response
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's class chain, for logs: the library's text can carry the URL and so a secret."""
+    names = []
+    seen: BaseException | None = exc
+    while seen is not None and len(names) < 4:
+        names.append(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(names)

@@ -1,0 +1,233 @@
+"""Config loading: every field, every start-up error, and that no error quotes a secret."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from passthru.config import ALL_METHODS, load_settings, parse_settings
+from passthru.errors import ConfigError
+
+SEED_RERANK = """
+general_settings:
+  master_key: sk-1234
+  pass_through_endpoints:
+    - path: "/v1/rerank" # route you want to add to LiteLLM Proxy Server
+      target: "https://api.cohere.com/v1/rerank" # URL this route should forward requests to
+      headers: # headers to forward to this URL
+        Authorization: "bearer os.environ/COHERE_API_KEY" # (Optional) Auth Header to forward to your Endpoint
+        content-type: application/json # (Optional) Extra Headers to pass to this endpoint
+        accept: application/json
+"""
+ENV = {"COHERE_API_KEY": "co-secret-123", "LF_PK": "pk-lf-1", "LF_SK": "sk-lf-2", "MK": "sk-master-999"}
+
+
+def settings_of(entries: list[dict], environ: dict[str, str] | None = None, **general: object):
+    raw = {"general_settings": {**general, "pass_through_endpoints": entries}}
+    return parse_settings(raw, "cfg.yaml", ENV if environ is None else environ)
+
+
+def error_of(entries: list[dict], **general: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        settings_of(entries, **general)
+    return str(info.value)
+
+
+def test_seed_rerank_config_loads_with_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_RERANK)
+    settings = load_settings(path, ENV)
+    (ep,) = settings.endpoints
+    assert settings.master_key == "sk-1234"
+    assert ep.path == "/v1/rerank"
+    assert ep.target == "https://api.cohere.com/v1/rerank"
+    assert ep.headers == (
+        ("Authorization", "bearer co-secret-123"),
+        ("content-type", "application/json"),
+        ("accept", "application/json"),
+    )
+    assert (ep.auth, ep.forward_headers, ep.include_subpath) == (False, False, False)
+    assert ep.methods == ALL_METHODS
+    assert ep.timeout == 600.0
+    assert ep.default_query_params == ()
+    assert ep.cost_per_request == 0.0
+    assert {"co-secret-123", "sk-1234"} <= settings.secrets
+
+
+def test_every_field_is_read() -> None:
+    settings = settings_of(
+        [
+            {
+                "path": "/svc/",
+                "target": "http://127.0.0.1:9/base?v=2",
+                "auth": True,
+                "forward_headers": True,
+                "include_subpath": True,
+                "methods": ["get", "POST", "GET"],
+                "timeout": 2.5,
+                "default_query_params": {"api-version": "2024-01-01", "n": 3},
+                "cost_per_request": 0.25,
+            }
+        ],
+        master_key="os.environ/MK",
+    )
+    (ep,) = settings.endpoints
+    assert ep.path == "/svc"
+    assert ep.target == "http://127.0.0.1:9/base?v=2"
+    assert (ep.auth, ep.forward_headers, ep.include_subpath) == (True, True, True)
+    assert ep.methods == ("GET", "POST")
+    assert ep.timeout == 2.5
+    assert ep.default_query_params == (("api-version", "2024-01-01"), ("n", "3"))
+    assert ep.cost_per_request == 0.25
+    assert settings.master_key == "sk-master-999"
+    assert "sk-master-999" in settings.secrets
+
+
+def test_env_reference_inside_a_value_and_masked_target() -> None:
+    (ep,) = settings_of([{"path": "/g", "target": "https://h.example/v1?key=os.environ/COHERE_API_KEY"}]).endpoints
+    assert ep.target == "https://h.example/v1?key=co-secret-123"
+    assert ep.target_shown == "https://h.example/v1?key=***"
+
+
+def test_langfuse_keys_become_one_basic_authorization() -> None:
+    settings = settings_of(
+        [
+            {
+                "path": "/api/public/ingestion",
+                "target": "https://us.cloud.langfuse.com/api/public/ingestion",
+                "headers": {"LANGFUSE_PUBLIC_KEY": "os.environ/LF_PK", "LANGFUSE_SECRET_KEY": "os.environ/LF_SK"},
+            }
+        ]
+    )
+    (ep,) = settings.endpoints
+    token = base64.b64encode(b"pk-lf-1:sk-lf-2").decode()
+    assert ep.headers == (("Authorization", f"Basic {token}"),)
+    assert f"Basic {token}" in settings.secrets
+
+
+def test_other_litellm_sections_are_left_to_litellm() -> None:
+    raw = {
+        "model_list": [{"model_name": "x"}],
+        "litellm_settings": {"drop_params": True},
+        "general_settings": {"master_key": "sk-1", "alerting": ["slack"], "pass_through_endpoints": []},
+    }
+    assert parse_settings(raw, "cfg.yaml", {}).endpoints == ()
+
+
+def test_warning_for_unauthenticated_route_with_secrets() -> None:
+    settings = settings_of(
+        [
+            {"path": "/open", "target": "http://a.example", "headers": {"Authorization": "os.environ/MK"}},
+            {"path": "/plain", "target": "http://a.example", "headers": {"accept": "application/json"}},
+            {"path": "/closed", "target": "http://a.example", "auth": True, "headers": {"X": "os.environ/MK"}},
+        ],
+        master_key="sk-1",
+    )
+    (line,) = settings.warnings
+    assert "/open" in line and "sk-master-999" not in line
+
+
+@pytest.mark.parametrize(
+    ("entries", "general", "expected"),
+    [
+        pytest.param([{"target": "http://a"}], {}, "pass_through_endpoints[0].path: is required", id="no-path"),
+        pytest.param([{"path": "/x"}], {}, "[0] (/x).target: is required", id="no-target"),
+        pytest.param([{"path": "x", "target": "http://a"}], {}, ".path: must start with /", id="path-slash"),
+        pytest.param([{"path": "/a/<b>", "target": "http://a"}], {}, ".path: must be a plain URL path", id="path-rule"),
+        pytest.param([{"path": "/a/../b", "target": "http://a"}], {}, ".path: must not contain .", id="path-dots"),
+        pytest.param([{"path": 3, "target": "http://a"}], {}, ".path: must be a string", id="path-type"),
+        pytest.param([{"path": "/x", "target": "ftp://a/b"}], {}, ".target: must be an http://", id="target-scheme"),
+        pytest.param([{"path": "/x", "target": "http://"}], {}, ".target: must be an http://", id="target-host"),
+        pytest.param([{"path": "/x", "target": "http://a:99999"}], {}, ".target: is not a valid URL", id="target-port"),
+        pytest.param([{"path": "/x", "target": "http://u:p@a"}], {}, ".target: must not carry user", id="userinfo"),
+        pytest.param([{"path": "/x", "target": "http://a/#f"}], {}, ".target: must not have a #fragment", id="frag"),
+        pytest.param([{"path": "/x", "target": "http://a", "auth": "true"}], {"master_key": "k"},
+                     "(/x).auth: must be true or false, not the string 'true' (write true or false without quotes)",
+                     id="auth-quoted"),
+        pytest.param([{"path": "/x", "target": "http://a", "auth": True}], {},
+                     "(/x).auth: is true but general_settings.master_key is not set", id="auth-no-master"),
+        pytest.param([{"path": "/x", "target": "http://a", "forward_headers": 1}], {},
+                     ".forward_headers: must be true or false", id="forward-headers-type"),
+        pytest.param([{"path": "/x", "target": "http://a", "include_subpath": "yes"}], {},
+                     ".include_subpath: must be true or false", id="subpath-type"),
+        pytest.param([{"path": "/x", "target": "http://a", "methods": ["GET", "TRACE"]}], {},
+                     ".methods: 'TRACE' is not one of", id="method-unknown"),
+        pytest.param([{"path": "/x", "target": "http://a", "methods": "GET"}], {},
+                     ".methods: must be a non-empty list", id="methods-type"),
+        pytest.param([{"path": "/x", "target": "http://a", "timeout": 0}], {}, ".timeout: must be a positive",
+                     id="timeout-zero"),
+        pytest.param([{"path": "/x", "target": "http://a", "timeout": "5"}], {}, ".timeout: must be a number",
+                     id="timeout-type"),
+        pytest.param([{"path": "/x", "target": "http://a", "cost_per_request": -1}], {},
+                     ".cost_per_request: must be zero or more", id="cost-negative"),
+        pytest.param([{"path": "/x", "target": "http://a", "default_query_params": ["a"]}], {},
+                     ".default_query_params: must be a mapping", id="query-type"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": "x"}], {}, ".headers: must be a mapping",
+                     id="headers-type"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": {"Bad Name": "v"}}], {},
+                     ".headers.Bad Name: is not a valid HTTP header name", id="header-name"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": {"X": "a\nb"}}], {},
+                     ".headers.X: must not contain line breaks", id="header-crlf"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": {"X": True}}], {},
+                     ".headers.X: must be a string, not a boolean", id="header-bool"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": {"X": "1", "x": "2"}}], {},
+                     ".headers.x: is given twice", id="header-twice"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": {"LANGFUSE_PUBLIC_KEY": "a"}}], {},
+                     "needs LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY both", id="langfuse-half"),
+        pytest.param([{"path": "/x", "target": "http://a", "headers": {"X": "os.environ/NOPE"}}], {},
+                     "(/x).headers.X: environment variable NOPE is not set", id="env-missing"),
+        pytest.param([{"path": "/x", "target": "http://a", "include_subpaths": True}], {},
+                     "(/x).include_subpaths: unknown field (did you mean include_subpath?)", id="unknown-field"),
+        pytest.param([{"path": "/x", "target": "http://a"}, {"path": "/x/", "target": "http://b"}], {},
+                     "pass_through_endpoints[1] (/x).path: duplicates the path of entry [0]", id="duplicate"),
+        pytest.param(["/x"], {}, "pass_through_endpoints[0]: must be a mapping", id="entry-type"),
+        pytest.param([], {"master_key": ""}, "general_settings.master_key: must not be empty", id="master-empty"),
+        pytest.param([], {"master_key": "os.environ/NOPE"}, "master_key: environment variable NOPE is not set",
+                     id="master-env"),
+        pytest.param([], {"pass_through_endpoint": []}, "general_settings.pass_through_endpoint: unknown field",
+                     id="general-typo"),
+    ],
+)  # fmt: skip
+def test_start_up_errors_name_file_entry_and_field(entries: list, general: dict, expected: str) -> None:
+    message = error_of(entries, **general)
+    assert message.startswith("cfg.yaml: ")
+    assert expected in message
+    for secret in ENV.values():
+        assert secret not in message
+
+
+def test_pass_through_endpoints_must_be_a_list() -> None:
+    with pytest.raises(ConfigError, match=r"general_settings.pass_through_endpoints: must be a list"):
+        parse_settings({"general_settings": {"pass_through_endpoints": {"path": "/x"}}}, "cfg.yaml", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("general_settings: [1", "not valid YAML at line", id="bad-yaml"),
+        pytest.param("- 1\n- 2\n", "the file must be a mapping", id="not-mapping"),
+        pytest.param("general_settings: 3\n", "general_settings: must be a mapping", id="general-type"),
+    ],
+)
+def test_file_level_errors(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_settings(path, {})
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_settings(missing, {})
+
+
+def test_error_never_prints_a_resolved_secret() -> None:
+    # The value resolves fine but is then refused: the message names the field, not the value.
+    environ = {"BAD": "line1\nsecret-tail"}
+    with pytest.raises(ConfigError) as info:
+        settings_of([{"path": "/x", "target": "http://a", "headers": {"X": "os.environ/BAD"}}], environ)
+    assert "secret-tail" not in str(info.value)
