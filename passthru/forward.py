@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
 from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit
 
@@ -57,6 +56,7 @@ class Route:
     """An Endpoint turned into what the hot path needs, computed once at start-up."""
 
     endpoint: Endpoint
+    adapter: HTTPAdapter  # the Session's adapter for the target's scheme: its connection pool
     url: str  # target without its query
     query: str  # the target's own query, put before the caller's
     default_query: tuple[tuple[str, str], ...]  # (name, "name=value" encoded)
@@ -65,11 +65,14 @@ class Route:
     timeout: tuple[float, float]
 
 
-def compile_route(endpoint: Endpoint) -> Route:
+def compile_route(endpoint: Endpoint, session: requests.Session) -> Route:
     """Split the target and pre-encode everything that does not change between requests."""
     parts = urlsplit(endpoint.target)
+    adapter = session.get_adapter(endpoint.target)
+    assert isinstance(adapter, HTTPAdapter)
     return Route(
         endpoint=endpoint,
+        adapter=adapter,
         url=parts._replace(query="", fragment="").geturl() or endpoint.target,
         query=parts.query,
         default_query=tuple((k, urlencode([(k, v)])) for k, v in endpoint.default_query_params),
@@ -80,11 +83,14 @@ def compile_route(endpoint: Endpoint) -> Route:
 
 
 def new_session(upstream_hosts: int) -> requests.Session:
-    """The forwarding Session of one worker process: pooled, and sharing nothing between callers."""
+    """The Session of one worker process: it owns the connection pools that every route sends through.
+
+    Requests go out through the Session's adapter, not Session.send: even with allow_redirects=False,
+    Session.send reads a 3xx answer's whole body (to prepare the next hop), and it runs the shared cookie jar,
+    environment proxies and .netrc. The adapter does none of that: nothing is shared between callers.
+    """
     session = requests.Session()
-    session.trust_env = False  # no .netrc credentials, no proxies from the environment
-    # A shared cookie jar would carry one caller's upstream Set-Cookie into the next caller's request.
-    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    session.trust_env = False
     adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -266,9 +272,7 @@ class UpstreamResponse(Response):
     default_mimetype = None
 
 
-def forward(
-    session: requests.Session, route: Route, subpath: str | None, environ: dict[str, Any], drop: frozenset[str]
-) -> Response:
+def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: frozenset[str]) -> Response:
     """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
     body, length = request_body(environ)
     prepared = requests.PreparedRequest()
@@ -280,7 +284,7 @@ def forward(
     prepared.body = body  # type: ignore[assignment]  # requests streams any file-like or iterable body
     started = time.perf_counter()
     try:
-        upstream = session.send(prepared, stream=True, timeout=route.timeout, allow_redirects=False)
+        upstream = route.adapter.send(prepared, stream=True, timeout=route.timeout)
     except TIMEOUT_ERRORS as exc:
         log.warning("upstream timeout on %s: %s", route.endpoint.path, type(exc).__name__)
         raise UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s") from exc

@@ -19,7 +19,7 @@ def build_blueprint(settings: Settings, session: requests.Session, key_check: Ke
     # The master key is stripped from relayed headers on every route, authenticated or not.
     proxy_keys = (digest(settings.master_key),) if settings.master_key else ()
     for endpoint in settings.endpoints:
-        view = partial(_serve, compile_route(endpoint), session, key_check if endpoint.auth else None, proxy_keys)
+        view = partial(_serve, compile_route(endpoint, session), key_check if endpoint.auth else None, proxy_keys)
         options = {"methods": endpoint.methods, "provide_automatic_options": False, "merge_slashes": False}
         name = f"route_{endpoint.index}"
         blueprint.add_url_rule(endpoint.path, name, view, defaults={"subpath": None}, **options)
@@ -30,10 +30,7 @@ def build_blueprint(settings: Settings, session: requests.Session, key_check: Ke
     return blueprint
 
 
-def _serve(
-    route: Route, session: requests.Session, key_check: KeyCheck | None, proxy_keys: tuple[bytes, ...],
-    subpath: str | None,
-) -> Response:  # fmt: skip
+def _serve(route: Route, key_check: KeyCheck | None, proxy_keys: tuple[bytes, ...], subpath: str | None) -> Response:
     environ = request.environ
     drop: frozenset[str] = frozenset()
     if key_check is not None:
@@ -43,4 +40,4 @@ def _serve(
             proxy_keys = (*proxy_keys, digest(found[0]))
     if route.endpoint.forward_headers and proxy_keys:
         drop = headers_carrying(environ, proxy_keys)
-    return forward(session, route, subpath, environ, drop)
+    return forward(route, subpath, environ, drop)

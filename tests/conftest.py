@@ -1,0 +1,152 @@
+"""Shared fixtures: a real upstream, passthru served on real sockets (werkzeug in a thread, or real gunicorn)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from upstream import Upstream, start_upstream
+from werkzeug.serving import make_server
+
+from passthru import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                   "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test traffic goes straight to 127.0.0.1 whatever the machine's proxy settings say."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    server = start_upstream()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recordings(request: pytest.FixtureRequest) -> None:
+    if "upstream" in request.fixturenames:
+        request.getfixturevalue("upstream").requests.clear()
+
+
+def write_config(directory: Path, entries: list[dict[str, Any]], **general: Any) -> Path:
+    """A config.yaml with these pass-through entries (and general_settings keys) in `directory`."""
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump({"general_settings": {**general, "pass_through_endpoints": entries}}))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, seconds: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll until something accepts on 127.0.0.1:port; fail after `seconds` or once `alive()` is false."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and alive():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {seconds}s")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """serve(entries, **general) → base URL of passthru built from that config, on werkzeug's threaded server."""
+    servers = []
+
+    def start(entries: list[dict[str, Any]], **general: Any) -> str:
+        app = create_app(write_config(tmp_path, entries, **general))
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+@dataclass
+class Gunicorn:
+    """A real gunicorn running the shipped deploy/gunicorn.conf.py; its output goes to a file (a pipe can fill)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_gunicorn(config: Path, log: Path, env: dict[str, str] | None = None, workers: int = 1) -> Gunicorn:
+    """Start `gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free port and wait until it accepts."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    environment.update(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers))
+    environment.update(env or {})
+    handle = log.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    handle.close()
+    server = Gunicorn(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_for_port(port, 15, alive=lambda: process.poll() is None)
+    except AssertionError:
+        server.stop()
+        raise AssertionError(f"gunicorn did not start:\n{server.output()}") from None
+    return server
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    """gunicorn(entries, env=..., workers=..., **general) → a running Gunicorn; stopped after the test."""
+    started: list[Gunicorn] = []
+
+    def start(entries: list[dict[str, Any]], env: dict[str, str] | None = None, workers: int = 1,
+              **general: Any) -> Gunicorn:  # fmt: skip
+        server = start_gunicorn(write_config(tmp_path, entries, **general), tmp_path / "gunicorn.log", env, workers)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
