@@ -1,0 +1,235 @@
+"""Unit tests of the pure logic: URL and query building, header filtering, framing, keys, redaction.
+
+The transport seam is mocked with `responses`; everything that depends on real sockets is in test_proxy.py.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import responses
+from conftest import write_config
+
+from passthru import create_app
+from passthru.auth import digest, headers_carrying, read_key
+from passthru.config import parse_settings
+from passthru.errors import RequestError
+from passthru.forward import (
+    SizedBody,
+    clean_subpath,
+    compile_route,
+    encode_query,
+    new_session,
+    request_body,
+    upstream_headers,
+    upstream_url,
+)
+from passthru.logs import Redact
+
+
+def route_of(**entry: Any):
+    settings = parse_settings(
+        {"general_settings": {"pass_through_endpoints": [{"path": "/r", "target": "http://up.test/base", **entry}]}},
+        "cfg.yaml",
+        {"SECRET": "s3cr3t-value"},
+    )
+    return compile_route(settings.endpoints[0], new_session(1))
+
+
+@pytest.mark.parametrize(
+    ("target", "subpath", "query", "expected"),
+    [
+        pytest.param("http://up.test/base", None, "", "http://up.test/base", id="plain"),
+        pytest.param("http://up.test/base", None, "a=1&a=2&b=", "http://up.test/base?a=1&a=2&b=", id="repeats"),
+        pytest.param("http://up.test/base?v=1", None, "a=1", "http://up.test/base?v=1&a=1", id="target-query"),
+        pytest.param("http://up.test/base/", "x/y", "", "http://up.test/base/x/y", id="slash-join"),
+        pytest.param("http://up.test", "x", "", "http://up.test/x", id="bare-host"),
+        pytest.param("http://up.test/base", "", "", "http://up.test/base/", id="trailing"),
+        pytest.param("http://up.test/base", "a b/ü", "", "http://up.test/base/a%20b/%C3%BC", id="quoted"),
+        pytest.param("http://up.test/b", None, "q=\xe9", "http://up.test/b?q=%E9", id="latin1-query-byte"),
+    ],
+)
+def test_upstream_url(target: str, subpath: str | None, query: str, expected: str) -> None:
+    assert upstream_url(route_of(target=target), subpath, query) == expected
+
+
+def test_default_query_params_only_when_absent() -> None:
+    route = route_of(default_query_params={"key": "v 1", "b": "2"})
+    assert upstream_url(route, None, "") == "http://up.test/base?key=v+1&b=2"
+    assert upstream_url(route, None, "key=mine") == "http://up.test/base?key=mine&b=2"
+    assert upstream_url(route, None, "b") == "http://up.test/base?b&key=v+1"
+
+
+@pytest.mark.parametrize(
+    ("subpath", "expected"),
+    [
+        pytest.param("a/./b", "a/b", id="dot"),
+        pytest.param("a/../b", "b", id="dotdot"),
+        pytest.param("a//b", "a//b", id="empty-segment-kept"),
+        pytest.param("%41", "%2541", id="literal-percent"),
+    ],
+)
+def test_clean_subpath(subpath: str, expected: str) -> None:
+    assert clean_subpath(subpath) == expected
+
+
+@pytest.mark.parametrize("subpath", ["..", "a/../..", "a\\b", "%2e%2e", "%2f", "%5c", "a\x00", "a\x7f"])
+def test_clean_subpath_refuses(subpath: str) -> None:
+    with pytest.raises(RequestError):
+        clean_subpath(subpath)
+
+
+def test_encode_query_keeps_ascii_as_is() -> None:
+    assert encode_query("a=%2f&b=+&c") == "a=%2f&b=+&c"
+    assert encode_query("a=b c") == "a=b%20c"
+
+
+def environ(**extra: Any) -> dict[str, Any]:
+    return {"REQUEST_METHOD": "GET", "REMOTE_ADDR": "10.1.2.3", "wsgi.url_scheme": "https", "HTTP_HOST": "p.test",
+            "wsgi.input": io.BytesIO(b""), **extra}  # fmt: skip
+
+
+def test_default_headers_are_the_few_plus_configured() -> None:
+    route = route_of(headers={"Authorization": "bearer os.environ/SECRET", "Accept": "application/json"})
+    headers = upstream_headers(
+        route, environ(CONTENT_TYPE="text/plain", HTTP_ACCEPT="*/*", HTTP_X_OTHER="1"), frozenset()
+    )
+    assert dict(headers) == {
+        "Content-Type": "text/plain",
+        "Authorization": "bearer s3cr3t-value",
+        "Accept": "application/json",
+        "X-Forwarded-For": "10.1.2.3",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "p.test",
+    }
+
+
+def test_forward_headers_drops_hop_by_hop_named_and_given() -> None:
+    route = route_of(forward_headers=True)
+    env = environ(
+        HTTP_CONNECTION="close, X-Secret-Hop", HTTP_X_SECRET_HOP="1", HTTP_UPGRADE="h2c", HTTP_TE="trailers",
+        HTTP_X_KEEP="k", HTTP_API_KEY="proxy-key", HTTP_EXPECT="100-continue", HTTP_X_FORWARDED_FOR="6.6.6.6",
+        CONTENT_LENGTH="3", HTTP_TRANSFER_ENCODING="chunked",
+    )  # fmt: skip
+    headers = upstream_headers(route, env, frozenset({"api-key"}))
+    assert set(headers) == {"X-Keep", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"}
+    assert headers["X-Forwarded-For"] == "10.1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("extra", "length"),
+    [
+        pytest.param({}, None, id="none"),
+        pytest.param({"CONTENT_LENGTH": ""}, None, id="empty"),
+        pytest.param({"CONTENT_LENGTH": "0"}, "0", id="zero"),
+        pytest.param({"CONTENT_LENGTH": "007"}, "7", id="leading-zeros"),
+        pytest.param({"HTTP_TRANSFER_ENCODING": "chunked"}, None, id="chunked"),
+    ],
+)
+def test_request_body_framing(extra: dict[str, str], length: str | None) -> None:
+    assert request_body(environ(**extra))[1] == length
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"CONTENT_LENGTH": "3", "HTTP_TRANSFER_ENCODING": "chunked"},
+        {"CONTENT_LENGTH": "-1"},
+        {"CONTENT_LENGTH": "1e3"},
+        {"CONTENT_LENGTH": "٣"},  # a digit to str.isdigit, not to HTTP
+        {"HTTP_TRANSFER_ENCODING": "gzip, chunked"},
+    ],
+)
+def test_request_body_refuses_bad_framing(extra: dict[str, str]) -> None:
+    with pytest.raises(RequestError):
+        request_body(environ(**extra))
+
+
+def test_sized_body_reads_exactly_and_flags_a_short_body() -> None:
+    body = SizedBody(io.BytesIO(b"abcdef"), 4)
+    assert len(body) == 4
+    assert body.read(3) == b"abc" and body.read() == b"d" and body.read() == b""
+    short = SizedBody(io.BytesIO(b"ab"), 4)
+    short.read(2)
+    with pytest.raises(OSError):
+        short.read(2)
+    assert short.broken
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param({"HTTP_AUTHORIZATION": "Bearer k1"}, ("k1", "authorization"), id="bearer"),
+        pytest.param({"HTTP_AUTHORIZATION": "bearer  k1 "}, ("k1", "authorization"), id="bearer-spaces"),
+        pytest.param({"HTTP_AUTHORIZATION": "Basic abc"}, None, id="basic-is-not-ours"),
+        pytest.param({"HTTP_X_LITELLM_API_KEY": "k2", "HTTP_AUTHORIZATION": "Bearer up"}, ("k2", "x-litellm-api-key"),
+                     id="litellm-header-first"),
+        pytest.param({"HTTP_X_GOOG_API_KEY": "k3"}, ("k3", "x-goog-api-key"), id="goog"),
+        pytest.param({}, None, id="none"),
+    ],
+)  # fmt: skip
+def test_read_key(headers: dict[str, str], expected: tuple[str, str] | None) -> None:
+    assert read_key(headers) == expected
+
+
+def test_headers_carrying_finds_every_form_of_a_key() -> None:
+    env = {"HTTP_AUTHORIZATION": "Bearer mk", "HTTP_X_API_KEY": "mk", "HTTP_API_KEY": "other"}
+    assert headers_carrying(env, (digest("mk"),)) == {"authorization", "x-api-key"}
+
+
+def test_redact_masks_message_args_and_traceback() -> None:
+    redact = Redact(["s3cr3t", "s3cr3t-longer"])
+    try:
+        raise ValueError("boom s3cr3t")
+    except ValueError:
+        record = logging.LogRecord("passthru", logging.ERROR, __file__, 1, "key=%s", ("s3cr3t-longer",), True)
+        record.exc_info = sys.exc_info()
+    redact.filter(record)
+    assert record.getMessage() == "key=***"
+    assert "s3cr3t" not in (record.exc_text or "") and "boom ***" in (record.exc_text or "")
+
+
+# --- the transport seam, mocked: errors map to LiteLLM-shaped answers --------------------------------------------
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    config = write_config(tmp_path, [{"path": "/r", "target": "http://up.test/base", "timeout": 1}])
+    return create_app(config).test_client()
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "error_type"),
+    [
+        pytest.param(requests.ConnectionError("http://up.test/base refused"), 502, "upstream_error", id="refused"),
+        pytest.param(requests.ConnectTimeout("http://up.test/base"), 504, "timeout_error", id="connect-timeout"),
+        pytest.param(requests.ReadTimeout("http://up.test/base"), 504, "timeout_error", id="read-timeout"),
+        pytest.param(requests.exceptions.InvalidHeader("bad"), 502, "upstream_error", id="other"),
+    ],
+)
+@responses.activate
+def test_transport_errors_become_json(client: Any, error: Exception, status: int, error_type: str) -> None:
+    responses.add(responses.GET, "http://up.test/base", body=error)
+    answer = client.get("/r")
+    assert answer.status_code == status
+    body = answer.get_json()
+    assert body["error"]["type"] == error_type and body["error"]["code"] == str(status)
+    assert "up.test" not in answer.get_data(as_text=True)
+
+
+@responses.activate
+def test_unexpected_errors_are_json_without_a_trace(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr("passthru.routes.forward", broken)
+    answer = client.get("/r")
+    assert answer.status_code == 500
+    assert answer.get_json()["error"]["type"] == "internal_server_error"
+    assert "internal detail" not in answer.get_data(as_text=True)
