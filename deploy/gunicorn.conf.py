@@ -4,7 +4,14 @@ Each setting says why. Environment variables override the defaults the way PaaS 
 """
 
 import os
+import shutil
 import sys
+import tempfile
+
+# /metrics sums every worker's counters through prometheus_client's multiprocess mode: each worker writes its own
+# files here. It must be set before anything imports prometheus_client, so it is the first thing done.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="passthru-metrics-")
 
 # PaaS hosts give the port in PORT; HOST lets a laptop bind 127.0.0.1 only.
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '4000')}"
@@ -30,6 +37,23 @@ keepalive = 5
 # passthru writes its own access line (with upstream time); gunicorn's would repeat it without that.
 accesslog = None
 errorlog = "-"
+# JSON_LOGS=true (or `passthru --json_logs`): gunicorn's own lines become JSON objects too, like passthru's.
+if os.environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes"):
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "passthru.logs.JsonFormatter"}},
+        # The handler names are gunicorn's own defaults, which its root and access loggers refer to.
+        "handlers": {
+            name: {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+            for name in ("console", "error_console")
+        },
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+            # A logging config switches gunicorn's access log on; passthru's access line already says it all.
+            "gunicorn.access": {"handlers": [], "propagate": False},
+        },
+    }
 # gunicorn's admin socket is off: passthru does not use it, and two instances on one host would share its path.
 control_socket_disable = True
 
@@ -43,3 +67,22 @@ def on_starting(server):
         load_settings(os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
     except ConfigError as exc:
         sys.exit(f"passthru: {exc}")
+    # Counters left by an earlier run would be summed into this one's.
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(metrics_dir):
+        if name.endswith(".db"):
+            os.remove(os.path.join(metrics_dir, name))
+
+
+def child_exit(server, worker):
+    """A worker that exits stops counting as in flight (its live gauges are dropped)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this config created (one given in the environment is left in place)."""
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if os.path.basename(metrics_dir).startswith("passthru-metrics-"):
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,39 +1,19 @@
-"""passthru: LiteLLM-compatible pass-through endpoints as a plain WSGI app."""
+"""passthru: LiteLLM-compatible pass-through endpoints as a plain WSGI app.
+
+Importing the package loads nothing else: the `passthru` command must set up prometheus_client's multiprocess
+directory before the app's modules import it. `create_app` is loaded on first use.
+"""
 
 from __future__ import annotations
 
-import os
-
-from urllib.parse import urlsplit
-
-from flask import Flask
-
-from passthru.auth import master_key_check
-from passthru.config import Settings, load_settings
-from passthru.errors import register_error_handlers
-from passthru.forward import new_session
-from passthru.logs import AccessLog, configure_logging, log
-from passthru.routes import build_blueprint
+from typing import Any
 
 __version__ = "0.1.0"
 
 
-def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detailed_debug: bool = False) -> Flask:
-    """Build the app from a config file (default: $PASSTHRU_CONFIG, else config.yaml) or validated Settings.
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from passthru.app import create_app
 
-    Call it in the process that serves (after gunicorn forks): it creates this process's connection pool.
-    """
-    if isinstance(config, Settings):
-        settings = config
-    else:
-        settings = load_settings(config or os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
-    configure_logging(settings.secrets, detailed_debug)
-    app = Flask("passthru", static_folder=None)
-    hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
-    key_check = master_key_check(settings.master_key) if settings.master_key else None
-    app.register_blueprint(build_blueprint(settings, new_session(len(hosts)), key_check))
-    register_error_handlers(app)
-    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
-    for warning in settings.warnings:
-        log.warning(warning)
-    return app
+        return create_app
+    raise AttributeError(f"module 'passthru' has no attribute {name!r}")

@@ -57,14 +57,25 @@ def headers_carrying(environ: Mapping[str, Any], key_digests: tuple[bytes, ...])
     return frozenset(found)
 
 
+def verify(key: str | None, expected: bytes) -> None:
+    """Raise AuthError unless the key's digest is `expected` (compared in constant time)."""
+    if key is None:
+        raise AuthError("Authentication Error, no api key passed in.")
+    if not hmac.compare_digest(digest(key), expected):
+        raise AuthError("Authentication Error, invalid proxy key.")
+
+
+def require_master_key(environ: Mapping[str, Any], expected: bytes) -> None:
+    """For passthru's own admin routes (/metrics when protected): only the master key passes."""
+    found = read_key(environ)
+    verify(found[0] if found else None, expected)
+
+
 def master_key_check(master_key: str) -> KeyCheck:
     """The check for a config with only a master_key: that key passes, anything else is 401."""
     expected = digest(master_key)
 
     def check(key: str | None, endpoint: Endpoint) -> None:
-        if key is None:
-            raise AuthError("Authentication Error, no api key passed in.")
-        if not hmac.compare_digest(digest(key), expected):
-            raise AuthError("Authentication Error, invalid proxy key.")
+        verify(key, expected)
 
     return check

@@ -38,6 +38,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--detailed_debug", action="store_true", help="log each forwarded call (names and sizes, values masked)"
     )
+    parser.add_argument("--json_logs", action="store_true", help="one JSON object per log line (or JSON_LOGS=true)")
     return parser
 
 
@@ -78,6 +79,8 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     # The conf's on_starting hook and any reload read the same file.
     os.environ["PASSTHRU_CONFIG"] = os.path.abspath(args.config)
+    if args.json_logs:
+        os.environ["JSON_LOGS"] = "true"
     options: dict[str, Any] = {"bind": f"{args.host}:{args.port}"}
     if args.num_workers:
         options["workers"] = args.num_workers
@@ -101,6 +104,6 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(name, value)
 
     def load(self) -> Any:
-        from passthru import create_app
+        from passthru.app import create_app
 
         return create_app(self.settings, detailed_debug=self.detailed_debug)

@@ -33,7 +33,9 @@ ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
     "default_query_params", "cost_per_request",
 )  # fmt: skip
-GENERAL_FIELDS = ("master_key", "pass_through_endpoints")  # the general_settings keys passthru serves
+GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth")  # the keys passthru serves
+# passthru's own routes: a pass-through path may not take them (it would shadow them or be shadowed).
+BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Settings:
     source: str
     master_key: str | None
     endpoints: tuple[Endpoint, ...]
+    metrics_require_auth: bool
     secrets: frozenset[str]  # every value a log line or an answer must mask
     warnings: tuple[str, ...]  # said at start-up: routes that hand environment secrets to anyone
 
@@ -107,8 +110,14 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     if not isinstance(entries, list):
         raise reader.error("general_settings.pass_through_endpoints", "must be a list of entries")
     endpoints = tuple(_endpoint(reader, i, entry) for i, entry in enumerate(entries))
+    metrics_require_auth = reader.boolean(general, "metrics_require_auth", "general_settings")
+    if metrics_require_auth and master_key is None:
+        raise reader.error("general_settings.metrics_require_auth", "is true but master_key is not set")
     seen: dict[str, int] = {}
     for ep in endpoints:
+        clash = next((path for path in BUILT_IN_PATHS if _serves(ep, path)), None)
+        if clash:
+            raise reader.error(f"{_where(ep.index, ep.path)}.path", f"clashes with passthru's built-in route {clash}")
         if ep.path in seen:
             where = _where(ep.index, ep.path)
             raise reader.error(f"{where}.path", f"duplicates the path of entry [{seen[ep.path]}]")
@@ -121,7 +130,14 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         for ep in endpoints
         if not ep.auth and any(value in reader.from_environment for _, value in ep.headers)
     )
-    return Settings(source, master_key, endpoints, frozenset(reader.secrets), warnings)
+    return Settings(source, master_key, endpoints, metrics_require_auth, frozenset(reader.secrets), warnings)
+
+
+def _serves(endpoint: Endpoint, path: str) -> bool:
+    """Whether a request for `path` would reach this endpoint's rules."""
+    if endpoint.path == path:
+        return True
+    return endpoint.include_subpath and path.startswith(endpoint.path.rstrip("/") + "/")
 
 
 def _where(index: int, path: str | None) -> str:
@@ -169,7 +185,7 @@ class _Reader:
             self.secrets.add(resolved)
         return resolved, ENV_REF.sub("***", text)
 
-    def boolean(self, entry: dict[str, Any], key: str, where: str) -> bool:
+    def boolean(self, entry: Mapping[str, Any], key: str, where: str) -> bool:
         value = entry.get(key, False)
         if not isinstance(value, bool):
             hint = " (write true or false without quotes)" if isinstance(value, str) else ""

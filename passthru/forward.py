@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from werkzeug.wrappers import Response
 
+from passthru import metrics
 from passthru.config import Endpoint
 from passthru.errors import RequestError, UpstreamError, UpstreamTimeout
 
@@ -31,9 +32,9 @@ HOP_BY_HOP = frozenset(
      "transfer-encoding", "upgrade"}
 )  # fmt: skip
 # Never copied from the caller: framing is redone for the body we send, Host is the target's, Expect: 100-continue
-# was already answered by the WSGI server, and X-Forwarded-* are set by passthru rather than trusted.
+# was already answered by the WSGI server, and X-Forwarded-* and X-Request-Id are set by passthru.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
-                             "x-forwarded-host"}  # fmt: skip
+                             "x-forwarded-host", "x-request-id"}  # fmt: skip
 # The WSGI server writes its own Date and Server lines; relaying the upstream's would send each twice.
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 # Without forward_headers only these caller headers go upstream (environ key, header name).
@@ -161,6 +162,8 @@ def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[s
                 headers[name] = value
     for name, value in route.headers:
         headers[name] = value
+    if "passthru.request_id" in environ:
+        headers["X-Request-Id"] = environ["passthru.request_id"]
     headers["X-Forwarded-For"] = environ.get("REMOTE_ADDR", "")
     headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
     if environ.get("HTTP_HOST"):
@@ -181,6 +184,7 @@ class SizedBody:
         self._stream = stream
         self._left = length
         self.length = length
+        self.received = 0
         self.broken = False
 
     def __len__(self) -> int:
@@ -199,19 +203,24 @@ class SizedBody:
             self.broken = True
             raise OSError(errno.ECONNABORTED, "the client's body ended early")
         self._left -= len(data)
+        self.received += len(data)
         return data
 
 
-def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
-    """A body of unknown length (the caller sent it chunked): requests sends it on chunked."""
-    while True:
-        data = stream.read(CHUNK_SIZE)
-        if not data:
-            return
-        yield data
+class ChunkedBody:
+    """A body of unknown length (the caller sent it chunked): an iterable, so requests sends it on chunked."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.received = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        while data := self._stream.read(CHUNK_SIZE):
+            self.received += len(data)
+            yield data
 
 
-def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | Iterator[bytes] | None, str | None]:
+def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | ChunkedBody | None, str | None]:
     """The body to send upstream and its Content-Length (None: none, or chunked); refuse ambiguous framing."""
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH") or None
@@ -221,7 +230,7 @@ def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | Iterator[bytes
             raise RequestError("a request must not carry both Content-Length and Transfer-Encoding")
         if encoding.strip().lower() != "chunked":
             raise RequestError("only the chunked Transfer-Encoding is supported")
-        return _chunks(stream), None
+        return ChunkedBody(stream), None
     if length is None:
         return None, None
     if not length.isdigit() or not length.isascii():
@@ -234,11 +243,13 @@ def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | Iterator[bytes
 class UpstreamBody:
     """The upstream's body relayed piece by piece as it arrives; closing it frees the upstream connection."""
 
-    def __init__(self, raw: urllib3.HTTPResponse, bodiless: bool) -> None:
+    def __init__(self, raw: urllib3.HTTPResponse, bodiless: bool, route: str) -> None:
         self._raw = raw
         self._bodiless = bodiless
+        self._route = route
         self._done = False
         self._closed = False
+        metrics.IN_FLIGHT.labels(route).inc()
 
     def __iter__(self) -> Iterator[bytes]:
         read1 = self._raw.read1
@@ -250,7 +261,10 @@ class UpstreamBody:
                     break
                 yield chunk
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            log.warning("upstream broke off mid-body (%s); closing the client connection", type(exc).__name__)
+            kind = "timeout" if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)) else "reset"
+            metrics.UPSTREAM_ERRORS.labels(self._route, kind).inc()
+            log.warning("upstream %s mid-body on %s (%s); closing the client connection", kind, self._route,
+                        _describe(exc))
             # The status is already sent: the only honest signal left is to end the connection uncleanly.
             # WSGI servers treat a connection reset as the client's problem and close quietly.
             raise ConnectionResetError(errno.ECONNRESET, "upstream broke off mid-body") from exc
@@ -260,6 +274,7 @@ class UpstreamBody:
         if self._closed:
             return
         self._closed = True
+        metrics.IN_FLIGHT.labels(self._route).dec()
         if self._bodiless and not self._done:
             self._raw.drain_conn()  # nothing to read, but it marks the exchange finished
         elif not self._done:
@@ -275,6 +290,8 @@ class UpstreamResponse(Response):
 def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: frozenset[str]) -> Response:
     """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
     body, length = request_body(environ)
+    environ["passthru.body"] = body
+    path = route.endpoint.path
     prepared = requests.PreparedRequest()
     prepared.method = environ["REQUEST_METHOD"]
     prepared.url = upstream_url(route, subpath, environ.get("QUERY_STRING", ""))
@@ -286,12 +303,15 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
     try:
         upstream = route.adapter.send(prepared, stream=True, timeout=route.timeout)
     except TIMEOUT_ERRORS as exc:
-        log.warning("upstream timeout on %s: %s", route.endpoint.path, type(exc).__name__)
+        metrics.UPSTREAM_ERRORS.labels(path, "timeout").inc()
+        log.warning("upstream timeout on %s: %s", path, _describe(exc))
         raise UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s") from exc
     except requests.RequestException as exc:
         if isinstance(body, SizedBody) and body.broken:
             raise RequestError("the request body ended before its Content-Length") from exc
-        log.warning("upstream error on %s: %s", route.endpoint.path, _describe(exc))
+        kind = "refused" if _caused_by(exc, ConnectionRefusedError) else "reset"
+        metrics.UPSTREAM_ERRORS.labels(path, kind).inc()
+        log.warning("upstream %s on %s: %s", kind, path, _describe(exc))
         raise UpstreamError("the upstream could not be reached or broke the connection") from exc
     environ["passthru.upstream_seconds"] = time.perf_counter() - started
     raw = upstream.raw
@@ -305,18 +325,25 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
     skip = RESPONSE_DROP | _connection_tokens(raw.headers.get("Connection"))
     headers = [(name, value) for name, value in raw.headers.items() if name.lower() not in skip]
     status = upstream.status_code
-    relay = UpstreamBody(raw, bodiless=prepared.method == "HEAD" or status in (204, 304) or status < 200)
+    relay = UpstreamBody(raw, prepared.method == "HEAD" or status in (204, 304) or status < 200, path)
     response = UpstreamResponse(relay, status=status, headers=headers, direct_passthrough=True)
     # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
     response.call_on_close(relay.close)
     return response
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what caused it, a few links deep (requests → urllib3 → socket)."""
+    chain = [exc]
+    while len(chain) < 8 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(cause)
+    return chain
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    return any(isinstance(link, kind) for link in _chain(exc))
+
+
 def _describe(exc: BaseException) -> str:
     """The exception's class chain, for logs: the library's text can carry the URL and so a secret."""
-    names = []
-    seen: BaseException | None = exc
-    while seen is not None and len(names) < 4:
-        names.append(type(seen).__name__)
-        seen = seen.__cause__ or seen.__context__
-    return " <- ".join(names)
+    return " <- ".join(type(link).__name__ for link in _chain(exc))

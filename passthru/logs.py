@@ -1,23 +1,39 @@
-"""Log set-up, the access line, and redaction: the one place a secret could leak, so the one place that masks."""
+"""Request ids, the access line, log formats, and redaction: the one place a secret could leak, so one that masks."""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
+import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from passthru import metrics
+
 log = logging.getLogger("passthru")
-FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
+# A caller's x-request-id is kept when it looks like an id; anything else (long, spaces, control) is replaced.
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
+def json_logs() -> bool:
+    """JSON_LOGS=true (set by `--json_logs`, as in LiteLLM) switches every log line to one JSON object."""
+    return os.environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes")
+
+
 class Redact(logging.Filter):
-    """Replace every known secret in a record's text (message and traceback) with ***."""
+    """Replace every known secret in a record's text (message, traceback, access fields) with ***."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -36,7 +52,36 @@ class Redact(logging.Filter):
         if record.exc_info:
             record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        fields = getattr(record, "access", None)
+        if fields:
+            record.access = {k: self.mask(v) if isinstance(v, str) else v for k, v in fields.items()}
+        record.request_id = REQUEST_ID.get() or "-"
         return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, logger, request_id, message, and the access fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "pid": record.process,
+            "logger": record.name,
+            "request_id": REQUEST_ID.get(),
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "access", None) or {})
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry)
+
+
+def formatter() -> logging.Formatter:
+    """The formatter for every passthru log line: text by default, JSON with JSON_LOGS=true."""
+    return JsonFormatter() if json_logs() else logging.Formatter(TEXT_FORMAT)
 
 
 def configure_logging(secrets: Iterable[str], debug: bool) -> None:
@@ -47,7 +92,7 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
             log.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.passthru = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(formatter())
     handler.addFilter(redact)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -60,24 +105,35 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
 
 
 class AccessLog:
-    """WSGI middleware writing one line per request once its body is done: method, path, status, bytes, times."""
+    """WSGI middleware: gives each request its id, then logs and counts it once its answer is done."""
 
     def __init__(self, app: WSGIApp) -> None:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
+        request_id = environ.get("HTTP_X_REQUEST_ID", "")
+        if not SANE_REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        environ["passthru.request_id"] = request_id
+        REQUEST_ID.set(request_id)
         status: list[str] = []
 
         def start(code: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             status.append(code)
-            return start_response(code, headers, exc_info)
+            ours = [(name, request_id) for name in REQUEST_ID_HEADERS]
+            for name, value in headers:
+                # The upstream's own id (an API provider's, for its support desk) stays available under a new name.
+                if name.lower() == "x-request-id" and value != request_id:
+                    ours.append(("x-upstream-request-id", value))
+            kept = [(name, value) for name, value in headers if name.lower() not in REQUEST_ID_HEADERS]
+            return start_response(code, kept + ours, exc_info)
 
         return _Counted(self.app(environ, start), environ, status, started)
 
 
 class _Counted:
-    """The response body, counted as it goes out; logs the access line when the server closes it."""
+    """The response body, counted as it goes out; logs and records the request when the server closes it."""
 
     def __init__(self, body: Iterable[bytes], environ: dict[str, Any], status: list[str], started: float) -> None:
         self.body = body
@@ -99,15 +155,28 @@ class _Counted:
             if close is not None:
                 close()
         finally:
-            elapsed = (time.perf_counter() - self.started) * 1000
-            upstream = self.environ.get("passthru.upstream_seconds")
-            log.info(
-                "%s %s %s %dB %.1fms upstream=%s%s",
-                self.environ.get("REQUEST_METHOD"),
-                self.environ.get("PATH_INFO"),
-                self.status[-1].split(" ", 1)[0] if self.status else "-",
-                self.sent,
-                elapsed,
-                f"{upstream * 1000:.1f}ms" if upstream is not None else "-",
-                "" if self.finished else " incomplete",
-            )
+            self._record()
+            REQUEST_ID.set(None)
+
+    def _record(self) -> None:
+        environ = self.environ
+        seconds = time.perf_counter() - self.started
+        upstream = environ.get("passthru.upstream_seconds")
+        status = int(self.status[-1].split(" ", 1)[0]) if self.status else 0
+        route = environ.get("passthru.route", metrics.UNMATCHED)
+        received = getattr(environ.get("passthru.body"), "received", 0)
+        method = environ.get("REQUEST_METHOD", "")
+        metrics.record(route, method, status, self.sent, received, seconds, upstream)
+        fields = {
+            "method": method, "path": environ.get("PATH_INFO", ""), "status": status, "bytes": self.sent,
+            "duration_ms": round(seconds * 1000, 1),
+            "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
+            "complete": self.finished,
+        }  # fmt: skip
+        log.info(
+            "%s %s %s %dB %.1fms upstream=%s%s",
+            method, fields["path"], status or "-", self.sent, seconds * 1000,
+            f"{upstream * 1000:.1f}ms" if upstream is not None else "-",
+            "" if self.finished else " incomplete",
+            extra={"access": fields},
+        )  # fmt: skip

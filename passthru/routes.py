@@ -32,6 +32,7 @@ def build_blueprint(settings: Settings, session: requests.Session, key_check: Ke
 
 def _serve(route: Route, key_check: KeyCheck | None, proxy_keys: tuple[bytes, ...], subpath: str | None) -> Response:
     environ = request.environ
+    environ["passthru.route"] = route.endpoint.path
     drop: frozenset[str] = frozenset()
     if key_check is not None:
         found = read_key(environ)

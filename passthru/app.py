@@ -1,0 +1,38 @@
+"""The app factory: Settings → a Flask app with its routes, error handlers and access log, bound once."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+from passthru import __version__, health, metrics, routes
+from passthru.auth import master_key_check
+from passthru.config import Settings, load_settings
+from passthru.errors import register_error_handlers
+from passthru.forward import new_session
+from passthru.logs import AccessLog, configure_logging, log
+
+
+def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detailed_debug: bool = False) -> Flask:
+    """Build the app from a config file (default: $PASSTHRU_CONFIG, else config.yaml) or validated Settings.
+
+    Call it in the process that serves (after gunicorn forks): it creates this process's connection pool.
+    """
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = load_settings(config or os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
+    configure_logging(settings.secrets, detailed_debug)
+    app = Flask("passthru", static_folder=None)
+    hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
+    key_check = master_key_check(settings.master_key) if settings.master_key else None
+    app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check))
+    app.register_blueprint(health.build_blueprint(settings, __version__))
+    app.register_blueprint(metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None))
+    register_error_handlers(app)
+    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
+    for warning in settings.warnings:
+        log.warning(warning)
+    return app

@@ -1,0 +1,67 @@
+"""Prometheus metrics, summed across gunicorn workers by prometheus_client's multiprocess mode.
+
+Multiprocess mode is on when PROMETHEUS_MULTIPROC_DIR is set before this module is imported (deploy/gunicorn.conf.py
+sets it in the master and empties it at start); without it (`flask run`, tests) the process's own registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY as PROCESS_REGISTRY
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from passthru.auth import digest, require_master_key
+
+UNMATCHED = "(none)"  # the route label of requests that matched no route
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter("passthru_requests", "Requests answered", ["route", "method", "status"])
+DURATION = Histogram(
+    "passthru_request_duration_seconds", "Time to the answer's last byte", ["route"], buckets=LATENCY_BUCKETS
+)
+UPSTREAM_LATENCY = Histogram(
+    "passthru_upstream_latency_seconds", "Time until the upstream's headers arrived", ["route"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+BYTES_IN = Counter("passthru_request_body_bytes", "Request body bytes read from callers", ["route"])
+BYTES_OUT = Counter("passthru_response_body_bytes", "Response body bytes sent to callers", ["route"])
+IN_FLIGHT = Gauge(
+    "passthru_streams_in_flight", "Upstream answers being relayed now", ["route"], multiprocess_mode="livesum"
+)
+UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["route", "kind"])
+
+
+def record(route: str, method: str, status: int, sent: int, received: int, seconds: float,
+           upstream_seconds: float | None) -> None:  # fmt: skip
+    """Count one finished request (called once, when its answer has been sent or cut off)."""
+    REQUESTS.labels(route, method, f"{status // 100}xx").inc()
+    DURATION.labels(route).observe(seconds)
+    if upstream_seconds is not None:
+        UPSTREAM_LATENCY.labels(route).observe(upstream_seconds)
+    if sent:
+        BYTES_OUT.labels(route).inc(sent)
+    if received:
+        BYTES_IN.labels(route).inc(received)
+
+
+def build_blueprint(master_key: str | None) -> Blueprint:
+    """GET /metrics in Prometheus text format; behind the master key when one is given."""
+    blueprint = Blueprint("metrics", __name__)
+    expected = digest(master_key) if master_key else None
+
+    @blueprint.get("/metrics")
+    def metrics() -> Response:
+        if expected is not None:
+            require_master_key(request.environ, expected)
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        else:
+            registry = PROCESS_REGISTRY
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return blueprint
+

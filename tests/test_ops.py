@@ -1,0 +1,147 @@
+"""Running it as a service: health, metrics (across gunicorn workers), request ids, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+import pytest
+import requests
+from conftest import Gunicorn
+from upstream import Upstream, wait_until
+
+from passthru.config import parse_settings
+from passthru.errors import ConfigError
+
+Serve = Callable[..., str]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if match and match.group(1) == name:
+            found = ",".join(sorted((match.group(2) or "").split(",")))
+            if all(part in found.split(",") for part in wanted.split(",") if part):
+                total += float(match.group(3))
+    return total
+
+
+def test_health_paths(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo", "headers": {"X": "secret-value-123"}}])
+    assert requests.get(f"{base}/health/liveliness").json() == "I'm alive!"
+    for path in ("/health/readiness", "/health"):
+        body = requests.get(f"{base}{path}").json()
+        assert body["status"] == "healthy" and body["routes"] == 1 and body["version"]
+        assert upstream.url not in json.dumps(body) and "secret-value-123" not in json.dumps(body)
+
+
+@pytest.mark.parametrize(
+    ("entry", "clash"),
+    [
+        pytest.param({"path": "/metrics"}, "/metrics", id="exact"),
+        pytest.param({"path": "/health", "include_subpath": True}, "/health", id="prefix"),
+        pytest.param({"path": "/", "include_subpath": True}, "/health", id="catch-all"),
+    ],
+)
+def test_built_in_paths_cannot_be_taken(entry: dict[str, object], clash: str) -> None:
+    raw = {"general_settings": {"pass_through_endpoints": [{"target": "http://a.test", **entry}]}}
+    with pytest.raises(ConfigError, match=f"path: clashes with passthru's built-in route {clash}"):
+        parse_settings(raw, "cfg.yaml", {})
+
+
+def test_request_id_round_trip(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
+    response = requests.get(f"{base}/e", headers={"x-request-id": "req-abc.123"})
+    assert response.headers["x-request-id"] == "req-abc.123"
+    assert response.headers["x-litellm-call-id"] == "req-abc.123"
+    assert upstream.requests[-1].header("x-request-id") == "req-abc.123"
+    # An id that does not look like one is replaced, and the new one is used everywhere.
+    response = requests.get(f"{base}/e", headers={"x-request-id": "bad id\twith spaces"})
+    fresh = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh) and response.headers["x-litellm-call-id"] == fresh
+    assert upstream.requests[-1].header("x-request-id") == fresh
+    # Errors answered by passthru itself carry the id too.
+    assert requests.get(f"{base}/nowhere").headers["x-request-id"]
+
+
+def test_upstream_request_id_is_kept_under_its_own_name(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/s", "target": f"{upstream.url}/status/200"}])
+    response = requests.get(f"{base}/s", headers={"x-request-id": "mine"})
+    assert response.headers["x-request-id"] == "mine"
+    assert "x-upstream-request-id" not in response.headers  # the upstream echoed nothing of its own
+
+
+def test_metrics_single_process(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/metered", "target": f"{upstream.url}/echo"}])
+    before = metric(requests.get(f"{base}/metrics").text, "passthru_requests_total", route="/metered")
+    for _ in range(3):
+        requests.post(f"{base}/metered", data=b"x" * 100)
+    text = requests.get(f"{base}/metrics").text
+    assert metric(text, "passthru_requests_total", route="/metered", status="2xx", method="POST") == before + 3
+    assert metric(text, "passthru_request_body_bytes_total", route="/metered") >= 300
+    assert metric(text, "passthru_upstream_latency_seconds_count", route="/metered") >= 3
+
+
+def test_metrics_can_require_the_master_key(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}], master_key="sk-m", metrics_require_auth=True)
+    assert requests.get(f"{base}/metrics").status_code == 401
+    assert requests.get(f"{base}/metrics", headers={"Authorization": "Bearer sk-m"}).status_code == 200
+
+
+def test_metrics_total_across_gunicorn_workers(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
+    server = gunicorn([{"path": "/m", "target": f"{upstream.url}/echo"}], workers=3)
+    with requests.Session() as session:  # connections spread over the workers
+        for _ in range(30):
+            assert requests.get(f"{server.url}/m").status_code == 200
+    with requests.Session() as session:
+        texts = [session.get(f"{server.url}/metrics").text for _ in range(3)]
+    for text in texts:  # whichever worker answers, it reports the total of all of them
+        assert metric(text, "passthru_requests_total", route="/m", status="2xx") == 30
+    requests.get(f"{server.url}/m?x=1")
+    assert wait_until(
+        lambda: metric(requests.get(f"{server.url}/metrics").text, "passthru_requests_total", route="/m") == 31, 5
+    )
+
+
+def test_upstream_errors_are_counted_by_kind(serve: Serve, upstream: Upstream) -> None:
+    base = serve(
+        [
+            {"path": "/slow", "target": f"{upstream.url}/stall?phase=headers&seconds=3", "timeout": 0.3},
+            {"path": "/reset", "target": f"{upstream.url}/reset?phase=headers"},
+        ]
+    )
+    before = requests.get(f"{base}/metrics").text
+    assert requests.get(f"{base}/slow").status_code == 504
+    assert requests.get(f"{base}/reset").status_code == 502
+    after = requests.get(f"{base}/metrics").text
+    for route, kind in (("/slow", "timeout"), ("/reset", "reset")):
+        labels = {"route": route, "kind": kind}
+        assert metric(after, "passthru_upstream_errors_total", **labels) == metric(
+            before, "passthru_upstream_errors_total", **labels
+        ) + 1
+
+
+def test_request_id_in_every_log_line_about_the_request(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
+    server = gunicorn([{"path": "/r", "target": f"{upstream.url}/reset?phase=headers"}])
+    assert requests.get(f"{server.url}/r", headers={"x-request-id": "trace-77"}).status_code == 502
+    assert wait_until(lambda: "502" in server.output(), 5)
+    lines = [line for line in server.output().splitlines() if "/r" in line or "upstream" in line]
+    assert len(lines) >= 2  # the upstream warning and the access line
+    assert all("[trace-77]" in line for line in lines)
+
+
+def test_json_logs_parse(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
+    server = gunicorn([{"path": "/e", "target": f"{upstream.url}/echo"}], env={"JSON_LOGS": "true"})
+    requests.get(f"{server.url}/e/x")  # 404
+    response = requests.get(f"{server.url}/e", headers={"x-request-id": "json-1"})
+    assert response.status_code == 200
+    assert wait_until(lambda: "json-1" in server.output(), 5)
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line, gunicorn's own included
+    access = [e for e in entries if e.get("request_id") == "json-1"]
+    assert access and access[-1]["status"] == 200 and access[-1]["path"] == "/e" and access[-1]["method"] == "GET"
+    assert any(e["logger"] == "gunicorn.error" for e in entries)
