@@ -11,7 +11,7 @@ from passthru import __version__, health, metrics, routes
 from passthru.auth import master_key_check
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
-from passthru.forward import new_session
+from passthru.forward import new_session, proxy_trust
 from passthru.logs import AccessLog, configure_logging, log
 
 
@@ -28,7 +28,9 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
     key_check = master_key_check(settings.master_key) if settings.master_key else None
-    app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check))
+    # The same variable and default as gunicorn's forwarded_allow_ips: one list of trusted fronts for both.
+    trusted_proxy = proxy_trust(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
+    app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check, trusted_proxy))
     app.register_blueprint(health.build_blueprint(settings, __version__))
     app.register_blueprint(metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None))
     register_error_handlers(app)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from ipaddress import ip_address, ip_network
 from typing import IO, Any
 from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit
 
@@ -22,7 +24,7 @@ from werkzeug.wrappers import Response
 
 from passthru import metrics
 from passthru.config import Endpoint
-from passthru.errors import RequestError, UpstreamError, UpstreamTimeout
+from passthru.errors import ConfigError, RequestError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("passthru")
 
@@ -64,9 +66,10 @@ class Route:
     headers: tuple[tuple[str, str], ...]
     header_names: frozenset[str]  # lower-case names of `headers`: the caller's are overridden
     timeout: tuple[float, float]
+    trusted_proxy: Callable[[str], bool]  # whether a peer address may tell us X-Forwarded-* (nginx in front)
 
 
-def compile_route(endpoint: Endpoint, session: requests.Session) -> Route:
+def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: Callable[[str], bool]) -> Route:
     """Split the target and pre-encode everything that does not change between requests."""
     parts = urlsplit(endpoint.target)
     adapter = session.get_adapter(endpoint.target)
@@ -80,7 +83,29 @@ def compile_route(endpoint: Endpoint, session: requests.Session) -> Route:
         headers=endpoint.headers,
         header_names=frozenset(name.lower() for name, _ in endpoint.headers),
         timeout=(endpoint.timeout, endpoint.timeout),
+        trusted_proxy=trusted_proxy,
     )
+
+
+def proxy_trust(spec: str) -> Callable[[str], bool]:
+    """Parse FORWARDED_ALLOW_IPS (gunicorn's setting, same meaning): addresses or networks, or * for any."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if "*" in parts:
+        return lambda address: True
+    try:
+        networks = tuple(ip_network(part, strict=False) for part in parts)
+    except ValueError as exc:
+        raise ConfigError(f"FORWARDED_ALLOW_IPS: {spec!r} is not a list of IP addresses or networks") from exc
+
+    @lru_cache(maxsize=1024)
+    def trusted(address: str) -> bool:
+        try:
+            peer = ip_address(address)
+        except ValueError:
+            return False
+        return any(peer in network for network in networks)
+
+    return trusted
 
 
 def new_session(upstream_hosts: int) -> requests.Session:
@@ -164,10 +189,17 @@ def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[s
         headers[name] = value
     if "passthru.request_id" in environ:
         headers["X-Request-Id"] = environ["passthru.request_id"]
-    headers["X-Forwarded-For"] = environ.get("REMOTE_ADDR", "")
-    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
-    if environ.get("HTTP_HOST"):
-        headers["X-Forwarded-Host"] = environ["HTTP_HOST"]
+    peer = environ.get("REMOTE_ADDR", "")
+    forwarded_for, proto, host = None, None, None
+    if route.trusted_proxy(peer):  # a trusted front (nginx) speaks for the real client; anyone else does not
+        forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
+        proto = environ.get("HTTP_X_FORWARDED_PROTO")
+        host = environ.get("HTTP_X_FORWARDED_HOST")
+    headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
+    headers["X-Forwarded-Proto"] = proto or environ.get("wsgi.url_scheme", "http")
+    host = host or environ.get("HTTP_HOST")
+    if host:
+        headers["X-Forwarded-Host"] = host
     return headers
 
 

@@ -19,13 +19,14 @@ from conftest import write_config
 from passthru import create_app
 from passthru.auth import digest, headers_carrying, read_key
 from passthru.config import parse_settings
-from passthru.errors import RequestError
+from passthru.errors import ConfigError, RequestError
 from passthru.forward import (
     SizedBody,
     clean_subpath,
     compile_route,
     encode_query,
     new_session,
+    proxy_trust,
     request_body,
     upstream_headers,
     upstream_url,
@@ -39,7 +40,7 @@ def route_of(**entry: Any):
         "cfg.yaml",
         {"SECRET": "s3cr3t-value"},
     )
-    return compile_route(settings.endpoints[0], new_session(1))
+    return compile_route(settings.endpoints[0], new_session(1), proxy_trust("192.0.2.0/24"))
 
 
 @pytest.mark.parametrize(
@@ -120,6 +121,30 @@ def test_forward_headers_drops_hop_by_hop_named_and_given() -> None:
     headers = upstream_headers(route, env, frozenset({"api-key"}))
     assert set(headers) == {"X-Keep", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"}
     assert headers["X-Forwarded-For"] == "10.1.2.3"
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        pytest.param("192.0.2.7", ("203.0.113.9, 192.0.2.7", "https", "public.example"), id="trusted-front"),
+        pytest.param("10.1.2.3", ("10.1.2.3", "http", "p.test"), id="anyone-else"),
+    ],
+)
+def test_forwarded_headers_trusted_only_from_the_front(peer: str, expected: tuple[str, str, str]) -> None:
+    env = environ(REMOTE_ADDR=peer, HTTP_X_FORWARDED_FOR="203.0.113.9", HTTP_X_FORWARDED_PROTO="https",
+                  HTTP_X_FORWARDED_HOST="public.example")  # fmt: skip
+    env["wsgi.url_scheme"] = "http"
+    headers = upstream_headers(route_of(forward_headers=True), env, frozenset())
+    assert (headers["X-Forwarded-For"], headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"]) == expected
+
+
+def test_proxy_trust_spec() -> None:
+    assert proxy_trust("*")("198.51.100.1")
+    trusted = proxy_trust("127.0.0.1, ::1,10.0.0.0/8")
+    assert trusted("127.0.0.1") and trusted("::1") and trusted("10.2.3.4")
+    assert not trusted("11.0.0.1") and not trusted("not-an-ip") and not trusted("")
+    with pytest.raises(ConfigError, match="FORWARDED_ALLOW_IPS"):
+        proxy_trust("localhost")
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,10 @@ def test_default_headers_only(serve: Serve, upstream: Upstream) -> None:
     assert seen.header("X-Forwarded-For") == "127.0.0.1"
 
 
-def test_forward_headers_relays_all_but_hop_by_hop(serve: Serve, upstream: Upstream) -> None:
+def test_forward_headers_relays_all_but_hop_by_hop(
+    serve: Serve, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "192.0.2.1")  # this client is not a trusted front
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo", "forward_headers": True, "headers": {"X-Set": "ours"}}])
     request = (
         "GET /e HTTP/1.1\r\nHost: passthru.example\r\nConnection: close, X-Private\r\nX-Private: p\r\n"
@@ -430,3 +433,12 @@ def test_malformed_upstream_status_is_502(serve: Serve, upstream: Upstream) -> N
     response = requests.get(f"{base}/m")
     assert response.status_code == 502
     error_of(response)
+
+
+def test_forwarded_chain_from_a_trusted_front(serve: Serve, upstream: Upstream) -> None:
+    # 127.0.0.1 is trusted by default (gunicorn's default FORWARDED_ALLOW_IPS), as nginx on the same host is.
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
+    requests.get(f"{base}/e", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+    seen = upstream.requests[-1]
+    assert seen.header("X-Forwarded-For") == "203.0.113.9, 127.0.0.1"
+    assert seen.header("X-Forwarded-Proto") == "https"
