@@ -1,4 +1,4 @@
-"""gunicorn settings for passthru: `gunicorn -c deploy/gunicorn.conf.py wsgi:app` (the `passthru` command uses them too).
+"""gunicorn settings for passthru: `gunicorn -c deploy/gunicorn.conf.py wsgi:app` (`passthru` uses them too).
 
 Each setting says why. Environment variables override the defaults the way PaaS hosts expect.
 """

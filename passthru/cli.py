@@ -36,7 +36,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "4000")), help="port ($PORT or 4000)")
     parser.add_argument("--num_workers", type=int, help="worker processes (default: deploy/gunicorn.conf.py)")
     parser.add_argument(
-        "--detailed_debug", action="store_true", help="log each forwarded call (names and sizes, values masked)"
+        "--detailed_debug",
+        action="store_true",
+        help="log each forwarded call (names and sizes, values masked)",
     )
     parser.add_argument("--json_logs", action="store_true", help="one JSON object per log line (or JSON_LOGS=true)")
     return parser

@@ -123,7 +123,9 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
             raise reader.error(f"{where}.path", f"duplicates the path of entry [{seen[ep.path]}]")
         seen[ep.path] = ep.index
         if ep.auth and master_key is None:
-            raise reader.error(f"{_where(ep.index, ep.path)}.auth", "is true but general_settings.master_key is not set")
+            raise reader.error(
+                f"{_where(ep.index, ep.path)}.auth", "is true but general_settings.master_key is not set"
+            )
     warnings = tuple(
         f"{source}: route {ep.path} injects secrets from the environment and has auth: false; "
         "anyone who can reach passthru can use them"
@@ -217,7 +219,11 @@ def _kind(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return f"the string {value!r}" if len(value) <= 20 else "a string"
-    return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
 
 
 def _endpoint(reader: _Reader, index: int, entry: Any) -> Endpoint:

@@ -62,7 +62,11 @@ _HTTP_TYPES = {400: "bad_request_error", 401: "auth_error", 404: "not_found_erro
 
 
 def error_response(
-    status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """Build the JSON error answer in LiteLLM's shape: {"error": {"message", "type", "param", "code"}}."""
     body = {"error": {"message": message, "type": error_type, "param": param, "code": str(status)}}

@@ -295,8 +295,12 @@ class UpstreamBody:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             kind = "timeout" if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)) else "reset"
             metrics.UPSTREAM_ERRORS.labels(self._route, kind).inc()
-            log.warning("upstream %s mid-body on %s (%s); closing the client connection", kind, self._route,
-                        _describe(exc))
+            log.warning(
+                "upstream %s mid-body on %s (%s); closing the client connection",
+                kind,
+                self._route,
+                _describe(exc),
+            )
             # The status is already sent: the only honest signal left is to end the connection uncleanly.
             # WSGI servers treat a connection reset as the client's problem and close quietly.
             raise ConnectionResetError(errno.ECONNRESET, "upstream broke off mid-body") from exc

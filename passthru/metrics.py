@@ -9,7 +9,14 @@ from __future__ import annotations
 import os
 
 from flask import Blueprint, Response, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client import REGISTRY as PROCESS_REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -58,10 +65,9 @@ def build_blueprint(master_key: str | None) -> Blueprint:
             require_master_key(request.environ, expected)
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
             registry = PROCESS_REGISTRY
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint
-

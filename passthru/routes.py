@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import requests
 from flask import Blueprint, request
@@ -15,15 +16,27 @@ from passthru.forward import Route, compile_route, forward
 
 
 def build_blueprint(
-    settings: Settings, session: requests.Session, key_check: KeyCheck | None, trusted_proxy: Callable[[str], bool]
+    settings: Settings,
+    session: requests.Session,
+    key_check: KeyCheck | None,
+    trusted_proxy: Callable[[str], bool],
 ) -> Blueprint:
     """A fresh Blueprint with the exact path of each entry, plus everything under it when include_subpath."""
     blueprint = Blueprint("passthru", __name__)
     # The master key is stripped from relayed headers on every route, authenticated or not.
     proxy_keys = (digest(settings.master_key),) if settings.master_key else ()
     for endpoint in settings.endpoints:
-        view = partial(_serve, compile_route(endpoint, session, trusted_proxy), key_check if endpoint.auth else None, proxy_keys)
-        options = {"methods": endpoint.methods, "provide_automatic_options": False, "merge_slashes": False}
+        view = partial(
+            _serve,
+            compile_route(endpoint, session, trusted_proxy),
+            key_check if endpoint.auth else None,
+            proxy_keys,
+        )
+        options: dict[str, Any] = {
+            "methods": endpoint.methods,
+            "provide_automatic_options": False,
+            "merge_slashes": False,
+        }
         name = f"route_{endpoint.index}"
         blueprint.add_url_rule(endpoint.path, name, view, defaults={"subpath": None}, **options)
         if endpoint.include_subpath:

@@ -97,7 +97,10 @@ def test_langfuse_keys_become_one_basic_authorization() -> None:
             {
                 "path": "/api/public/ingestion",
                 "target": "https://us.cloud.langfuse.com/api/public/ingestion",
-                "headers": {"LANGFUSE_PUBLIC_KEY": "os.environ/LF_PK", "LANGFUSE_SECRET_KEY": "os.environ/LF_SK"},
+                "headers": {
+                    "LANGFUSE_PUBLIC_KEY": "os.environ/LF_PK",
+                    "LANGFUSE_SECRET_KEY": "os.environ/LF_SK",
+                },
             }
         ]
     )
@@ -121,7 +124,12 @@ def test_warning_for_unauthenticated_route_with_secrets() -> None:
         [
             {"path": "/open", "target": "http://a.example", "headers": {"Authorization": "os.environ/MK"}},
             {"path": "/plain", "target": "http://a.example", "headers": {"accept": "application/json"}},
-            {"path": "/closed", "target": "http://a.example", "auth": True, "headers": {"X": "os.environ/MK"}},
+            {
+                "path": "/closed",
+                "target": "http://a.example",
+                "auth": True,
+                "headers": {"X": "os.environ/MK"},
+            },
         ],
         master_key="sk-1",
     )

@@ -103,7 +103,8 @@ def test_metrics_total_across_gunicorn_workers(gunicorn: Callable[..., Gunicorn]
         assert metric(text, "passthru_requests_total", route="/m", status="2xx") == 30
     requests.get(f"{server.url}/m?x=1")
     assert wait_until(
-        lambda: metric(requests.get(f"{server.url}/metrics").text, "passthru_requests_total", route="/m") == 31, 5
+        lambda: metric(requests.get(f"{server.url}/metrics").text, "passthru_requests_total", route="/m") == 31,
+        5,
     )
 
 
@@ -120,9 +121,10 @@ def test_upstream_errors_are_counted_by_kind(serve: Serve, upstream: Upstream) -
     after = requests.get(f"{base}/metrics").text
     for route, kind in (("/slow", "timeout"), ("/reset", "reset")):
         labels = {"route": route, "kind": kind}
-        assert metric(after, "passthru_upstream_errors_total", **labels) == metric(
-            before, "passthru_upstream_errors_total", **labels
-        ) + 1
+        assert (
+            metric(after, "passthru_upstream_errors_total", **labels)
+            == metric(before, "passthru_upstream_errors_total", **labels) + 1
+        )
 
 
 def test_request_id_in_every_log_line_about_the_request(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:

@@ -62,7 +62,9 @@ def test_seed_cohere_rerank(serve: Serve, upstream: Upstream, monkeypatch: pytes
     )
     body = json.dumps(SEED_QUERY).encode()
     response = requests.post(
-        f"{base}/v1/rerank", data=body, headers={"accept": "application/json", "content-type": "application/json"}
+        f"{base}/v1/rerank",
+        data=body,
+        headers={"accept": "application/json", "content-type": "application/json"},
     )
     assert response.status_code == 200
     assert response.json() == RERANK_RESPONSE
@@ -110,7 +112,10 @@ def auth_base(serve: Serve, upstream: Upstream, monkeypatch: pytest.MonkeyPatch)
                 "path": "/v1/rerank",
                 "target": f"{upstream.url}/v1/rerank",
                 "auth": True,
-                "headers": {"Authorization": "bearer os.environ/COHERE_API_KEY", "content-type": "application/json"},
+                "headers": {
+                    "Authorization": "bearer os.environ/COHERE_API_KEY",
+                    "content-type": "application/json",
+                },
             },
             {"path": "/fwd", "target": f"{upstream.url}/echo", "auth": True, "forward_headers": True},
         ],
@@ -271,7 +276,16 @@ def test_forward_headers_relays_all_but_hop_by_hop(
     serve: Serve, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "192.0.2.1")  # this client is not a trusted front
-    base = serve([{"path": "/e", "target": f"{upstream.url}/echo", "forward_headers": True, "headers": {"X-Set": "ours"}}])
+    base = serve(
+        [
+            {
+                "path": "/e",
+                "target": f"{upstream.url}/echo",
+                "forward_headers": True,
+                "headers": {"X-Set": "ours"},
+            }
+        ]
+    )
     request = (
         "GET /e HTTP/1.1\r\nHost: passthru.example\r\nConnection: close, X-Private\r\nX-Private: p\r\n"
         "Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic x\r\nX-Custom: 1\r\n"
@@ -371,7 +385,12 @@ def test_redirects_relayed_not_followed(serve: Serve, upstream: Upstream, status
 
 
 def test_repeated_set_cookie_kept_and_never_shared(serve: Serve, upstream: Upstream) -> None:
-    base = serve([{"path": "/c", "target": f"{upstream.url}/cookies"}, {"path": "/e", "target": f"{upstream.url}/echo"}])
+    base = serve(
+        [
+            {"path": "/c", "target": f"{upstream.url}/cookies"},
+            {"path": "/e", "target": f"{upstream.url}/echo"},
+        ]
+    )
     response = raw_request(base, b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head = response.partition(b"\r\n\r\n")[0].decode()
     assert [line for line in head.split("\r\n") if line.lower().startswith("set-cookie")] == [

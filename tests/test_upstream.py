@@ -74,11 +74,19 @@ def test_echo_raw_target_header_order_and_chunked_body(upstream: Upstream) -> No
     assert resp.status == 200 and resp.getheader("Content-Type") == "application/json"
     assert echo["method"] == "POST" and echo["target"] == "/echo?a=1&a=2&b="
     assert echo["headers"] == [
-        ["Host", "up"], ["X-Dup", "1"], ["x-dup", "2"], ["Transfer-Encoding", "chunked"]]
+        ["Host", "up"],
+        ["X-Dup", "1"],
+        ["x-dup", "2"],
+        ["Transfer-Encoding", "chunked"],
+    ]
     assert echo["body_len"] == 11 and echo["body_sha256"] == hashlib.sha256(b"hello world").hexdigest()
     rec = upstream.requests[-1]
     assert (rec.method, rec.target, rec.body_len, rec.body_sha256) == (
-        "POST", "/echo?a=1&a=2&b=", 11, echo["body_sha256"])
+        "POST",
+        "/echo?a=1&a=2&b=",
+        11,
+        echo["body_sha256"],
+    )
     assert rec.header("X-DUP") == "1" and rec.header("missing") is None
 
 
@@ -237,8 +245,9 @@ def test_malformed_status_line(upstream: Upstream) -> None:
 
 
 def test_rerank(upstream: Upstream) -> None:
-    resp, body = _fetch(upstream, "POST", "/v1/rerank", body=b'{"query": "q"}',
-                        headers={"Content-Type": "application/json"})
+    resp, body = _fetch(
+        upstream, "POST", "/v1/rerank", body=b'{"query": "q"}', headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 200 and json.loads(body) == RERANK_RESPONSE
     assert body == json.dumps(RERANK_RESPONSE).encode()
     assert _fetch(upstream, "GET", "/v1/rerank")[0].status == 405

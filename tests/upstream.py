@@ -39,9 +39,17 @@ _PERIOD = bytes(range(256))
 _REDIRECTS = (301, 302, 303, 307, 308)
 _Headers = tuple[tuple[str, str], ...]
 _POST_ONLY = ("/v1/rerank", "/api/public/ingestion")
-_ROUTES = {"/cookies": "_cookies", "/gzip": "_gzip", "/sse": "_sse", "/bytes": "_bytes", "/stall": "_stall",
-           "/reset": "_reset", "/malformed": "_malformed", "/v1/rerank": "_rerank",
-           "/api/public/ingestion": "_ingestion"}  # path -> _Handler method taking the query dict
+_ROUTES = {
+    "/cookies": "_cookies",
+    "/gzip": "_gzip",
+    "/sse": "_sse",
+    "/bytes": "_bytes",
+    "/stall": "_stall",
+    "/reset": "_reset",
+    "/malformed": "_malformed",
+    "/v1/rerank": "_rerank",
+    "/api/public/ingestion": "_ingestion",
+}  # path -> _Handler method taking the query dict
 
 
 def _pattern_pieces(n: int, piece: int = PIECE) -> Iterator[bytes]:
@@ -151,8 +159,16 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in _ROUTES:
             getattr(self, _ROUTES[path])(q)
         else:
-            self._json(200, {"method": rec.method, "target": target, "headers": headers,
-                             "body_len": length, "body_sha256": digest})
+            self._json(
+                200,
+                {
+                    "method": rec.method,
+                    "target": target,
+                    "headers": headers,
+                    "body_len": length,
+                    "body_sha256": digest,
+                },
+            )
 
     def _read_body(self) -> tuple[int, str]:
         """Stream the body through sha256 so a huge upload never sits in memory."""
@@ -222,8 +238,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(code, {"status": code}, location)
 
     def _cookies(self, q: dict[str, str]) -> None:
-        self._reply(200, b"two cookies\n", "text/plain",
-                    (("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")))
+        self._reply(
+            200,
+            b"two cookies\n",
+            "text/plain",
+            (("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")),
+        )
 
     def _gzip(self, q: dict[str, str]) -> None:
         self._reply(200, _GZIP_BODY, "text/plain", (("Content-Encoding", "gzip"),))
