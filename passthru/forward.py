@@ -116,7 +116,6 @@ def new_session(upstream_hosts: int) -> requests.Session:
     environment proxies and .netrc. The adapter does none of that: nothing is shared between callers.
     """
     session = requests.Session()
-    session.trust_env = False
     adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
