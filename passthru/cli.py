@@ -13,6 +13,7 @@ from gunicorn.app.base import BaseApplication
 
 from passthru.config import Settings, load_settings
 from passthru.errors import ConfigError
+from passthru.logs import Redact
 
 GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
 
@@ -57,6 +58,7 @@ def check(path: str) -> int:
     except ConfigError as exc:
         print(f"passthru: {exc}", file=sys.stderr)
         return 1
+    mask = Redact(settings.secrets).mask  # values from the environment are shown as ***
     print(f"{settings.source}: ok, {len(settings.endpoints)} route(s)")
     for ep in settings.endpoints:
         flags = [f"auth={str(ep.auth).lower()}", f"timeout={ep.timeout:g}s"]
@@ -66,7 +68,7 @@ def check(path: str) -> int:
         for name, _ in ep.headers:
             print(f"      {name}: ***")
         for name, value in ep.default_query_params:
-            print(f"      ?{name}={value}")
+            print(f"      ?{name}={mask(value)}")
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -97,11 +97,14 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
-    for name in ("gunicorn.error", "gunicorn.access", ""):
-        for other in logging.getLogger(name).handlers:
-            for old in [f for f in other.filters if isinstance(f, Redact)]:
-                other.removeFilter(old)
-            other.addFilter(redact)
+    # The servers' own loggers (werkzeug logs request lines with their query) and every root handler mask too.
+    # A filter on a logger covers the records it makes, whichever handler it later gets; one on a handler
+    # covers whatever reaches that handler.
+    servers = [logging.getLogger(name) for name in ("gunicorn.error", "gunicorn.access", "werkzeug")]
+    for target in (*servers, *logging.getLogger().handlers):
+        for old in [f for f in target.filters if isinstance(f, Redact)]:
+            target.removeFilter(old)
+        target.addFilter(redact)
 
 
 class AccessLog:
