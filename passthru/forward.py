@@ -208,51 +208,43 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
 
 
-class SizedBody:
-    """The caller's body of known length, read in pieces so only Content-Length goes upstream (never chunked too)."""
+class CallerBody:
+    """The caller's body, read as urllib3 asks for it: counted, bounded by its Content-Length when it has one.
 
-    def __init__(self, stream: IO[bytes], length: int) -> None:
+    Whatever the WSGI server raises while reading (client gone, a bad chunk size) becomes one OSError that
+    forward() recognises by `broken`, so it answers 400 instead of blaming the upstream.
+    """
+
+    def __init__(self, stream: IO[bytes], length: int | None) -> None:
         self._stream = stream
         self._left = length
-        self.length = length
         self.received = 0
         self.broken = False
 
-    def __len__(self) -> int:
-        return self.length
-
     def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        size = self._left if size < 0 else min(size, self._left)
+        if self._left is not None:
+            if self._left <= 0:
+                return b""
+            size = self._left if size < 0 else min(size, self._left)
         try:
             data = self._stream.read(size)
-        except Exception as exc:  # the WSGI server's own "client went away" errors differ between servers
+        except Exception as exc:  # each server has its own "client went away" and framing errors
             self.broken = True
-            raise OSError(errno.ECONNABORTED, "the client's body ended early") from exc
-        if not data:
-            self.broken = True
-            raise OSError(errno.ECONNABORTED, "the client's body ended early")
-        self._left -= len(data)
+            raise OSError(errno.ECONNABORTED, "the caller's body broke off") from exc
+        if self._left is not None:
+            if not data:
+                self.broken = True
+                raise OSError(errno.ECONNABORTED, "the caller's body ended before its Content-Length")
+            self._left -= len(data)
         self.received += len(data)
         return data
 
 
-class ChunkedBody:
-    """A body of unknown length (the caller sent it chunked): an iterable, so requests sends it on chunked."""
+def request_body(environ: Mapping[str, Any]) -> tuple[CallerBody | None, str | None]:
+    """The body to send upstream and its Content-Length (None: no body, or sent chunked); refuse bad framing.
 
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-        self.received = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        while data := self._stream.read(CHUNK_SIZE):
-            self.received += len(data)
-            yield data
-
-
-def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | ChunkedBody | None, str | None]:
-    """The body to send upstream and its Content-Length (None: none, or chunked); refuse ambiguous framing."""
+    Only Content-Length is ever set here: urllib3 sends a body without one chunked, so the two never go together.
+    """
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH") or None
     encoding = environ.get("HTTP_TRANSFER_ENCODING")
@@ -261,14 +253,14 @@ def request_body(environ: Mapping[str, Any]) -> tuple[SizedBody | ChunkedBody | 
             raise RequestError("a request must not carry both Content-Length and Transfer-Encoding")
         if encoding.strip().lower() != "chunked":
             raise RequestError("only the chunked Transfer-Encoding is supported")
-        return ChunkedBody(stream), None
+        return CallerBody(stream, None), None
     if length is None:
         return None, None
     if not length.isdigit() or not length.isascii():
         raise RequestError("Content-Length must be a number", param="Content-Length")
     if int(length) == 0:
         return None, "0"
-    return SizedBody(stream, int(length)), str(int(length))
+    return CallerBody(stream, int(length)), str(int(length))
 
 
 class UpstreamBody:
@@ -333,7 +325,7 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
     prepared.headers = upstream_headers(route, environ, drop)
     if length is not None:
         prepared.headers["Content-Length"] = length
-    prepared.body = body  # type: ignore[assignment]  # requests streams any file-like or iterable body
+    prepared.body = body  # type: ignore[assignment]  # urllib3 streams any object with read()
     started = time.perf_counter()
     try:
         upstream = route.adapter.send(prepared, stream=True, timeout=route.timeout)
@@ -342,8 +334,8 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
         log.warning("upstream timeout on %s: %s", path, _describe(exc))
         raise UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s") from exc
     except requests.RequestException as exc:
-        if isinstance(body, SizedBody) and body.broken:
-            raise RequestError("the request body ended before its Content-Length") from exc
+        if body is not None and body.broken:
+            raise RequestError("the request body broke off or was malformed") from exc
         kind = "refused" if _caused_by(exc, ConnectionRefusedError) else "reset"
         metrics.UPSTREAM_ERRORS.labels(path, kind).inc()
         log.warning("upstream %s on %s: %s", kind, path, _describe(exc))

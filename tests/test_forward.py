@@ -21,7 +21,7 @@ from passthru.auth import digest, headers_carrying, read_key
 from passthru.config import parse_settings
 from passthru.errors import ConfigError, RequestError
 from passthru.forward import (
-    SizedBody,
+    CallerBody,
     clean_subpath,
     compile_route,
     encode_query,
@@ -176,15 +176,29 @@ def test_request_body_refuses_bad_framing(extra: dict[str, str]) -> None:
         request_body(environ(**extra))
 
 
-def test_sized_body_reads_exactly_and_flags_a_short_body() -> None:
-    body = SizedBody(io.BytesIO(b"abcdef"), 4)
-    assert len(body) == 4
+def test_caller_body_reads_exactly_and_flags_a_short_body() -> None:
+    body = CallerBody(io.BytesIO(b"abcdef"), 4)
     assert body.read(3) == b"abc" and body.read() == b"d" and body.read() == b""
-    short = SizedBody(io.BytesIO(b"ab"), 4)
+    assert body.received == 4
+    short = CallerBody(io.BytesIO(b"ab"), 4)
     short.read(2)
     with pytest.raises(OSError):
         short.read(2)
     assert short.broken
+    chunked = CallerBody(io.BytesIO(b"xyz"), None)
+    assert chunked.read(2) == b"xy" and chunked.read(2) == b"z" and chunked.read(2) == b""
+    assert not chunked.broken
+
+
+def test_caller_body_turns_server_read_errors_into_one_oserror() -> None:
+    class Broken(io.RawIOBase):
+        def read(self, size: int = -1) -> bytes:
+            raise ValueError("Invalid chunk size")  # gunicorn's InvalidChunkSize is no OSError
+
+    body = CallerBody(Broken(), None)  # type: ignore[arg-type]
+    with pytest.raises(OSError):
+        body.read(10)
+    assert body.broken
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,7 @@ def shared(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
         _entry("/cookies", f"{upstream.url}/cookies"),
         _entry("/gzip", f"{upstream.url}/gzip"),
         _entry("/status", f"{upstream.url}/status", include_subpath=True),
+        _entry("/echo", f"{upstream.url}/echo"),
     ]
     try:
         server = start_gunicorn(write_config(directory, entries), directory / "gunicorn.log")
@@ -467,6 +468,26 @@ def test_gzip_is_relayed_byte_for_byte(shared: Gunicorn) -> None:
     assert body == gzip.compress(GZIP_TEXT.encode(), mtime=0)
     assert resp.getheader("Content-Length") == str(len(body))
     assert gzip.decompress(body) == GZIP_TEXT.encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"zz\r\nhello\r\n0\r\n\r\n", id="bad-chunk-size"),
+        pytest.param(b"5\r\nhel", id="cut-mid-chunk"),
+    ],
+)
+def test_malformed_chunked_upload_is_400_json(shared: Gunicorn, body: bytes) -> None:
+    request = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body
+    with closing(socket.create_connection(("127.0.0.1", _port(shared)), timeout=10)) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)  # the caller is done sending: the body is what it is
+        data = b""
+        while piece := sock.recv(65536):
+            data += piece
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data[:300]
+    assert json.loads(answer)["error"]["type"] == "bad_request_error"
 
 
 def test_no_traceback_in_shared_log(shared: Gunicorn) -> None:
