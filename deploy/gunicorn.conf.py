@@ -36,10 +36,10 @@ control_socket_disable = True
 
 def on_starting(server):
     """Check the config in the master, once, before any worker starts: a bad file stops here with one line."""
-    from passthru.config import load_settings
+    from passthru.config import load_from_environment
     from passthru.errors import ConfigError
 
     try:
-        load_settings(os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
+        load_from_environment(os.environ)
     except ConfigError as exc:
         sys.exit(f"passthru: {exc}")

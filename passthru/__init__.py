@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from passthru.auth import master_key_check
-from passthru.config import Settings, load_settings
+from passthru.config import Settings, load_from_environment, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
 from passthru.logs import AccessLog, configure_logging, log
@@ -26,7 +26,7 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     if isinstance(config, Settings):
         settings = config
     else:
-        settings = load_settings(config or os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
+        settings = load_settings(config) if config else load_from_environment(os.environ)
     configure_logging(settings.secrets, detailed_debug)
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
