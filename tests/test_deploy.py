@@ -1,7 +1,8 @@
-"""The deploy recipes, run for real: nginx in front of gunicorn, the Procfile, a config in
-$PASSTHRU_CONFIG_YAML.
+"""The deploy recipes, run for real: nginx in front of gunicorn, the gevent config, the Procfile, a config
+in $PASSTHRU_CONFIG_YAML.
 
-nginx missing skips its tests on a laptop; with CI=true they fail instead, since .ci/run installs it.
+A tool the recipe needs (nginx, gevent) that is missing skips its test on a laptop; with CI=true the test
+fails instead, since .ci/run installs both.
 """
 
 from __future__ import annotations
@@ -334,3 +335,64 @@ def test_procfile_command_honours_port_and_web_concurrency(tmp_path: Path, upstr
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+# --- gevent workers (deploy/gunicorn.gevent.conf.py) --------------------------------------------------------
+
+GEVENT_CONF = "deploy/gunicorn.gevent.conf.py"
+
+
+def require_gevent() -> None:
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        require(False, "gevent", "pip install -r requirements-gevent.txt")
+
+
+def test_gevent_config_forwards_and_streams(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
+    require_gevent()
+    app = gunicorn(
+        [{"path": "/e", "target": f"{upstream.url}/echo"}, {"path": "/sse", "target": f"{upstream.url}/sse"}],
+        conf=GEVENT_CONF,
+    )
+    response = requests.post(f"{app.url}/e", data=b"x" * 100_000, timeout=10)
+    assert response.status_code == 200, app.output()
+    assert response.json()["body_sha256"] == hashlib.sha256(b"x" * 100_000).hexdigest()
+    assert_events_one_by_one(event_arrivals(f"{app.url}/sse?n=5&gap=0.3"))
+    assert "Using worker: gevent" in app.output()
+    # Patched too late, urllib3 would keep the blocking ssl module, and gevent says so.
+    assert "MonkeyPatchWarning" not in app.output()
+
+
+def test_gevent_worker_imports_the_app_after_patching(tmp_path: Path, upstream: Upstream) -> None:
+    """urllib3 in the worker holds gevent's SSLContext and socket: TLS to an upstream yields to others."""
+    require_gevent()
+    probe = tmp_path / "probe.conf.py"
+    probe.write_text(
+        "import runpy\n"
+        f"settings = runpy.run_path({str(ROOT / GEVENT_CONF)!r})\n"
+        "globals().update({k: v for k, v in settings.items() if not k.startswith('__')})\n"
+        "def post_worker_init(worker):\n"
+        "    import urllib3.util.connection, urllib3.util.ssl_\n"
+        "    print('probe:', urllib3.util.ssl_.SSLContext.__module__,\n"
+        "          urllib3.util.connection.socket.socket.__module__, flush=True)\n"
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(YAML_ONLY.format(url=upstream.url))
+    app = start_gunicorn(config, tmp_path / "gunicorn.log", {"INJECTED_VALUE": "v"}, conf=str(probe))
+    try:
+        deadline = time.monotonic() + 10
+        while "probe:" not in app.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (line,) = [line for line in app.output().splitlines() if line.startswith("probe:")]
+        assert line.split()[1:] == ["gevent.ssl", "gevent._socket3"], app.output()
+    finally:
+        app.stop()
+
+
+def test_gevent_config_stops_on_a_bad_config_with_one_line(tmp_path: Path) -> None:
+    require_gevent()
+    with pytest.raises(AssertionError, match="did not start") as info:
+        start_gunicorn(tmp_path / "missing.yaml", tmp_path / "gunicorn.log", conf=GEVENT_CONF)
+    assert f"passthru: {tmp_path / 'missing.yaml'}: cannot read the config file" in str(info.value)
+    assert "Traceback" not in str(info.value)
