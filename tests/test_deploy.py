@@ -1,8 +1,8 @@
 """The deploy recipes, run for real: nginx in front of gunicorn, the gevent config, the Procfile, a config
-in $PASSTHRU_CONFIG_YAML.
+in $PASSTHRU_CONFIG_YAML; and the systemd unit, checked by systemd-analyze.
 
-A tool the recipe needs (nginx, gevent) that is missing skips its test on a laptop; with CI=true the test
-fails instead, since .ci/run installs both.
+A tool the recipe needs (nginx, gevent, systemd-analyze) that is missing skips its test on a laptop; with
+CI=true the nginx and gevent tests fail instead, since .ci/run installs both.
 """
 
 from __future__ import annotations
@@ -396,3 +396,36 @@ def test_gevent_config_stops_on_a_bad_config_with_one_line(tmp_path: Path) -> No
         start_gunicorn(tmp_path / "missing.yaml", tmp_path / "gunicorn.log", conf=GEVENT_CONF)
     assert f"passthru: {tmp_path / 'missing.yaml'}: cannot read the config file" in str(info.value)
     assert "Traceback" not in str(info.value)
+
+
+# --- systemd (deploy/passthru.service) ----------------------------------------------------------------------
+
+
+def rendered_unit(tmp_path: Path) -> Path:
+    """The unit with this checkout and interpreter for /opt/passthru: verify checks that ExecStart exists."""
+    text = (ROOT / "deploy" / "passthru.service").read_text()
+    text = replace_once(text, "ExecStart=/opt/passthru/.venv/bin/python ", f"ExecStart={sys.executable} ")
+    unit = tmp_path / "passthru.service"
+    unit.write_text(text.replace("/opt/passthru", str(ROOT)))
+    return unit
+
+
+def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("systemd-analyze")
+    require(tool is not None, "systemd-analyze", "part of systemd", on_ci=False)
+    assert tool is not None
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    result = systemd_analyze("verify", str(rendered_unit(tmp_path)))
+    # verify exits 0 on unknown or misspelt keys, but names them: any output is a finding.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
+    if "--offline" not in systemd_analyze("--help").stdout:
+        pytest.skip("this systemd-analyze cannot judge a unit file offline (systemd 250 or later can)")
+    result = systemd_analyze("security", "--offline=yes", "--threshold=20", str(rendered_unit(tmp_path)))
+    # Exposure 0.0 (locked down) to 10.0 (unprotected), times ten: at most 2.0, systemd's "OK".
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
