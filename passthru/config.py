@@ -71,8 +71,8 @@ class Settings:
 def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
     """The config a server process runs: $PASSTHRU_CONFIG_YAML's text if set, else the file $PASSTHRU_CONFIG.
 
-    The YAML-in-a-variable form is for platforms without a writable disk; errors then name `$PASSTHRU_CONFIG_YAML`
-    where they would name the file. Without either variable the file is config.yaml in the working directory.
+    The variable is for platforms without a writable disk; errors then name `$PASSTHRU_CONFIG_YAML` where they
+    would name the file. Without either variable the file is config.yaml in the working directory.
     """
     environ = os.environ if environ is None else environ
     text = environ.get(CONFIG_YAML_VARIABLE, "")
@@ -80,7 +80,8 @@ def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
         source = f"${CONFIG_YAML_VARIABLE}"
         settings = parse_settings(_parse_yaml(text, source), source, environ)
         if environ.get(CONFIG_FILE_VARIABLE):
-            ignored = f"{source} is set, so ${CONFIG_FILE_VARIABLE} ({environ[CONFIG_FILE_VARIABLE]}) is not read"
+            path = environ[CONFIG_FILE_VARIABLE]
+            ignored = f"{source} is set, so ${CONFIG_FILE_VARIABLE} ({path}) is not read"
             settings = replace(settings, warnings=(ignored, *settings.warnings))
         return settings
     return load_settings(environ.get(CONFIG_FILE_VARIABLE) or "config.yaml", environ)
