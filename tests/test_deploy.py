@@ -212,16 +212,19 @@ def test_nginx_paces_a_download_to_the_client(
     assert "buffered to a temporary file" not in nginx.output()
 
 
-def worker_pid(app: Gunicorn) -> int:
-    """The one worker of a gunicorn started with workers=1: the master's only child."""
-    children = []
+def processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
         except OSError:
             continue  # gone meanwhile
-        if int(fields[1]) == app.process.pid:
-            children.append(int(stat.parent.name))
+        yield int(stat.parent.name), state, int(ppid), int(pgrp)
+
+
+def worker_pid(app: Gunicorn) -> int:
+    """The one worker of a gunicorn started with workers=1: the master's only child."""
+    children = [pid for pid, _, ppid, _ in processes() if ppid == app.process.pid]
     assert len(children) == 1, f"expected one gunicorn worker, found {children}"
     return children[0]
 
@@ -319,8 +322,9 @@ def test_procfile_command_honours_port_and_web_concurrency(tmp_path: Path, upstr
     log = tmp_path / "procfile.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            ["/bin/sh", "-c", command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+            ["/bin/sh", "-c", command],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     try:
         wait_for_port(port, 15, alive=lambda: process.poll() is None)
         assert requests.get(f"http://127.0.0.1:{port}/e", timeout=10).status_code == 200
@@ -329,12 +333,24 @@ def test_procfile_command_honours_port_and_web_concurrency(tmp_path: Path, upstr
             time.sleep(0.05)
         assert log.read_text().count("Booting worker") == 2, log.read_text()
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_group(process)
+    assert not group_alive(process.pid), "gunicorn did not stop on SIGTERM"
+
+
+def group_alive(group: int) -> bool:
+    """Whether any process of the group still runs (a zombie waiting for its parent to reap it does not)."""
+    return any(pgrp == group and state != "Z" for _, state, _, pgrp in processes())
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group, as a platform stops a dyno: the shell may not have exec'd gunicorn."""
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(10)
+    deadline = time.monotonic() + 15
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group_alive(process.pid):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 # --- gevent workers (deploy/gunicorn.gevent.conf.py) --------------------------------------------------------
