@@ -9,21 +9,23 @@ from flask import Flask
 
 from passthru import __version__, health, metrics, routes
 from passthru.auth import master_key_check
-from passthru.config import Settings, load_settings
+from passthru.config import Settings, load_from_environment, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session, proxy_trust
 from passthru.logs import AccessLog, configure_logging, log
 
 
 def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detailed_debug: bool = False) -> Flask:
-    """Build the app from a config file (default: $PASSTHRU_CONFIG, else config.yaml) or validated Settings.
+    """Build the app from a config file, validated Settings, or by default the environment's config.
+
+    The default is $PASSTHRU_CONFIG_YAML (the YAML itself), else the file $PASSTHRU_CONFIG, else config.yaml.
 
     Call it in the process that serves (after gunicorn forks): it creates this process's connection pool.
     """
     if isinstance(config, Settings):
         settings = config
     else:
-        settings = load_settings(config or os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
+        settings = load_settings(config) if config else load_from_environment(os.environ)
     configure_logging(settings.secrets, detailed_debug)
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}

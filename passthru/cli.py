@@ -81,8 +81,9 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"passthru: {exc}", file=sys.stderr)
         return 1
-    # The conf's on_starting hook and any reload read the same file.
+    # The conf's on_starting hook and any reload read the same file; --config wins over a YAML variable.
     os.environ["PASSTHRU_CONFIG"] = os.path.abspath(args.config)
+    os.environ.pop("PASSTHRU_CONFIG_YAML", None)
     if args.json_logs:
         os.environ["JSON_LOGS"] = "true"
     options: dict[str, Any] = {"bind": f"{args.host}:{args.port}"}

@@ -12,8 +12,8 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,6 +28,9 @@ HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
 LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
+# Where a server finds its config (load_from_environment): the YAML itself wins over a file path.
+CONFIG_YAML_VARIABLE = "PASSTHRU_CONFIG_YAML"
+CONFIG_FILE_VARIABLE = "PASSTHRU_CONFIG"
 
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
@@ -68,20 +71,44 @@ class Settings:
     warnings: tuple[str, ...]  # said at start-up: routes that hand environment secrets to anyone
 
 
+def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
+    """The config a server process runs: $PASSTHRU_CONFIG_YAML's text if set, else the file $PASSTHRU_CONFIG.
+
+    The variable is for platforms without a writable disk; errors then name `$PASSTHRU_CONFIG_YAML` where they
+    would name the file. Without either variable the file is config.yaml in the working directory.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(CONFIG_YAML_VARIABLE, "")
+    if text.strip():  # set to "" (or blanks) reads as unset: some platforms cannot delete a variable
+        source = f"${CONFIG_YAML_VARIABLE}"
+        settings = parse_settings(_parse_yaml(text, source), source, environ)
+        if environ.get(CONFIG_FILE_VARIABLE):
+            path = environ[CONFIG_FILE_VARIABLE]
+            ignored = f"{source} is set, so ${CONFIG_FILE_VARIABLE} ({path}) is not read"
+            settings = replace(settings, warnings=(ignored, *settings.warnings))
+        return settings
+    return load_settings(environ.get(CONFIG_FILE_VARIABLE) or "config.yaml", environ)
+
+
 def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate a config file; raise ConfigError naming the file, the entry and the field."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = _parse_yaml(f, source)
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the config file ({exc.strerror})") from exc
+    return parse_settings(raw, source, os.environ if environ is None else environ)
+
+
+def _parse_yaml(document: str | IO[str], source: str) -> Any:
+    try:
+        return yaml.safe_load(document)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from exc
-    return parse_settings(raw, source, os.environ if environ is None else environ)
 
 
 def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Settings:

@@ -113,15 +113,22 @@ class Gunicorn:
                 self.process.wait(5)
 
 
-def start_gunicorn(config: Path, log: Path, env: dict[str, str] | None = None, workers: int = 1) -> Gunicorn:
-    """Start `gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free port and wait until it accepts."""
+def start_gunicorn(config: Path | None, log: Path, env: dict[str, str] | None = None, workers: int = 1,
+                   conf: str = "deploy/gunicorn.conf.py") -> Gunicorn:  # fmt: skip
+    """Start `gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free port and wait until it accepts.
+
+    `config` becomes PASSTHRU_CONFIG; with None, `env` must say where the config is (PASSTHRU_CONFIG_YAML).
+    """
     port = free_port()
-    environment = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    environment.update(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers))
+    skip = {*PROXY_VARIABLES, "PASSTHRU_CONFIG", "PASSTHRU_CONFIG_YAML"}  # the developer's shell says nothing
+    environment = {k: v for k, v in os.environ.items() if k not in skip}
+    environment.update(PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers))
+    if config is not None:
+        environment["PASSTHRU_CONFIG"] = str(config)
     environment.update(env or {})
     handle = log.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
+        [sys.executable, "-m", "gunicorn", "-c", conf, "wsgi:app"],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
     )  # fmt: skip
     handle.close()
@@ -136,12 +143,13 @@ def start_gunicorn(config: Path, log: Path, env: dict[str, str] | None = None, w
 
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
-    """gunicorn(entries, env=..., workers=..., **general) → a running Gunicorn; stopped after the test."""
+    """gunicorn(entries, env=, workers=, conf=, **general) → a running Gunicorn; stopped after the test."""
     started: list[Gunicorn] = []
 
     def start(entries: list[dict[str, Any]], env: dict[str, str] | None = None, workers: int = 1,
-              **general: Any) -> Gunicorn:  # fmt: skip
-        server = start_gunicorn(write_config(tmp_path, entries, **general), tmp_path / "gunicorn.log", env, workers)
+              conf: str = "deploy/gunicorn.conf.py", **general: Any) -> Gunicorn:  # fmt: skip
+        config = write_config(tmp_path, entries, **general)
+        server = start_gunicorn(config, tmp_path / "gunicorn.log", env, workers, conf)
         started.append(server)
         return server
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from passthru.config import ALL_METHODS, load_settings, parse_settings
+from passthru import create_app
+from passthru.config import ALL_METHODS, load_from_environment, load_settings, parse_settings
 from passthru.errors import ConfigError
 
 SEED_RERANK = """
@@ -239,3 +240,78 @@ def test_error_never_prints_a_resolved_secret() -> None:
     with pytest.raises(ConfigError) as info:
         settings_of([{"path": "/x", "target": "http://a", "headers": {"X": "os.environ/BAD"}}], environ)
     assert "secret-tail" not in str(info.value)
+
+
+# Where a server process finds its config: $PASSTHRU_CONFIG_YAML (the YAML itself), else the file $PASSTHRU_CONFIG.
+OTHER_CONFIG = "general_settings:\n  pass_through_endpoints:\n    - {path: /from-file, target: http://a}\n"
+
+
+def test_config_yaml_variable_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: nothing but the variable can be read
+    settings = load_from_environment({"PASSTHRU_CONFIG_YAML": SEED_RERANK, "COHERE_API_KEY": "co-secret-123"})
+    assert settings.source == "$PASSTHRU_CONFIG_YAML"
+    assert [ep.path for ep in settings.endpoints] == ["/v1/rerank"]
+    # os.environ/ references resolve from the same environment, so secrets can stay in their own variables.
+    assert settings.endpoints[0].headers[0] == ("Authorization", "bearer co-secret-123")
+    assert not any("PASSTHRU_CONFIG " in warning for warning in settings.warnings)
+
+
+def test_config_yaml_variable_wins_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.yaml"
+    path.write_text(OTHER_CONFIG)
+    environ = {"PASSTHRU_CONFIG_YAML": SEED_RERANK, "PASSTHRU_CONFIG": str(path), "COHERE_API_KEY": "k"}
+    settings = load_from_environment(environ)
+    assert [ep.path for ep in settings.endpoints] == ["/v1/rerank"]
+    assert settings.warnings[0] == f"$PASSTHRU_CONFIG_YAML is set, so $PASSTHRU_CONFIG ({path}) is not read"
+
+
+@pytest.mark.parametrize("blank", [pytest.param("", id="empty"), pytest.param(" \n", id="blanks")])
+def test_blank_config_yaml_variable_reads_as_unset(tmp_path: Path, blank: str) -> None:
+    path = tmp_path / "other.yaml"
+    path.write_text(OTHER_CONFIG)
+    settings = load_from_environment({"PASSTHRU_CONFIG_YAML": blank, "PASSTHRU_CONFIG": str(path)})
+    assert settings.source == str(path)
+    assert [ep.path for ep in settings.endpoints] == ["/from-file"]
+
+
+@pytest.mark.parametrize("environ", [pytest.param({}, id="unset"), pytest.param({"PASSTHRU_CONFIG": ""}, id="empty")])
+def test_without_variables_config_yaml_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]
+) -> None:
+    (tmp_path / "config.yaml").write_text(OTHER_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    settings = load_from_environment(environ)
+    assert settings.source == "config.yaml"
+    assert [ep.path for ep in settings.endpoints] == ["/from-file"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("general_settings: [1", r"^\$PASSTHRU_CONFIG_YAML: not valid YAML at line 1", id="bad-yaml"),
+        pytest.param(
+            "general_settings:\n  pass_through_endpoints:\n    - {path: /x, target: ftp://a}\n",
+            r"^\$PASSTHRU_CONFIG_YAML: general_settings.pass_through_endpoints\[0\] \(/x\).target: must be an http",
+            id="bad-field",
+        ),
+        pytest.param(
+            "general_settings:\n  master_key: os.environ/NOT_SET_ANYWHERE\n",
+            r"^\$PASSTHRU_CONFIG_YAML: general_settings.master_key: environment variable NOT_SET_ANYWHERE is not set",
+            id="missing-variable",
+        ),
+    ],
+)
+def test_config_yaml_variable_errors_name_the_variable(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "other.yaml"
+    path.write_text(OTHER_CONFIG)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_from_environment({"PASSTHRU_CONFIG_YAML": text, "PASSTHRU_CONFIG": str(path)})
+    assert str(path) not in str(info.value)
+
+
+def test_create_app_default_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PASSTHRU_CONFIG", raising=False)
+    monkeypatch.setenv("PASSTHRU_CONFIG_YAML", OTHER_CONFIG)
+    app = create_app()
+    assert "/from-file" in {rule.rule for rule in app.url_map.iter_rules()}

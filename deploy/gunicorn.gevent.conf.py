@@ -1,0 +1,48 @@
+"""gunicorn settings for thousands of slow streams: `gunicorn -c deploy/gunicorn.gevent.conf.py wsgi:app`.
+
+All of deploy/gunicorn.conf.py, with gevent workers: a call in flight costs a greenlet (a few KiB), not a
+thread. Needs gevent: `pip install -r requirements-gevent.txt`.
+"""
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+# The default settings, read as gunicorn reads them (the file name has dots, so it cannot be imported).
+_default = runpy.run_path(str(Path(__file__).with_name("gunicorn.conf.py")))
+globals().update({name: value for name, value in _default.items() if not name.startswith("_")})
+
+# gunicorn's gevent worker monkey-patches the standard library (socket, ssl, threading, ...) when it starts,
+# so the blocking code of requests and urllib3 yields to other greenlets. That works only for modules
+# imported after the patch: preload_app stays False (the app is imported in the worker, after it), and the
+# master never imports passthru (see on_starting).
+worker_class = "gevent"
+# Calls one worker holds open at once (gunicorn's default). Beyond 256 at once to one upstream host, the
+# extra upstream connections are opened per call instead of pooled (forward.POOL_SIZE).
+worker_connections = 1000
+threads = 1  # a gthread setting; gevent workers have no thread pool
+
+
+def on_starting(server):
+    """The default config check, run in a child process so that the master never imports passthru.
+
+    Imported in the master, urllib3 would be in every worker before the patch, holding the unpatched
+    ssl.SSLContext: every TLS call to an upstream would then block the whole worker.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _default["on_starting"](server)
+            code = 0
+        except SystemExit as exc:  # the default check's way of saying what is wrong
+            print(exc.code, file=sys.stderr)
+        except BaseException as exc:  # the child must never return into gunicorn's master loop
+            print(f"passthru: config check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(1)
