@@ -102,8 +102,7 @@ def render_nginx_conf(directory: Path, listen_port: int, passthru_port: int) -> 
     site = replace_once(site, "server 127.0.0.1:4000;", f"server 127.0.0.1:{passthru_port};")
     site = replace_once(site, "listen 80;", f"listen 127.0.0.1:{listen_port};")
     temp = "\n".join(
-        f"    {kind}_temp_path {directory / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        f"    {kind}_temp_path {directory / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     # As root, nginx would run its workers as `nobody`, who cannot enter pytest's private temporary directory.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -145,9 +144,7 @@ def start_nginx(directory: Path, passthru_port: int) -> Nginx:
 
 
 @pytest.fixture
-def behind_nginx(
-    gunicorn: Callable[..., Gunicorn], tmp_path: Path
-) -> Iterator[Callable[..., tuple[Nginx, Gunicorn]]]:
+def behind_nginx(gunicorn: Callable[..., Gunicorn], tmp_path: Path) -> Iterator[Callable[..., tuple[Nginx, Gunicorn]]]:
     """behind_nginx(entries) → (nginx, gunicorn): the shipped nginx.conf in front of the shipped gunicorn."""
     started: list[Nginx] = []
 
@@ -300,9 +297,7 @@ def test_a_bad_passthru_config_yaml_stops_gunicorn_naming_the_variable(tmp_path:
     env = {"PASSTHRU_CONFIG_YAML": "general_settings:\n  pass_through_endpoints: 3\n"}
     with pytest.raises(AssertionError, match="did not start") as info:
         start_gunicorn(None, tmp_path / "gunicorn.log", env)
-    assert "passthru: $PASSTHRU_CONFIG_YAML: general_settings.pass_through_endpoints: must be a list" in str(
-        info.value
-    )
+    assert "passthru: $PASSTHRU_CONFIG_YAML: general_settings.pass_through_endpoints: must be a list" in str(info.value)
 
 
 def test_procfile_command_honours_port_and_web_concurrency(tmp_path: Path, upstream: Upstream) -> None:
