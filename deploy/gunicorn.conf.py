@@ -72,11 +72,11 @@ control_socket_disable = True
 
 def on_starting(server):
     """Check the config in the master, once, before any worker starts: a bad one stops here with one line."""
-    from passthru.config import load_from_environment
+    from passthru.config import accept_from_environment
     from passthru.errors import ConfigError
 
     try:
-        load_from_environment(os.environ)
+        accept_from_environment(os.environ)
     except ConfigError as exc:
         sys.exit(f"passthru: {exc}")
     # Counters left by an earlier run would be summed into this one's.
@@ -84,6 +84,22 @@ def on_starting(server):
     for name in os.listdir(metrics_dir):
         if name.endswith(".db"):
             os.remove(os.path.join(metrics_dir, name))
+
+
+def on_reload(server):
+    """kill -HUP: check the edited config before the new workers start; a broken one is refused, not served.
+
+    The new workers run whatever the master last accepted, so on a refusal they keep the previous config.
+    """
+    from passthru.config import accept_from_environment
+    from passthru.errors import ConfigError
+
+    try:
+        accept_from_environment(os.environ)
+    except ConfigError as exc:
+        server.log.error("passthru: %s; reload refused, the previous config keeps serving", exc)
+    else:
+        server.log.info("passthru: config reloaded")
 
 
 def child_exit(server, worker):

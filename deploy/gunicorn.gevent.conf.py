@@ -4,6 +4,7 @@ All of deploy/gunicorn.conf.py, with gevent workers: a call in flight costs a gr
 thread. Needs gevent: `pip install -r requirements-gevent.txt`.
 """
 
+import json
 import os
 import runpy
 import sys
@@ -30,11 +31,30 @@ def on_starting(server):
     Imported in the master, urllib3 would be in every worker before the patch, holding the unpatched
     ssl.SSLContext: every TLS call to an upstream would then block the whole worker.
     """
+    _in_child(_default["on_starting"], server)
+
+
+def on_reload(server):
+    """The default reload check (a broken config is refused, the previous one keeps serving), in a child too."""
+    _in_child(_default["on_reload"], server)
+
+
+def _in_child(hook, server):
+    """Run a hook of the default config in a forked child and bring back the config it accepted for workers.
+
+    The hook sets private variables naming the accepted config (passthru.config.accept_from_environment); they
+    come back over a pipe as JSON, since the child's environment dies with it.
+    """
+    reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(reader)
         code = 1
         try:
-            _default["on_starting"](server)
+            hook(server)
+            accepted = {name: value for name, value in os.environ.items() if name.startswith("_PASSTHRU_ACCEPTED_")}
+            with os.fdopen(writer, "wb") as pipe:
+                pipe.write(json.dumps(accepted).encode())
             code = 0
         except SystemExit as exc:  # the default check's way of saying what is wrong
             print(exc.code, file=sys.stderr)
@@ -43,6 +63,10 @@ def on_starting(server):
         finally:
             sys.stderr.flush()
             os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        message = pipe.read()
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(1)
+    os.environ.update(json.loads(message))

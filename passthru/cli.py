@@ -11,7 +11,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from passthru.config import Settings, load_settings
+from passthru.config import load_settings
 from passthru.errors import ConfigError
 from passthru.logs import Redact
 
@@ -77,7 +77,7 @@ def check(path: str) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Validate the config, then run gunicorn in-process with deploy/gunicorn.conf.py and the given flags."""
     try:
-        settings = load_settings(args.config)
+        load_settings(args.config)  # the same check gunicorn's on_starting makes, with a clean exit status
     except ConfigError as exc:
         print(f"passthru: {exc}", file=sys.stderr)
         return 1
@@ -89,15 +89,14 @@ def serve(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"bind": f"{args.host}:{args.port}"}
     if args.num_workers:
         options["workers"] = args.num_workers
-    _Gunicorn(settings, options, args.detailed_debug).run()
+    _Gunicorn(options, args.detailed_debug).run()
     return 0
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
     """gunicorn run in-process: deploy/gunicorn.conf.py, then the command line's flags, then our app."""
 
-    def __init__(self, settings: Settings, options: dict[str, Any], detailed_debug: bool) -> None:
-        self.settings = settings
+    def __init__(self, options: dict[str, Any], detailed_debug: bool) -> None:
         self.options = options
         self.detailed_debug = detailed_debug
         super().__init__()
@@ -110,5 +109,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         from passthru.app import create_app
+        from passthru.config import load_from_environment
 
-        return create_app(self.settings, detailed_debug=self.detailed_debug)
+        # What the master accepted last (at start, or at a reload with kill -HUP).
+        return create_app(load_from_environment(), detailed_debug=self.detailed_debug)

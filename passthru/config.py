@@ -11,7 +11,7 @@ import base64
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -31,6 +31,9 @@ LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
 # Where a server finds its config (load_from_environment): the YAML itself wins over a file path.
 CONFIG_YAML_VARIABLE = "PASSTHRU_CONFIG_YAML"
 CONFIG_FILE_VARIABLE = "PASSTHRU_CONFIG"
+# Set by the gunicorn master for its workers (accept_from_environment): the config text it last accepted.
+ACCEPTED_TEXT = "_PASSTHRU_ACCEPTED_CONFIG"
+ACCEPTED_SOURCE = "_PASSTHRU_ACCEPTED_SOURCE"
 
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
@@ -72,33 +75,63 @@ class Settings:
 
 
 def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
-    """The config a server process runs: $PASSTHRU_CONFIG_YAML's text if set, else the file $PASSTHRU_CONFIG.
+    """The config a server process runs: the one its gunicorn master accepted, else read from the environment.
 
-    The variable is for platforms without a writable disk; errors then name `$PASSTHRU_CONFIG_YAML` where they
-    would name the file. Without either variable the file is config.yaml in the working directory.
+    Reading: $PASSTHRU_CONFIG_YAML's text if set (for platforms without a writable disk; errors then name
+    `$PASSTHRU_CONFIG_YAML` where they would name the file), else the file $PASSTHRU_CONFIG, else config.yaml.
     """
     environ = os.environ if environ is None else environ
+    if ACCEPTED_TEXT in environ:
+        source = environ.get(ACCEPTED_SOURCE, "config")
+        return parse_settings(_parse_yaml(environ[ACCEPTED_TEXT], source), source, environ)
+    return _parse_source(*_read_source(environ), environ)
+
+
+def accept_from_environment(environ: MutableMapping[str, str]) -> Settings:
+    """For the gunicorn master, at start and on each reload: read and check the config, then hand it to workers.
+
+    Workers load what was accepted (through two private variables they inherit), so a config broken by an edit
+    is refused at reload and the previous one keeps serving; a valid one is what every new worker runs.
+    """
+    source, text = _read_source(environ)
+    settings = _parse_source(source, text, environ)
+    environ[ACCEPTED_SOURCE] = source
+    environ[ACCEPTED_TEXT] = text
+    return settings
+
+
+def _read_source(environ: Mapping[str, str]) -> tuple[str, str]:
+    """(name for messages, YAML text) of the config the environment points at."""
     text = environ.get(CONFIG_YAML_VARIABLE, "")
     if text.strip():  # set to "" (or blanks) reads as unset: some platforms cannot delete a variable
-        source = f"${CONFIG_YAML_VARIABLE}"
-        settings = parse_settings(_parse_yaml(text, source), source, environ)
-        if environ.get(CONFIG_FILE_VARIABLE):
-            path = environ[CONFIG_FILE_VARIABLE]
-            ignored = f"{source} is set, so ${CONFIG_FILE_VARIABLE} ({path}) is not read"
-            settings = replace(settings, warnings=(ignored, *settings.warnings))
-        return settings
-    return load_settings(environ.get(CONFIG_FILE_VARIABLE) or "config.yaml", environ)
+        return f"${CONFIG_YAML_VARIABLE}", text
+    path = environ.get(CONFIG_FILE_VARIABLE) or "config.yaml"
+    return path, _read_file(path)
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from exc
+
+
+def _parse_source(source: str, text: str, environ: Mapping[str, str]) -> Settings:
+    settings = parse_settings(_parse_yaml(text, source), source, environ)
+    if source.startswith("$") and environ.get(CONFIG_FILE_VARIABLE):
+        ignored = f"{source} is set, so ${CONFIG_FILE_VARIABLE} ({environ[CONFIG_FILE_VARIABLE]}) is not read"
+        settings = replace(settings, warnings=(ignored, *settings.warnings))
+    return settings
 
 
 def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate a config file; raise ConfigError naming the file, the entry and the field."""
     source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as f:
-            raw = _parse_yaml(f, source)
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read the config file ({exc.strerror})") from exc
-    return parse_settings(raw, source, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    return _parse_source(source, _read_file(source), environ)
 
 
 def _parse_yaml(document: str | IO[str], source: str) -> Any:
