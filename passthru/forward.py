@@ -24,7 +24,7 @@ from werkzeug.wrappers import Response
 
 from passthru import metrics
 from passthru.config import Endpoint
-from passthru.errors import ConfigError, RequestError, UpstreamError, UpstreamTimeout
+from passthru.errors import ConfigError, PassthruError, RequestError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("passthru")
 
@@ -46,12 +46,16 @@ DEFAULT_FORWARDED = (
     ("HTTP_ACCEPT", "Accept"),
     ("HTTP_ACCEPT_ENCODING", "Accept-Encoding"),
 )
-CHUNK_SIZE = 64 * 1024
+# The most one read of the upstream's answer returns (less when less has arrived: an SSE event goes out alone).
+# Big pieces matter for big bodies: each piece costs the same Python overhead, whatever its size (bench/).
+CHUNK_SIZE = 1024 * 1024
+# Uploads are read from the caller in pieces this big (urllib3's default is 16 KiB, and gunicorn's reader copies
+# its read-ahead buffer on every read: small pieces cost far more CPU than the bytes themselves, bench/).
+UPLOAD_BLOCK = 1024 * 1024
 POOL_SIZE = 256  # connections kept per upstream host: at least the threads of any worker we ship
 SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segment is re-encoded with these kept
 # Characters a query may carry as they are; anything else (non-ASCII, controls, space) is percent-encoded.
 QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]^_`{|}~"
-TIMEOUT_ERRORS = (requests.ConnectTimeout, requests.ReadTimeout)
 
 
 @dataclass(frozen=True)
@@ -59,30 +63,35 @@ class Route:
     """An Endpoint turned into what the hot path needs, computed once at start-up."""
 
     endpoint: Endpoint
-    adapter: HTTPAdapter  # the Session's adapter for the target's scheme: its connection pool
-    url: str  # target without its query
+    pool: urllib3.HTTPConnectionPool  # the target host's pool in the Session's adapter; TLS verified as requests does
+    path: str  # the target's path, without its query
     query: str  # the target's own query, put before the caller's
     default_query: tuple[tuple[str, str], ...]  # (name, "name=value" encoded)
     headers: tuple[tuple[str, str], ...]
     header_names: frozenset[str]  # lower-case names of `headers`: the caller's are overridden
-    timeout: tuple[float, float]
+    timeout: urllib3.Timeout
     trusted_proxy: Callable[[str], bool]  # whether a peer address may tell us X-Forwarded-* (nginx in front)
 
 
 def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: Callable[[str], bool]) -> Route:
-    """Split the target and pre-encode everything that does not change between requests."""
+    """Split the target, find its connection pool and pre-encode everything that does not change per request."""
     parts = urlsplit(endpoint.target)
     adapter = session.get_adapter(endpoint.target)
     assert isinstance(adapter, HTTPAdapter)
+    probe = requests.PreparedRequest()
+    probe.prepare(method="GET", url=endpoint.target)
+    # The pool requests itself would pick, with its TLS settings (verified, certifi's CA bundle).
+    pool = adapter.get_connection_with_tls_context(probe, verify=True)
+    assert isinstance(pool, urllib3.HTTPConnectionPool)
     return Route(
         endpoint=endpoint,
-        adapter=adapter,
-        url=parts._replace(query="", fragment="").geturl() or endpoint.target,
+        pool=pool,
+        path=parts.path or "/",
         query=parts.query,
         default_query=tuple((k, urlencode([(k, v)])) for k, v in endpoint.default_query_params),
         headers=endpoint.headers,
         header_names=frozenset(name.lower() for name, _ in endpoint.headers),
-        timeout=(endpoint.timeout, endpoint.timeout),
+        timeout=urllib3.Timeout(connect=endpoint.timeout, read=endpoint.timeout),
         trusted_proxy=trusted_proxy,
     )
 
@@ -111,20 +120,23 @@ def proxy_trust(spec: str) -> Callable[[str], bool]:
 def new_session(upstream_hosts: int) -> requests.Session:
     """The Session of one worker process: it owns the connection pools that every route sends through.
 
-    Requests go out through the Session's adapter, not Session.send: even with allow_redirects=False,
+    Requests go out on the adapter's urllib3 pool, not through Session.send: even with allow_redirects=False,
     Session.send reads a 3xx answer's whole body (to prepare the next hop), and it runs the shared cookie jar,
-    environment proxies and .netrc. The adapter does none of that: nothing is shared between callers.
+    environment proxies and .netrc; the adapter's own send builds a Response and a cookie jar per call. The pool
+    does none of that, and nothing is shared between callers but idle connections.
     """
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
+    adapter.init_poolmanager(max(upstream_hosts, 1), POOL_SIZE, blocksize=UPLOAD_BLOCK)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
 
 
-def upstream_url(route: Route, subpath: str | None, query_string: str) -> str:
-    """Target URL + cleaned sub-path + the target's query, the caller's query as sent, and missing defaults."""
-    url = route.url
+def upstream_target(route: Route, subpath: str | None, query_string: str) -> str:
+    """The request target upstream: the target's path + cleaned sub-path, then the target's query, the caller's
+    query as sent, and the default params the caller left out."""
+    url = route.path
     if subpath is not None:
         url = url.rstrip("/") + "/" + clean_subpath(subpath)
     query = encode_query(query_string)
@@ -266,13 +278,13 @@ def request_body(environ: Mapping[str, Any]) -> tuple[CallerBody | None, str | N
 class UpstreamBody:
     """The upstream's body relayed piece by piece as it arrives; closing it frees the upstream connection."""
 
-    def __init__(self, raw: urllib3.HTTPResponse, bodiless: bool, route: str) -> None:
+    def __init__(self, raw: urllib3.BaseHTTPResponse, bodiless: bool, route: str) -> None:
         self._raw = raw
         self._bodiless = bodiless
         self._route = route
         self._done = False
         self._closed = False
-        metrics.IN_FLIGHT.labels(route).inc()
+        metrics.in_flight(route).inc()
 
     def __iter__(self) -> Iterator[bytes]:
         read1 = self._raw.read1
@@ -301,7 +313,7 @@ class UpstreamBody:
         if self._closed:
             return
         self._closed = True
-        metrics.IN_FLIGHT.labels(self._route).dec()
+        metrics.in_flight(self._route).dec()
         if self._bodiless and not self._done:
             self._raw.drain_conn()  # nothing to read, but it marks the exchange finished
         elif not self._done:
@@ -319,56 +331,73 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
     body, length = request_body(environ)
     environ["passthru.body"] = body
     path = route.endpoint.path
-    prepared = requests.PreparedRequest()
-    prepared.method = environ["REQUEST_METHOD"]
-    prepared.url = upstream_url(route, subpath, environ.get("QUERY_STRING", ""))
-    prepared.headers = upstream_headers(route, environ, drop)
+    method = environ["REQUEST_METHOD"]
+    target = upstream_target(route, subpath, environ.get("QUERY_STRING", ""))
+    headers = upstream_headers(route, environ, drop)
     if length is not None:
-        prepared.headers["Content-Length"] = length
-    prepared.body = body  # type: ignore[assignment]  # urllib3 streams any object with read()
+        headers["Content-Length"] = length
     started = time.perf_counter()
     try:
-        upstream = route.adapter.send(prepared, stream=True, timeout=route.timeout)
-    except TIMEOUT_ERRORS as exc:
-        metrics.UPSTREAM_ERRORS.labels(path, "timeout").inc()
-        log.warning("upstream timeout on %s: %s", path, _describe(exc))
-        raise UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s") from exc
-    except requests.RequestException as exc:
-        if body is not None and body.broken:
-            raise RequestError("the request body broke off or was malformed") from exc
-        kind = "refused" if _caused_by(exc, ConnectionRefusedError) else "reset"
-        metrics.UPSTREAM_ERRORS.labels(path, kind).inc()
-        log.warning("upstream %s on %s: %s", kind, path, _describe(exc))
-        raise UpstreamError("the upstream could not be reached or broke the connection") from exc
+        # No retries (a body cannot be sent twice), no redirects (relayed, not followed), nothing decoded or
+        # preloaded: the answer is relayed as it arrives, and its connection is released when the body is done.
+        upstream = route.pool.urlopen(
+            method,
+            target,
+            body=body,  # type: ignore[arg-type]  # urllib3 only calls body.read()
+            headers=headers,
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            timeout=route.timeout,
+            preload_content=False,
+            decode_content=False,
+            release_conn=False,
+            chunked=body is not None and length is None,
+        )
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _upstream_failure(exc, body, route) from exc
     environ["passthru.upstream_seconds"] = time.perf_counter() - started
-    raw = upstream.raw
+    status = upstream.status
     if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
         log.debug(
             "forward %s %s -> %s%s headers=[%s] request_length=%s -> %s response_length=%s",
-            prepared.method, route.endpoint.path, route.endpoint.target_shown, f" +/{subpath}" if subpath else "",
-            ", ".join(prepared.headers), length or ("chunked" if body is not None else 0), upstream.status_code,
-            raw.headers.get("Content-Length", "chunked/close"),
+            method, path, route.endpoint.target_shown, f" +/{subpath}" if subpath else "", ", ".join(headers),
+            length or ("chunked" if body is not None else 0), status,
+            upstream.headers.get("Content-Length", "chunked/close"),
         )  # fmt: skip
-    skip = RESPONSE_DROP | _connection_tokens(raw.headers.get("Connection"))
-    headers = [(name, value) for name, value in raw.headers.items() if name.lower() not in skip]
-    status = upstream.status_code
-    relay = UpstreamBody(raw, prepared.method == "HEAD" or status in (204, 304) or status < 200, path)
-    response = UpstreamResponse(relay, status=status, headers=headers, direct_passthrough=True)
+    skip = RESPONSE_DROP | _connection_tokens(upstream.headers.get("Connection"))
+    relayed = [(name, value) for name, value in upstream.headers.items() if name.lower() not in skip]
+    relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path)
+    response = UpstreamResponse(relay, status=status, headers=relayed, direct_passthrough=True)
     # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
     response.call_on_close(relay.close)
     return response
 
 
+def _upstream_failure(exc: BaseException, body: CallerBody | None, route: Route) -> PassthruError:
+    """The answer for a call that failed before the upstream's headers arrived; counted and logged here."""
+    if body is not None and body.broken:
+        return RequestError("the request body broke off or was malformed")
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before the timeouts: it subclasses one
+        kind = "refused"
+    elif isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+        kind = "timeout"
+    else:
+        kind = "reset"
+    path = route.endpoint.path
+    metrics.UPSTREAM_ERRORS.labels(path, kind).inc()
+    log.warning("upstream %s on %s: %s", kind, path, _describe(exc))
+    if kind == "timeout":
+        return UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s")
+    return UpstreamError("the upstream could not be reached or broke the connection")
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and what caused it, a few links deep (requests → urllib3 → socket)."""
+    """The exception and what caused it, a few links deep (urllib3 → http.client → socket)."""
     chain = [exc]
     while len(chain) < 8 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(cause)
     return chain
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    return any(isinstance(link, kind) for link in _chain(exc))
 
 
 def _describe(exc: BaseException) -> str:

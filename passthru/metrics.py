@@ -7,6 +7,8 @@ sets it in the master and empties it at start); without it (`flask run`, tests) 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from typing import Any
 
 from flask import Blueprint, Response, request
 from prometheus_client import (
@@ -41,17 +43,43 @@ IN_FLIGHT = Gauge(
 UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["route", "kind"])
 
 
+# Label values come from callers too (any method name on any path): anything else is counted as "other", so a
+# caller cannot grow the number of series without bound.
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+@lru_cache(maxsize=1024)
+def _series(route: str, method: str, status_class: str) -> tuple[Any, Any, Any, Any, Any]:
+    """The labelled series of one kind of request, looked up once (labels() costs a lock and a dict each time)."""
+    return (
+        REQUESTS.labels(route, method, status_class),
+        DURATION.labels(route),
+        UPSTREAM_LATENCY.labels(route),
+        BYTES_OUT.labels(route),
+        BYTES_IN.labels(route),
+    )
+
+
+@lru_cache(maxsize=256)
+def in_flight(route: str) -> Any:
+    """The in-flight gauge of one route (looked up once)."""
+    return IN_FLIGHT.labels(route)
+
+
 def record(route: str, method: str, status: int, sent: int, received: int, seconds: float,
            upstream_seconds: float | None) -> None:  # fmt: skip
     """Count one finished request (called once, when its answer has been sent or cut off)."""
-    REQUESTS.labels(route, method, f"{status // 100}xx").inc()
-    DURATION.labels(route).observe(seconds)
+    requests, duration, upstream, bytes_out, bytes_in = _series(
+        route, method if method in METHODS else "other", f"{status // 100}xx"
+    )
+    requests.inc()
+    duration.observe(seconds)
     if upstream_seconds is not None:
-        UPSTREAM_LATENCY.labels(route).observe(upstream_seconds)
+        upstream.observe(upstream_seconds)
     if sent:
-        BYTES_OUT.labels(route).inc(sent)
+        bytes_out.inc(sent)
     if received:
-        BYTES_IN.labels(route).inc(received)
+        bytes_in.inc(received)
 
 
 def build_blueprint(master_key: str | None) -> Blueprint:

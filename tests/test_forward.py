@@ -1,6 +1,7 @@
 """Unit tests of the pure logic: URL and query building, header filtering, framing, keys, redaction.
 
-The transport seam is mocked with `responses`; everything that depends on real sockets is in test_proxy.py.
+The transport seam (the urllib3 pool's urlopen) is replaced with monkeypatch; everything that depends on real
+sockets is in test_proxy.py and test_gunicorn.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-import responses
+import urllib3
 from conftest import write_config
 
 from passthru import create_app
@@ -29,7 +29,7 @@ from passthru.forward import (
     proxy_trust,
     request_body,
     upstream_headers,
-    upstream_url,
+    upstream_target,
 )
 from passthru.logs import Redact
 
@@ -46,25 +46,25 @@ def route_of(**entry: Any):
 @pytest.mark.parametrize(
     ("target", "subpath", "query", "expected"),
     [
-        pytest.param("http://up.test/base", None, "", "http://up.test/base", id="plain"),
-        pytest.param("http://up.test/base", None, "a=1&a=2&b=", "http://up.test/base?a=1&a=2&b=", id="repeats"),
-        pytest.param("http://up.test/base?v=1", None, "a=1", "http://up.test/base?v=1&a=1", id="target-query"),
-        pytest.param("http://up.test/base/", "x/y", "", "http://up.test/base/x/y", id="slash-join"),
-        pytest.param("http://up.test", "x", "", "http://up.test/x", id="bare-host"),
-        pytest.param("http://up.test/base", "", "", "http://up.test/base/", id="trailing"),
-        pytest.param("http://up.test/base", "a b/ü", "", "http://up.test/base/a%20b/%C3%BC", id="quoted"),
-        pytest.param("http://up.test/b", None, "q=\xe9", "http://up.test/b?q=%E9", id="latin1-query-byte"),
+        pytest.param("http://up.test/base", None, "", "/base", id="plain"),
+        pytest.param("http://up.test/base", None, "a=1&a=2&b=", "/base?a=1&a=2&b=", id="repeats"),
+        pytest.param("http://up.test/base?v=1", None, "a=1", "/base?v=1&a=1", id="target-query"),
+        pytest.param("http://up.test/base/", "x/y", "", "/base/x/y", id="slash-join"),
+        pytest.param("http://up.test", "x", "", "/x", id="bare-host"),
+        pytest.param("http://up.test/base", "", "", "/base/", id="trailing"),
+        pytest.param("http://up.test/base", "a b/ü", "", "/base/a%20b/%C3%BC", id="quoted"),
+        pytest.param("http://up.test/b", None, "q=\xe9", "/b?q=%E9", id="latin1-query-byte"),
     ],
 )
-def test_upstream_url(target: str, subpath: str | None, query: str, expected: str) -> None:
-    assert upstream_url(route_of(target=target), subpath, query) == expected
+def test_upstream_target(target: str, subpath: str | None, query: str, expected: str) -> None:
+    assert upstream_target(route_of(target=target), subpath, query) == expected
 
 
 def test_default_query_params_only_when_absent() -> None:
     route = route_of(default_query_params={"key": "v 1", "b": "2"})
-    assert upstream_url(route, None, "") == "http://up.test/base?key=v+1&b=2"
-    assert upstream_url(route, None, "key=mine") == "http://up.test/base?key=mine&b=2"
-    assert upstream_url(route, None, "b") == "http://up.test/base?b&key=v+1"
+    assert upstream_target(route, None, "") == "/base?key=v+1&b=2"
+    assert upstream_target(route, None, "key=mine") == "/base?key=mine&b=2"
+    assert upstream_target(route, None, "b") == "/base?b&key=v+1"
 
 
 @pytest.mark.parametrize(
@@ -243,18 +243,31 @@ def client(tmp_path: Path):
     return create_app(config).test_client()
 
 
+def failing(error: BaseException) -> Any:
+    def urlopen(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise error
+
+    return urlopen
+
+
 @pytest.mark.parametrize(
     ("error", "status", "error_type"),
     [
-        pytest.param(requests.ConnectionError("http://up.test/base refused"), 502, "upstream_error", id="refused"),
-        pytest.param(requests.ConnectTimeout("http://up.test/base"), 504, "timeout_error", id="connect-timeout"),
-        pytest.param(requests.ReadTimeout("http://up.test/base"), 504, "timeout_error", id="read-timeout"),
-        pytest.param(requests.exceptions.InvalidHeader("bad"), 502, "upstream_error", id="other"),
+        pytest.param(urllib3.exceptions.NewConnectionError(None, "http://up.test/base refused"), 502,
+                     "upstream_error", id="refused"),
+        pytest.param(urllib3.exceptions.ConnectTimeoutError("http://up.test/base"), 504, "timeout_error",
+                     id="connect-timeout"),
+        pytest.param(urllib3.exceptions.ReadTimeoutError(None, "http://up.test/base", "read timed out"), 504,
+                     "timeout_error", id="read-timeout"),
+        pytest.param(urllib3.exceptions.ProtocolError("http://up.test/base reset"), 502, "upstream_error",
+                     id="reset"),
+        pytest.param(ConnectionResetError(104, "reset"), 502, "upstream_error", id="socket-reset"),
     ],
-)
-@responses.activate
-def test_transport_errors_become_json(client: Any, error: Exception, status: int, error_type: str) -> None:
-    responses.add(responses.GET, "http://up.test/base", body=error)
+)  # fmt: skip
+def test_transport_errors_become_json(
+    client: Any, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int, error_type: str
+) -> None:
+    monkeypatch.setattr(urllib3.HTTPConnectionPool, "urlopen", failing(error))
     answer = client.get("/r")
     assert answer.status_code == status
     body = answer.get_json()
@@ -262,12 +275,8 @@ def test_transport_errors_become_json(client: Any, error: Exception, status: int
     assert "up.test" not in answer.get_data(as_text=True)
 
 
-@responses.activate
 def test_unexpected_errors_are_json_without_a_trace(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("internal detail")
-
-    monkeypatch.setattr("passthru.routes.forward", broken)
+    monkeypatch.setattr(urllib3.HTTPConnectionPool, "urlopen", failing(RuntimeError("internal detail")))
     answer = client.get("/r")
     assert answer.status_code == 500
     assert answer.get_json()["error"]["type"] == "internal_server_error"

@@ -1,0 +1,954 @@
+"""One-command benchmark of passthru against nginx and a bare Flask ceiling: `.venv/bin/python bench/run.py [--quick]`.
+
+Starts nginx (a fixed upstream and a proxy to it), tests/upstream.py (SSE), bench/ceiling.py and passthru under
+deploy/gunicorn.conf.py, all on free 127.0.0.1 ports; measures every configuration in alternating rounds (ratios
+within one run are what count on a noisy machine); prints a markdown report and writes it to bench/out/latest.md.
+Everything it starts runs in its own process group and is killed on the way out, whatever the way out is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import http.client
+import json
+import os
+import platform
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+DEFAULT_CONF = "deploy/gunicorn.conf.py"
+MASTER_KEY = "sk-bench-master-key-0123456789"
+GIB = 1 << 30
+MIB = 1 << 20
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                   "no_proxy")  # fmt: skip
+TOOLS = (("nginx", "nginx-light"), ("wrk", "wrk"))  # command, Debian package that has it
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan: what one run measures, and for how long
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Durations and sizes of one run; --quick shrinks them."""
+
+    rounds: int
+    throughput_seconds: int  # wrk -t2 -c32 per configuration per round
+    latency_seconds: int  # wrk -t1 -c1 per configuration per round
+    transfer_bytes: int  # one download and one upload per round, each way direct and through passthru
+    sse_streams: int  # per configuration per round
+    sse_events: int
+    sse_gap: float
+    startups: int  # fresh gunicorn starts timed, per app
+    slow_streams: int  # SSE streams opened at once against a fresh passthru
+    slow_window: float  # seconds allowed for them all to get their first event
+    watchdog: int  # the whole run is cut after this many seconds
+
+
+FULL = Plan(rounds=3, throughput_seconds=10, latency_seconds=5, transfer_bytes=GIB, sse_streams=10, sse_events=11,
+            sse_gap=0.02, startups=3, slow_streams=300, slow_window=15.0, watchdog=900)  # fmt: skip
+QUICK = Plan(rounds=3, throughput_seconds=3, latency_seconds=2, transfer_bytes=256 * MIB, sse_streams=4, sse_events=11,
+             sse_gap=0.02, startups=2, slow_streams=300, slow_window=10.0, watchdog=300)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes: every child in its own process group, all of them stopped on exit
+
+
+@dataclass
+class Child:
+    """One started process (and its group): how to stop it and where its output went."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path | None
+    stop_signal: int
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Children:
+    """The processes this run started; stop_all() is safe to call more than once and from atexit."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, cmd: Sequence[str], *, log: Path | None, env: dict[str, str] | None = None,
+              stop_signal: int = signal.SIGTERM, stdin: int | None = subprocess.DEVNULL,
+              stdout_pipe: bool = False) -> Child:  # fmt: skip
+        """Start cmd in a new session (its own process group), output to `log` (a full pipe would block it).
+
+        With stdout_pipe the child's stdout is a pipe the caller reads (and stderr alone goes to `log`).
+        """
+        with open(log if log else os.devnull, "wb") as sink:
+            proc = subprocess.Popen(
+                list(cmd), cwd=ROOT, env=env, stdin=stdin, stdout=subprocess.PIPE if stdout_pipe else sink,
+                stderr=sink, start_new_session=True,
+            )  # fmt: skip
+        child = Child(name, proc, log, stop_signal)
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child, grace: float = 5.0) -> None:
+        """Signal the group, wait `grace` seconds, then SIGKILL the group; bounded."""
+        if child in self.children:
+            self.children.remove(child)
+        pgid = child.proc.pid  # start_new_session: the child leads its own group
+        for sig, wait in ((child.stop_signal, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                child.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # The leader is gone; anything left in its group (a worker mid-shutdown) goes too.
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            break
+        for stream in (child.proc.stdin, child.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+    def stop_all(self) -> None:
+        for child in list(reversed(self.children)):
+            self.stop(child, grace=3.0)
+
+
+CHILDREN = Children()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(f"bench: stopped by signal {signum}; everything started is being stopped")
+
+
+def _watchdog(signum: int, frame: Any) -> None:
+    raise SystemExit("bench: the run took longer than its watchdog allows; stopping everything")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers: ports, waits, /proc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            timeout: float = 5.0) -> tuple[int, bytes]:  # fmt: skip
+    """One request on a fresh connection: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_answer(port: int, method: str, path: str, seconds: float, alive: Callable[[], bool],
+                body: bytes | None = None) -> float:  # fmt: skip
+    """Poll until the port answers 200 to the request; the monotonic time it did. Fails after `seconds`."""
+    deadline = time.monotonic() + seconds
+    last = "nothing listening"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the server on port {port} exited before answering")
+        try:
+            status, _ = request(port, method, path, body, {"Content-Type": "application/json"}, timeout=2.0)
+            if status == 200:
+                return time.monotonic()
+            last = f"status {status}"
+        except OSError as exc:
+            last = type(exc).__name__
+        time.sleep(0.005)
+    raise RuntimeError(f"no 200 from 127.0.0.1:{port}{path} within {seconds}s ({last})")
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is pid (gunicorn's workers), read from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in kB, from /proc/<pid>/status; (0, 0) if it is gone."""
+    values = {"VmRSS:": 0, "VmHWM:": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] in values:
+                values[parts[0]] = int(parts[1])
+    except OSError:
+        pass
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of these processes, in seconds, from /proc/<pid>/stat (gone processes count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tools and servers
+
+
+def command_path(name: str) -> str | None:
+    """`command -v name`, with the sbin directories on PATH (nginx lives in /usr/sbin)."""
+    env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":" + SBIN_PATH}
+    found = subprocess.run(["sh", "-c", f"command -v {shlex.quote(name)}"], env=env, capture_output=True, text=True)
+    return found.stdout.strip() or None
+
+
+def ensure_tools(install: bool) -> dict[str, str]:
+    """Find nginx and wrk; apt-get install the missing ones (nginx-light, wrk) when allowed."""
+    missing = [package for command, package in TOOLS if command_path(command) is None]
+    if missing:
+        if not install or os.geteuid() != 0 or command_path("apt-get") is None:
+            sys.exit(f"bench: missing {', '.join(missing)}; install with: apt-get install -y {' '.join(missing)}")
+        print(f"bench: installing {' '.join(missing)} with apt-get", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+            done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, timeout=600)
+            if done.returncode != 0:
+                sys.exit(f"bench: {' '.join(cmd)} failed ({done.returncode})")
+    paths = {command: command_path(command) for command, _ in TOOLS}
+    if None in paths.values():
+        sys.exit("bench: nginx or wrk still missing after apt-get install")
+    return {k: v for k, v in paths.items() if v}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Nginx:
+    child: Child
+    upstream_port: int  # the fixed upstream: ~300-byte JSON, /big.bin, /sink
+    proxy_port: int  # nginx proxy_pass to the fixed upstream
+
+
+def start_nginx(nginx: str, tmp: Path, body: bytes, big_size: int) -> Nginx:
+    """Write the config from bench/nginx.conf.template into tmp and run nginx in the foreground from there."""
+    www = tmp / "www"
+    www.mkdir()
+    with open(www / "big.bin", "wb") as f:
+        f.truncate(big_size)  # sparse: no disk written; nginx sends it with sendfile
+    up, proxy = free_port(), free_port()
+    text = (BENCH / "nginx.conf.template").read_text()
+    fields = {"USER": "user root;" if os.geteuid() == 0 else "", "TMP": str(tmp), "UPSTREAM_PORT": str(up),
+              "PROXY_PORT": str(proxy), "BODY": body.decode()}  # fmt: skip
+    if "'" in fields["BODY"] or "$" in fields["BODY"]:
+        raise ValueError("the fixed body must not contain ' or $ (nginx string syntax)")
+    for name, value in fields.items():
+        text = text.replace(f"@@{name}@@", value)
+    (tmp / "nginx.conf").write_text(text)
+    cmd = [nginx, "-p", f"{tmp}/", "-e", str(tmp / "error.log"), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"]
+    child = CHILDREN.spawn("nginx", cmd, log=tmp / "nginx.out", stop_signal=signal.SIGTERM)
+    for port in (up, proxy):
+        wait_answer(port, "GET", "/small", 10, child.alive)
+    return Nginx(child, up, proxy)
+
+
+@dataclass
+class PyUpstream:
+    child: Child
+    port: int
+
+
+def start_py_upstream(tmp: Path) -> PyUpstream:
+    """bench/py_upstream.py (tests/upstream.py in its own process); it prints its port."""
+    child = CHILDREN.spawn("py-upstream", [sys.executable, str(BENCH / "py_upstream.py")], log=tmp / "py-upstream.log",
+                           stdin=subprocess.PIPE, stdout_pipe=True)  # fmt: skip
+    assert child.proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(child.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=15):
+            raise RuntimeError("the Python upstream did not report its port within 15 s")
+    line = child.proc.stdout.readline().decode().strip()
+    if not line.isdigit():
+        raise RuntimeError(f"the Python upstream said {line!r} instead of a port:\n{child.tail()}")
+    return PyUpstream(child, int(line))
+
+
+@dataclass
+class Gunicorn:
+    name: str
+    child: Child
+    port: int
+    spawned: float  # monotonic time of Popen
+    first_answer: float = 0.0  # seconds from spawn to the first 200
+
+    def workers(self) -> list[int]:
+        return children_of(self.child.proc.pid)
+
+
+def start_gunicorn(name: str, app: str, conf: str, config: Path, tmp: Path, probe: str) -> Gunicorn:
+    """`gunicorn -c <conf> <app>` from the repo root on a free port; returns once `probe` answered 200."""
+    port = free_port()
+    env = clean_env(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1")
+    log = tmp / f"{name}-{port}.log"
+    spawned = time.monotonic()
+    child = CHILDREN.spawn(name, [sys.executable, "-m", "gunicorn", "-c", conf, app], log=log, env=env,
+                           stop_signal=signal.SIGINT)  # fmt: skip  # SIGINT: gunicorn's quick shutdown
+    server = Gunicorn(name, child, port, spawned)
+    try:
+        answered = wait_answer(port, "POST", probe, 20, child.alive, body=b"{}")
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name} did not start: {exc}\n{child.tail()}") from None
+    server.first_answer = answered - spawned
+    return server
+
+
+def settled_workers(server: Gunicorn, seconds: float = 10.0) -> list[int]:
+    """RSS (kB) of each worker once the worker count and every worker's RSS stopped moving (all booted, idle).
+
+    The count is read from /proc rather than from the gunicorn config: running the config here would run its
+    side effects (environment variables, temp dirs) in this process. Bounded by `seconds`.
+    """
+    deadline = time.monotonic() + seconds
+    previous: list[int] = []
+    steady = 0
+    while time.monotonic() < deadline:
+        current = [memory_kb(pid)[0] for pid in server.workers()]
+        same = len(previous) == len(current) and all(abs(a - b) < 64 for a, b in zip(previous, current, strict=True))
+        steady = steady + 1 if same and current else 0
+        if steady >= 3:  # ~0.9 s without a new worker or a moving RSS
+            return current
+        previous = current
+        time.sleep(0.3)
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load and measurements
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+    cpu_us: float = float("nan")  # server CPU (user + system) per request, when its processes are known
+
+
+def wrk(binary: str, port: int, path: str, conns: int, threads: int, seconds: int, key: str | None = None,
+        server_pids: Callable[[], list[int]] | None = None) -> WrkResult:  # fmt: skip
+    """wrk with bench/post.lua (the ~300-byte JSON POST); parses the script's one BENCH line.
+
+    With server_pids, the CPU those processes used during the run is divided by the requests served: a cost per
+    request that other work on a shared machine disturbs far less than requests per second.
+    """
+    pids = server_pids() if server_pids else []
+    cpu_before = cpu_seconds(pids)
+    cmd = [binary, f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "-s", str(BENCH / "post.lua"),
+           f"http://127.0.0.1:{port}{path}"]  # fmt: skip
+    env = clean_env(BENCH_KEY=key or "")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 30)
+    cpu = cpu_seconds(pids) - cpu_before
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
+    data = json.loads(line[6:])
+    errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
+    count = data["requests"]
+    return WrkResult(count / (data["duration_us"] / 1e6), data["p50_us"] / 1000, data["p99_us"] / 1000, errors, count,
+                     cpu / count * 1e6 if pids and count else float("nan"))  # fmt: skip
+
+
+def sse_stream(port: int, target: str, events: int, timeout: float = 15.0) -> tuple[float, list[float]]:
+    """Open one SSE stream on a new connection: (seconds to the first event, gaps between events in seconds)."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    arrivals: list[float] = []
+    buf = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n"
+                     "Connection: close\r\n\r\n".encode())  # fmt: skip
+        while len(arrivals) < events and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            now = time.perf_counter()
+            if not data:
+                break
+            buf += data
+            seen = buf.count(b"data: ")
+            arrivals.extend([now] * (seen - len(arrivals)))
+    if not buf.startswith(b"HTTP/1.1 200") or len(arrivals) < events:
+        raise RuntimeError(f"SSE on port {port}: {len(arrivals)}/{events} events, {bytes(buf[:80])!r}")
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return arrivals[0] - started, gaps
+
+
+def download(port: int, path: str, size: int) -> float:
+    """GET a body of `size` bytes into a reused 1 MiB buffer; seconds from request to last byte."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    buf = memoryview(bytearray(MIB))
+    try:
+        started = time.perf_counter()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        got = 0
+        while n := resp.readinto(buf):
+            got += n
+        elapsed = time.perf_counter() - started
+    finally:
+        conn.close()
+    if resp.status != 200 or got != size:
+        raise RuntimeError(f"download from port {port}{path}: status {resp.status}, {got} of {size} bytes")
+    return elapsed
+
+
+def upload(port: int, path: str, size: int) -> float:
+    """POST `size` bytes with Content-Length from a reused 1 MiB buffer; seconds until the answer is read."""
+    piece = memoryview(bytes(MIB))
+
+    def pieces() -> Iterator[memoryview]:
+        left = size
+        while left:
+            yield piece[: min(left, MIB)]
+            left -= min(left, MIB)
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        started = time.perf_counter()
+        conn.request("POST", path, body=pieces(),
+                     headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})  # fmt: skip
+        resp = conn.getresponse()
+        answer = resp.read()
+        elapsed = time.perf_counter() - started
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"upload to port {port}{path}: status {resp.status} {answer[:200]!r}")
+    return elapsed
+
+
+@dataclass
+class Transfer:
+    seconds: float
+    rss_growth_kb: int  # largest (RSS after - RSS before) among the workers
+    peak_growth_kb: int  # largest (VmHWM after - RSS before): the transient peak
+
+
+def measured(server: Gunicorn, run: Callable[[], float]) -> Transfer:
+    """Run a transfer through a gunicorn server, reading every worker's memory before and after."""
+    for pid in server.workers():
+        try:  # "5" resets VmHWM to the current RSS (Linux ≥ 4.0), so the peak below is this transfer's own
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+    before = {pid: memory_kb(pid) for pid in server.workers()}
+    seconds = run()
+    time.sleep(0.2)  # the access line and the upstream release happen after the last byte
+    growth, peak = 0, 0
+    for pid, (rss, _) in before.items():
+        rss_after, hwm_after = memory_kb(pid)
+        if rss_after:
+            growth = max(growth, rss_after - rss)
+            peak = max(peak, hwm_after - rss)
+    return Transfer(seconds, growth, peak)
+
+
+def slow_streams(port: int, target: str, count: int, window: float, settle: float = 3.0) -> tuple[int, int, float]:
+    """Open `count` SSE streams at once; (how many got their first event, how many failed, seconds it took).
+
+    The upstream's second event is far away, so every stream that got its first event holds a server thread (or
+    greenlet) for the whole window: the count is how many slow streams this server holds open at once.
+    """
+    request_bytes = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    sel = selectors.DefaultSelector()
+    state: dict[socket.socket, bytearray] = {}
+    served, failed = 0, 0
+    started = time.monotonic()
+    last_new = started
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            sel.register(sock, selectors.EVENT_WRITE)
+            state[sock] = bytearray()
+        while served + failed < count:
+            now = time.monotonic()
+            if now - started > window or (served and now - last_new > settle):
+                break
+            for key, mask in sel.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    if mask & selectors.EVENT_WRITE:
+                        sock.send(request_bytes)  # a fresh socket's buffer takes these few bytes whole
+                        sel.modify(sock, selectors.EVENT_READ)
+                        continue
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    failed += 1
+                    sel.unregister(sock)
+                    continue
+                buf = state[sock]
+                was = b"data: " in buf
+                buf += data
+                if not was and b"data: " in buf:
+                    served += 1
+                    last_new = time.monotonic()
+        return served, failed, last_new - started
+    finally:
+        for sock in state:
+            sock.close()
+        sel.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Results:
+    """Every raw sample, by figure and configuration; the report reduces them to medians."""
+
+    throughput: dict[str, list[WrkResult]] = field(default_factory=dict)
+    latency: dict[str, list[WrkResult]] = field(default_factory=dict)
+    sse_first: dict[str, list[float]] = field(default_factory=dict)
+    sse_gaps: dict[str, list[float]] = field(default_factory=dict)
+    downloads: dict[str, list[Transfer]] = field(default_factory=dict)
+    uploads: dict[str, list[Transfer]] = field(default_factory=dict)
+    startup: dict[str, list[float]] = field(default_factory=dict)
+    idle_rss_kb: dict[str, list[int]] = field(default_factory=dict)
+    slow: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    workers: int = 0
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def add(self, table: dict[str, list[Any]], name: str, value: Any) -> None:
+        table.setdefault(name, []).append(value)
+
+
+def passthru_config(tmp: Path, nginx: Nginx, py: PyUpstream) -> Path:
+    """The passthru config of the run: routes to the fixed upstream (with and without auth) and the Python one."""
+    fixed = f"http://127.0.0.1:{nginx.upstream_port}"
+    config = {"general_settings": {"master_key": MASTER_KEY, "pass_through_endpoints": [
+        {"path": "/small", "target": f"{fixed}/small"},
+        {"path": "/small-auth", "target": f"{fixed}/small", "auth": True},
+        {"path": "/big", "target": f"{fixed}/big.bin"},
+        {"path": "/sink", "target": f"{fixed}/sink"},
+        {"path": "/py", "target": f"http://127.0.0.1:{py.port}", "include_subpath": True},
+    ]}}  # fmt: skip
+    path = tmp / "passthru.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> str:
+    plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
+    if args.streams:
+        plan = Plan(**{**plan.__dict__, "slow_streams": min(args.streams, 5000)})
+    signal.signal(signal.SIGALRM, _watchdog)
+    signal.alarm(plan.watchdog)
+    tools = ensure_tools(install=not args.no_install)
+    sys.path.insert(0, str(BENCH))
+    from ceiling import BODY  # the same ~300 bytes for nginx and the ceiling
+
+    res = Results()
+    res.load_before = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="passthru-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    conf = args.conf
+    nginx = start_nginx(tools["nginx"], tmp, BODY, plan.transfer_bytes)
+    py = start_py_upstream(tmp)
+    config = passthru_config(tmp, nginx, py)
+    log(f"nginx upstream :{nginx.upstream_port}, nginx proxy :{nginx.proxy_port}, Python upstream :{py.port}")
+
+    # Start-up to first answer and idle RSS: fresh starts, passthru and ceiling alternating; the last ones serve.
+    passthru = ceiling = None
+    for i in range(plan.startups):
+        for name, app in (("passthru", "wsgi:app"), ("ceiling", "bench.ceiling:app")):
+            server = start_gunicorn(name, app, conf, config, tmp, "/small")
+            res.add(res.startup, name, server.first_answer)
+            rss = settled_workers(server)
+            res.add(res.idle_rss_kb, f"{name} fresh", max(rss, default=0))
+            res.workers = max(res.workers, len(rss))
+            log(f"start {i + 1}: {name} first answer after {server.first_answer * 1000:.0f} ms, "
+                f"idle worker RSS {[r // 1024 for r in rss]} MB")  # fmt: skip
+            if i < plan.startups - 1:
+                CHILDREN.stop(server.child)
+            elif name == "passthru":
+                passthru = server
+            else:
+                ceiling = server
+    assert passthru is not None and ceiling is not None
+
+    check_answers(nginx, ceiling, passthru, py, BODY)
+
+    nginx_workers = nginx.child.proc.pid
+    tput = [("nginx direct", nginx.upstream_port, "/small", None, lambda: children_of(nginx_workers)),
+            ("nginx proxy", nginx.proxy_port, "/small", None, lambda: children_of(nginx_workers)),
+            ("ceiling", ceiling.port, "/small", None, ceiling.workers),
+            ("passthru", passthru.port, "/small", None, passthru.workers),
+            ("passthru auth", passthru.port, "/small-auth", MASTER_KEY, passthru.workers)]  # fmt: skip
+    for _name, port, path, key, _pids in tput:  # warm-up: pools filled, code paths hot
+        wrk(tools["wrk"], port, path, 32, 2, 1, key)
+    download(nginx.upstream_port, "/big.bin", plan.transfer_bytes)  # the file's pages into the page cache
+
+    sse_query = f"?n={plan.sse_events}&gap={plan.sse_gap}"
+    for rnd in range(plan.rounds):
+        order = tput[rnd % len(tput) :] + tput[: rnd % len(tput)]  # rotate, so no one always goes first
+        for name, port, path, key, pids in order:
+            r = wrk(tools["wrk"], port, path, 32, 2, plan.throughput_seconds, key, pids)
+            res.add(res.throughput, name, r)
+            log(f"round {rnd + 1} throughput {name}: {r.rps:.0f} req/s, {r.cpu_us:.0f} µs CPU/request, "
+                f"errors {r.errors}")  # fmt: skip
+        for name, port, path, key, _pids in order:
+            r = wrk(tools["wrk"], port, path, 1, 1, plan.latency_seconds, key)
+            res.add(res.latency, name, r)
+            log(f"round {rnd + 1} latency {name}: p50 {r.p50_ms:.3f} ms p99 {r.p99_ms:.3f} ms, errors {r.errors}")
+        for i in range(plan.sse_streams):
+            pair = [("direct", py.port, f"/sse{sse_query}"), ("passthru", passthru.port, f"/py/sse{sse_query}")]
+            for name, port, target in pair if (i + rnd) % 2 == 0 else reversed(pair):
+                first, gaps = sse_stream(port, target, plan.sse_events)
+                res.add(res.sse_first, name, first)
+                res.sse_gaps.setdefault(name, []).extend(gaps)
+        log(f"round {rnd + 1} SSE first event: direct {median(res.sse_first['direct']) * 1000:.2f} ms, "
+            f"passthru {median(res.sse_first['passthru']) * 1000:.2f} ms")  # fmt: skip
+        size = plan.transfer_bytes
+        downloads = [("direct", nginx.upstream_port, "/big.bin"), ("passthru", passthru.port, "/big")]
+        for name, port, path in downloads if rnd % 2 == 0 else reversed(downloads):
+            t = measured(passthru, lambda p=port, q=path, n=size: download(p, q, n))
+            res.add(res.downloads, name, t)
+            log(f"round {rnd + 1} download {name}: {size / t.seconds / 1e6:.0f} MB/s, "
+                f"worker RSS +{t.rss_growth_kb / 1024:.1f} MB (peak +{t.peak_growth_kb / 1024:.1f} MB)")  # fmt: skip
+        uploads = [("direct", nginx.upstream_port, "/sink"), ("passthru", passthru.port, "/sink")]
+        for name, port, path in uploads if rnd % 2 == 0 else reversed(uploads):
+            t = measured(passthru, lambda p=port, q=path, n=size: upload(p, q, n))
+            res.add(res.uploads, name, t)
+            log(f"round {rnd + 1} upload {name}: {size / t.seconds / 1e6:.0f} MB/s, "
+                f"worker RSS +{t.rss_growth_kb / 1024:.1f} MB (peak +{t.peak_growth_kb / 1024:.1f} MB)")  # fmt: skip
+
+    time.sleep(1.0)
+    for name, server in (("passthru", passthru), ("ceiling", ceiling)):
+        rss = [memory_kb(pid)[0] for pid in server.workers()]
+        res.add(res.idle_rss_kb, f"{name} after run", max(rss, default=0))
+        log(f"idle worker RSS after the run, {name}: {[r // 1024 for r in rss]} MB")
+    CHILDREN.stop(ceiling.child)
+    CHILDREN.stop(passthru.child)
+
+    # Slow streams last: their upstream handlers sleep out a long gap. A fresh passthru per gunicorn config.
+    gap = plan.slow_window + 30
+    for slow_conf in [conf, *args.slow_conf]:
+        server = start_gunicorn("passthru-slow", "wsgi:app", slow_conf, config, tmp, "/small")
+        try:
+            settled_workers(server)  # every worker booted: one early worker would take all the connections
+            held = slow_streams(server.port, f"/py/sse?n=2&gap={gap}", plan.slow_streams, plan.slow_window)
+        finally:
+            CHILDREN.stop(server.child, grace=2.0)
+        res.slow[slow_conf] = held
+        log(f"slow streams ({slow_conf}): {held[0]} of {plan.slow_streams} served at once, {held[1]} failed")
+
+    signal.alarm(0)
+    return report(res, plan, args, tools)
+
+
+def check_answers(nginx: Nginx, ceiling: Gunicorn, passthru: Gunicorn, py: PyUpstream, body: bytes) -> None:
+    """Every configuration gives the same answer before anything is timed; auth refuses a missing key."""
+    post = json.dumps({"model": "m", "query": "q", "documents": ["d"]}).encode()
+    ctype = {"Content-Type": "application/json"}
+    for name, port, path, headers in (
+        ("nginx direct", nginx.upstream_port, "/small", ctype),
+        ("nginx proxy", nginx.proxy_port, "/small", ctype),
+        ("ceiling", ceiling.port, "/small", ctype),
+        ("passthru", passthru.port, "/small", ctype),
+        ("passthru auth", passthru.port, "/small-auth", {**ctype, "Authorization": f"Bearer {MASTER_KEY}"}),
+    ):
+        status, answer = request(port, "POST", path, post, headers)
+        if status != 200 or answer != body:
+            raise RuntimeError(f"{name} answered {status} {answer[:100]!r}, not the fixed body")
+    status, _ = request(passthru.port, "POST", "/small-auth", post, ctype)
+    if status != 401:
+        raise RuntimeError(f"passthru auth route without a key answered {status}, not 401")
+    sse_stream(passthru.port, "/py/sse?n=2&gap=0.01", 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "SHORT"
+
+
+def machine(args: argparse.Namespace, tools: dict[str, str], res: Results) -> list[str]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor() or "?")  # fmt: skip
+    mem = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")), 0)  # fmt: skip
+    nginx_v = subprocess.run([tools["nginx"], "-v"], capture_output=True, text=True).stderr.strip()
+    wrk_v = subprocess.run([tools["wrk"], "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+    # Read-only git: --no-optional-locks keeps even `diff` from refreshing the index file.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "--no-optional-locks", "diff", "--quiet", "HEAD", "--"], cwd=ROOT,
+                           capture_output=True).returncode == 1  # fmt: skip
+    versions = {}
+    for module in ("flask", "werkzeug", "requests", "urllib3", "gunicorn"):
+        try:
+            from importlib.metadata import version
+
+            versions[module] = version(module)
+        except Exception:
+            versions[module] = "?"
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return [
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `.venv/bin/python bench/run.py{' ' + argv if argv else ''}`",
+        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, "
+        f"{mem / 1024 / 1024:.0f} GiB RAM, Linux {platform.release()}; load average (1 min) "
+        f"{res.load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (others' work shares the CPUs)",
+        f"- software: Python {platform.python_version()}, "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f", {nginx_v}, {(wrk_v or ['wrk ?'])[0].split(' Copyright')[0]}",
+        f"- passthru: commit {commit.stdout.strip() or '?'}{' plus uncommitted changes' if dirty else ''}; "
+        f"gunicorn config `{args.conf}`",
+    ]
+
+
+def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, str]) -> str:
+    tp = {name: median([r.rps for r in rs]) for name, rs in res.throughput.items()}
+    lat50 = {name: median([r.p50_ms for r in rs]) for name, rs in res.latency.items()}
+    lat99 = {name: median([r.p99_ms for r in rs]) for name, rs in res.latency.items()}
+    cpu = {name: median([r.cpu_us for r in rs]) for name, rs in res.throughput.items()}
+    errors = {name: sum(r.errors for r in rs) for name, rs in res.throughput.items()}
+    for name, rs in res.latency.items():
+        errors[name] = errors.get(name, 0) + sum(r.errors for r in rs)
+    sse = {name: median(v) * 1000 for name, v in res.sse_first.items()}
+    gap_nominal = plan.sse_gap * 1000
+    gap50 = {name: median(v) * 1000 for name, v in res.sse_gaps.items()}
+    gap_dev = {name: percentile([abs(g * 1000 - gap_nominal) for g in v], 99) for name, v in res.sse_gaps.items()}
+    size = plan.transfer_bytes
+    transfers = (("download", res.downloads), ("upload", res.uploads))
+    rate = {f"{kind} {name}": median([size / t.seconds / 1e6 for t in ts])
+            for kind, table in transfers for name, ts in table.items()}  # fmt: skip
+    growth = {kind: max(t.rss_growth_kb for t in table["passthru"]) / 1024
+              for kind, table in (("download", res.downloads), ("upload", res.uploads))}  # fmt: skip
+    peak = {kind: max(t.peak_growth_kb for t in table["passthru"]) / 1024
+            for kind, table in (("download", res.downloads), ("upload", res.uploads))}  # fmt: skip
+    idle = {name: max(v) / 1024 for name, v in res.idle_rss_kb.items()}
+    start = {name: median(v) for name, v in res.startup.items()}
+    held, failed, _ = res.slow[args.conf]
+    size_label = f"{size // GIB} GiB" if size >= GIB else f"{size // MIB} MiB"
+
+    added50 = lat50["passthru"] - lat50["nginx direct"]
+    rows = [
+        ("small POST throughput, passthru / ceiling (32 conns)", f"{tp['passthru'] / tp['ceiling']:.3f}",
+         f"{tp['passthru']:.0f} vs {tp['ceiling']:.0f} req/s", "≥ 0.35",
+         verdict(tp["passthru"] >= 0.35 * tp["ceiling"])),
+        ("small POST throughput, passthru / nginx proxy", f"{tp['passthru'] / tp['nginx proxy']:.2f}",
+         f"{tp['passthru']:.0f} vs {tp['nginx proxy']:.0f} req/s", "—", "info"),
+        ("server CPU per request at 32 conns, ceiling / passthru", f"{cpu['ceiling'] / cpu['passthru']:.3f}",
+         f"{cpu['passthru']:.0f} vs {cpu['ceiling']:.0f} µs", "—", "info"),
+        ("latency added at 1 conn, p50 (passthru − nginx direct)", f"{added50:.3f} ms",
+         f"{lat50['passthru']:.3f} vs {lat50['nginx direct']:.3f} ms", "≤ 0.6 ms", verdict(added50 <= 0.6)),
+        ("latency added at 1 conn, p99 (passthru − nginx direct)",
+         f"{lat99['passthru'] - lat99['nginx direct']:.3f} ms",
+         f"{lat99['passthru']:.3f} vs {lat99['nginx direct']:.3f} ms", "—", "info"),
+        ("latency added at 1 conn, p50, passthru − ceiling", f"{lat50['passthru'] - lat50['ceiling']:.3f} ms",
+         f"ceiling adds {lat50['ceiling'] - lat50['nginx direct']:.3f} ms, nginx proxy "
+         f"{lat50['nginx proxy'] - lat50['nginx direct']:.3f} ms", "—", "info"),
+        ("SSE first event, later than direct (median)", f"{sse['passthru'] - sse['direct']:.2f} ms",
+         f"{sse['passthru']:.2f} vs {sse['direct']:.2f} ms", "≤ 3 ms", verdict(sse["passthru"] - sse["direct"] <= 3)),
+        (f"SSE spacing (nominal {gap_nominal:.0f} ms): median gap, p99 |gap − nominal|",
+         f"{gap50['passthru']:.2f} ms, {gap_dev['passthru']:.2f} ms",
+         f"direct {gap50['direct']:.2f} ms, {gap_dev['direct']:.2f} ms", "—", "info"),
+        (f"download {size_label} through passthru", f"{rate['download passthru'] / 1000:.2f} GB/s",
+         f"direct {rate['download direct'] / 1000:.2f} GB/s", "≥ 1 GB/s", verdict(rate["download passthru"] >= 1000)),
+        (f"upload {size_label} through passthru", f"{rate['upload passthru']:.0f} MB/s",
+         f"direct {rate['upload direct']:.0f} MB/s", "≥ 300 MB/s", verdict(rate["upload passthru"] >= 300)),
+        (f"worker RSS growth, {size_label} download", f"{growth['download']:.1f} MB",
+         f"peak +{peak['download']:.1f} MB", "≤ 10 MB", verdict(growth["download"] <= 10)),
+        (f"worker RSS growth, {size_label} upload", f"{growth['upload']:.1f} MB", f"peak +{peak['upload']:.1f} MB",
+         "≤ 10 MB", verdict(growth["upload"] <= 10)),
+        ("idle RSS per worker, fresh (largest worker)", f"{idle['passthru fresh']:.1f} MB",
+         f"ceiling {idle['ceiling fresh']:.1f} MB", "≤ 40 MB", verdict(idle["passthru fresh"] <= 40)),
+        ("idle RSS per worker, after the run (largest worker)", f"{idle['passthru after run']:.1f} MB",
+         f"ceiling {idle['ceiling after run']:.1f} MB", "≤ 40 MB", verdict(idle["passthru after run"] <= 40)),
+        ("start-up: spawn to first forwarded answer (median)", f"{start['passthru']:.2f} s",
+         f"ceiling {start['ceiling']:.2f} s", "≤ 1 s", verdict(start["passthru"] <= 1.0)),
+        (f"slow SSE streams held at once ({plan.slow_streams} opened)", f"{held}",
+         f"{failed} failed; {res.workers} workers", "≥ 200", verdict(held >= 200)),
+        ("`auth: true` (master key) / no auth, throughput", f"{tp['passthru auth'] / tp['passthru']:.2f}",
+         f"{tp['passthru auth']:.0f} vs {tp['passthru']:.0f} req/s; CPU {cpu['passthru auth']:.0f} vs "
+         f"{cpu['passthru']:.0f} µs/request", "—", "info"),
+    ]  # fmt: skip
+    for extra in args.slow_conf:
+        h, f, _ = res.slow[extra]
+        rows.append((f"slow SSE streams held at once, `{extra}`", f"{h}", f"{f} failed", "≥ 200", verdict(h >= 200)))
+
+    out = ["# passthru benchmark", "", *machine(args, tools, res), ""]
+    out += [f"{plan.rounds} interleaved rounds, medians; {res.workers} gunicorn workers per app "
+            f"(WEB_CONCURRENCY={os.environ.get('WEB_CONCURRENCY', 'unset')}).", ""]  # fmt: skip
+    out += ["| figure | passthru | reference | target | result |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {' | '.join(row)} |" for row in rows]
+    out += ["", f"## Throughput and latency (wrk, bench/post.lua: {len(post_body())}-byte JSON POST, "
+            f"{len(_body())}-byte JSON answer)", "",
+            "| configuration | req/s at 32 conns (median; rounds) | server CPU per request | p50 at 1 conn | "
+            "p99 at 1 conn | errors |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name in res.throughput:
+        rounds = ", ".join(f"{r.rps:.0f}" for r in res.throughput[name])
+        out.append(f"| {name} | {tp[name]:.0f} ({rounds}) | {cpu[name]:.0f} µs | {lat50[name]:.3f} ms | "
+                   f"{lat99[name]:.3f} ms | {errors[name]} |")  # fmt: skip
+    out += ["", f"Throughput: `wrk -t2 -c32 -d{plan.throughput_seconds}s`; latency: `wrk -t1 -c1 "
+            f"-d{plan.latency_seconds}s` (one request at a time on one keep-alive connection). Server CPU: user + "
+            "system time of the serving processes during the 32-connection run over the requests served "
+            "(nginx's workers serve both the upstream and the proxy, so `nginx proxy` counts both).", ""]  # fmt: skip
+    out += [f"## SSE ({plan.sse_events} events, {gap_nominal:.0f} ms apart, tests/upstream.py in its own process; "
+            f"new connection per stream)", "", "| path | first event p50 | first event max | gap p50 | gap p99 |",
+            "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name in res.sse_first:
+        firsts = [v * 1000 for v in res.sse_first[name]]
+        gaps = [v * 1000 for v in res.sse_gaps[name]]
+        out.append(f"| {name} | {median(firsts):.2f} ms | {max(firsts):.2f} ms | {median(gaps):.2f} ms | "
+                   f"{percentile(gaps, 99):.2f} ms |")  # fmt: skip
+    out += ["", f"## Transfers ({size_label} each way; nginx serves a sparse file and discards uploads)", "",
+            "| transfer | MB/s per round | worker RSS growth per round | peak (VmHWM) growth |",
+            "| --- | --- | --- | --- |"]  # fmt: skip
+    for kind, table in (("download", res.downloads), ("upload", res.uploads)):
+        for name, ts in table.items():
+            rates = ", ".join(f"{size / t.seconds / 1e6:.0f}" for t in ts)
+            grow = ", ".join(f"{t.rss_growth_kb / 1024:.1f}" for t in ts) if name == "passthru" else "—"
+            pk = ", ".join(f"{t.peak_growth_kb / 1024:.1f}" for t in ts) if name == "passthru" else "—"
+            out.append(f"| {kind} {name} | {rates} | {grow} MB | {pk} MB |" if name == "passthru"
+                       else f"| {kind} {name} | {rates} | — | — |")  # fmt: skip
+    out += ["", "## Start-up and memory", "", "| app | spawn → first answer per start | largest idle worker RSS |",
+            "| --- | --- | --- |"]  # fmt: skip
+    for name in res.startup:
+        starts = ", ".join(f"{s:.2f} s" for s in res.startup[name])
+        out.append(f"| {name} | {starts} | fresh {idle[name + ' fresh']:.1f} MB, after run "
+                   f"{idle[name + ' after run']:.1f} MB |")  # fmt: skip
+    out += ["", "## Slow streams", ""]
+    for conf_name, (h, f, took) in res.slow.items():
+        out.append(f"- `{conf_name}`: {h} of {plan.slow_streams} streams got their first event and were held at "
+                   f"once ({f} failed; the count settled after {took:.1f} s).")  # fmt: skip
+    if not args.slow_conf:
+        out.append("- gevent or other worker configs: add `--slow-conf deploy/<file>.py` (repeatable) for a row each.")
+    return "\n".join(out) + "\n"
+
+
+def post_body() -> bytes:
+    text = (BENCH / "post.lua").read_text()
+    start = text.index("wrk.body = ")
+    chunk = text[start : text.index("\n\n", start)]
+    return "".join(part.split("'")[1] for part in chunk.split("\n")).encode()
+
+
+def _body() -> bytes:
+    from ceiling import BODY
+
+    return BODY
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark passthru against nginx and a bare Flask ceiling.")
+    parser.add_argument("--quick", action="store_true", help="short durations and 256 MiB transfers (~2 minutes)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
+    parser.add_argument("--conf", default=DEFAULT_CONF, help="gunicorn config for passthru and the ceiling")
+    parser.add_argument(
+        "--slow-conf",
+        action="append",
+        default=[],
+        metavar="CONF",
+        help="also count slow streams under this gunicorn config (a gevent one); repeatable",
+    )
+    parser.add_argument("--streams", type=int, help="slow streams to open at once (default 300, at most 5000)")
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx-light / wrk")
+    parser.add_argument("--out", type=Path, default=BENCH / "out" / "latest.md", help="where the report goes too")
+    args = parser.parse_args()
+    for name in (args.conf, *args.slow_conf):
+        if not (ROOT / name).is_file():
+            parser.error(f"{name}: no such gunicorn config (paths are relative to the repo root)")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+    atexit.register(CHILDREN.stop_all)
+    try:
+        text = run(args)
+    finally:
+        CHILDREN.stop_all()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    log(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    # The benchmark needs the project's venv (flask, requests, gunicorn); re-run under it when started otherwise.
+    if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
+    main()
