@@ -25,9 +25,12 @@ worker_class = "gthread"
 # Processes give CPU parallelism (2 per core: requests spend most of their time waiting on the upstream);
 # WEB_CONCURRENCY is the PaaS convention for overriding it.
 workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
-# Threads per worker = calls one worker holds open at once (the next one waits for a free thread). passthru's
-# pool keeps up to 256 connections per upstream host (forward.POOL_SIZE): more than these threads can use.
-threads = 64
+# Threads per worker = calls one worker holds open at once (the next one waits for a free thread). Threads start
+# only when needed, so an idle worker pays nothing for them. 128, not 64: gunicorn does not spread connections
+# evenly over workers (bench/ saw one worker hold 149 streams while others held 42), so the headroom is what lets
+# a 2-core host hold 200+ slow streams. passthru's pool keeps up to 256 connections per upstream host
+# (forward.POOL_SIZE): more than these threads can use.
+threads = 128
 
 # Each worker builds its own upstream connection pool after the fork: sockets must never be shared by
 # processes. With gevent, it also means the app is imported after the worker has monkey-patched the stdlib.
@@ -100,6 +103,23 @@ def on_reload(server):
         server.log.error("passthru: %s; reload refused, the previous config keeps serving", exc)
     else:
         server.log.info("passthru: config reloaded")
+
+
+def post_worker_init(worker):
+    """gunicorn's own answers to requests it cannot parse (bad framing, oversized headers) become LiteLLM's JSON.
+
+    Done once the app is loaded, so with gevent it happens after the monkey-patching, like every other import.
+    """
+    import gunicorn.util
+
+    from passthru.errors import HTTP_ERROR_TYPES, error_body
+
+    def write_error(sock, status, reason, message):
+        body = error_body(status, message, HTTP_ERROR_TYPES.get(status, "bad_request_error"))
+        head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        gunicorn.util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
+
+    gunicorn.util.write_error = write_error
 
 
 def child_exit(server, worker):

@@ -58,7 +58,15 @@ class UpstreamTimeout(UpstreamError):
     type = "timeout_error"
 
 
-_HTTP_TYPES = {400: "bad_request_error", 401: "auth_error", 404: "not_found_error", 405: "method_not_allowed"}
+# LiteLLM error types for the statuses passthru and its servers answer on their own.
+HTTP_ERROR_TYPES = {
+    400: "bad_request_error",
+    401: "auth_error",
+    404: "not_found_error",
+    405: "method_not_allowed",
+    414: "bad_request_error",
+    431: "bad_request_error",
+}
 
 
 def error_response(
@@ -69,8 +77,13 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """Build the JSON error answer in LiteLLM's shape: {"error": {"message", "type", "param", "code"}}."""
+    return Response(error_body(status, message, error_type, param), status, headers, mimetype="application/json")
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None) -> bytes:
+    """LiteLLM's error shape, encoded."""
     body = {"error": {"message": message, "type": error_type, "param": param, "code": str(status)}}
-    return Response(json.dumps(body), status=status, headers=headers, mimetype="application/json")
+    return json.dumps(body).encode()
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -88,7 +101,9 @@ def register_error_handlers(app: Flask) -> None:
         headers = {}
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             headers["Allow"] = ", ".join(exc.valid_methods)
-        return error_response(status, exc.description or exc.name, _HTTP_TYPES.get(status, exc.name), None, headers)
+        return error_response(
+            status, exc.description or exc.name, HTTP_ERROR_TYPES.get(status, exc.name), None, headers
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

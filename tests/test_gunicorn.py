@@ -490,6 +490,28 @@ def test_malformed_chunked_upload_is_400_json(shared: Gunicorn, body: bytes) -> 
     assert json.loads(answer)["error"]["type"] == "bad_request_error"
 
 
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        pytest.param(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400,
+                     id="cl-and-te"),
+        pytest.param(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n", 400,
+                     id="two-cl"),
+        pytest.param(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n", 400, id="bad-cl"),
+        pytest.param(b"GET /echo HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 10_000 + b"\r\n", 431,
+                     id="header-too-big"),
+        pytest.param(b"GET /echo HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)), 431,
+                     id="too-many-headers"),
+        pytest.param(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n", 414, id="request-line-too-long"),
+    ],
+)  # fmt: skip
+def test_requests_gunicorn_refuses_get_json_errors_too(shared: Gunicorn, head: bytes, status: int) -> None:
+    lines, body = _raw(shared, head + b"Connection: close\r\n\r\nhello")
+    assert lines[0].startswith(b"HTTP/1.1 %d" % status), lines[0]
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == str(status)
+
+
 def test_no_traceback_in_shared_log(shared: Gunicorn) -> None:
     """Whatever the tests above sent, gunicorn wrote no Python traceback (runs last in this module)."""
     _get(shared, "/status/200")
