@@ -160,6 +160,8 @@ def test_nginx_in_front_takes_slow_heads_off_the_worker(rig: Rig, tmp_path: Path
 
     require(nginx_binary() is not None, "nginx", "apt-get install -y nginx-light")
     nginx = start_nginx(tmp_path / "nginx", rig.port)
+    for name in ("access.log", "error.log", "stderr.log"):
+        EVIDENCE.log(nginx.directory / name)
     try:
         front = int(nginx.url.rsplit(":", 1)[1])
         with slow_clients(front, THREADS + 36, SLOW_HEAD, b"X-Slow: x\r\n"):
