@@ -100,6 +100,9 @@ class Recorded:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 overflows when a proxy opens connections in bursts (200 aborted uploads
+    # in a row): the kernel then drops handshakes and the proxy sees resets no real upstream would send.
+    request_queue_size = 128
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
