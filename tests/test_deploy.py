@@ -111,7 +111,7 @@ def render_nginx_conf(directory: Path, listen_port: int, passthru_port: int) -> 
         f"{user}worker_processes 1;\n"
         f"error_log {directory / 'error.log'} notice;\n"
         f"pid {directory / 'nginx.pid'};\n"
-        "events { worker_connections 128; }\n"
+        "events { worker_connections 1024; }\n"  # room for more slow clients than passthru has threads
         "http {\n"
         f"    access_log {directory / 'access.log'};\n"
         "    default_type application/octet-stream;\n"

@@ -2,9 +2,10 @@
 oversized heads, and a body that never comes. Each gets a clean 4xx/5xx (or a closed connection), the worker
 keeps serving, nothing half-parsed reaches the upstream, and no secret shows in any answer or log line.
 
-gunicorn answers the malformed framing itself (text/html 400/431/414/501) before passthru sees it; passthru
-answers the rest in LiteLLM's JSON shape. tests/test_proxy.py checks a few traversal and framing cases on
-werkzeug's server; here they go through gunicorn, with many more encodings.
+gunicorn answers the malformed framing itself (400/431/414/501) before passthru sees it, in LiteLLM's JSON
+shape like passthru's own answers (deploy/gunicorn.conf.py swaps gunicorn's HTML page for it).
+tests/test_proxy.py checks a few traversal and framing cases on werkzeug's server; here they go through
+gunicorn, with many more encodings.
 """
 
 from __future__ import annotations
@@ -77,18 +78,20 @@ def send(rig: Rig, label: str, request: bytes, half_close: bool = False) -> Repl
 
 
 def assert_refused(reply: Reply, by: str, status: int | None = None) -> None:
-    """A clean refusal: one 4xx/5xx, passthru's in LiteLLM's JSON shape, gunicorn's as its HTML page."""
+    """A clean refusal: one 4xx/5xx in LiteLLM's JSON shape, then the connection ends.
+
+    `by` says who refuses, for the reader: gunicorn (before any app code; deploy/gunicorn.conf.py makes its
+    answers JSON too) or passthru.
+    """
+    assert by in ("gunicorn", "passthru")
     assert reply.status is not None and 400 <= reply.status < 600, reply.data[:300]
     if status is not None:
         assert reply.status == status, reply.data[:300]
     assert len(re.findall(rb"HTTP/1\.1 \d{3} ", reply.data)) == 1, reply.data[:600]  # nothing smuggled behind it
     assert reply.ended in ("closed", "reset"), reply.ended
-    if by == "passthru":
-        assert reply.header("Content-Type") == ["application/json"], reply.data[:300]
-        error = json.loads(reply.body)["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["code"] == str(reply.status)
-    else:
-        assert reply.header("Content-Type") == ["text/html"], reply.data[:300]
+    assert reply.header("Content-Type") == ["application/json"], reply.data[:300]
+    error = json.loads(reply.body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == str(reply.status)
 
 
 def assert_still_serving(rig: Rig) -> None:
