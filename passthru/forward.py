@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ DEFAULT_FORWARDED = (
 # The most one read of the upstream's answer returns (less when less has arrived: an SSE event goes out alone).
 # Big pieces matter for big bodies: each piece costs the same Python overhead, whatever its size (bench/).
 CHUNK_SIZE = 1024 * 1024
+# What a WSGI server writes as a header: a token name, and a value of visible characters, spaces and tabs.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # Uploads are read from the caller in pieces this big (urllib3's default is 16 KiB, and gunicorn's reader copies
 # its read-ahead buffer on every read: small pieces cost far more CPU than the bytes themselves, bench/).
 UPLOAD_BLOCK = 1024 * 1024
@@ -157,6 +161,9 @@ def clean_subpath(subpath: str) -> str:
     """
     kept: list[str] = []
     for segment in subpath.split("/"):
+        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
+            # `..;x` is a dot segment to Tomcat and Jetty (a path parameter after `;`): it would climb out.
+            raise RequestError("the path has a dot segment with parameters", param="path")
         if segment == "..":
             if not kept:
                 raise RequestError("the path leaves the route's prefix", param="path")
@@ -365,13 +372,47 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
             length or ("chunked" if body is not None else 0), status,
             upstream.headers.get("Content-Length", "chunked/close"),
         )  # fmt: skip
-    skip = RESPONSE_DROP | _connection_tokens(upstream.headers.get("Connection"))
-    relayed = [(name, value) for name, value in upstream.headers.items() if name.lower() not in skip]
+    try:
+        relayed = response_headers(upstream.headers)
+    except UpstreamError:
+        upstream.close()  # the answer cannot be relayed: neither can this connection carry another one
+        upstream.release_conn()
+        metrics.UPSTREAM_ERRORS.labels(path, "malformed").inc()
+        log.warning("upstream on %s answered with a header that cannot be relayed", path)
+        raise
     relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path)
     response = UpstreamResponse(relay, status=status, headers=relayed, direct_passthrough=True)
     # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
     response.call_on_close(relay.close)
     return response
+
+
+def response_headers(headers: urllib3.HTTPHeaderDict) -> list[tuple[str, str]]:
+    """The upstream's headers to relay, repeats kept; UpstreamError when one cannot be written as it is.
+
+    A control character in a value, or a Content-Length that is not one plain number, would make the WSGI server
+    fail mid-answer or send a framing the client reads differently from us: refused whole, as a 502.
+    """
+    skip = RESPONSE_DROP | _connection_tokens(headers.get("Connection"))
+    # RFC 9112 §6.3: with Transfer-Encoding the Content-Length is to be ignored, and relayed it would cut the body.
+    if "transfer-encoding" in headers:
+        skip = skip | {"content-length"}
+    relayed = []
+    length = None
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in skip:
+            continue
+        if not HEADER_NAME.fullmatch(name) or not HEADER_VALUE.fullmatch(value):
+            raise UpstreamError("the upstream answered with a malformed header")
+        if lower == "content-length":
+            if not value.strip().isdigit() or not value.isascii() or (length is not None and value != length):
+                raise UpstreamError("the upstream answered with a malformed Content-Length")
+            if length is not None:
+                continue  # the same length twice: one line is enough
+            length = value
+        relayed.append((name, value))
+    return relayed
 
 
 def _upstream_failure(exc: BaseException, body: CallerBody | None, route: Route) -> PassthruError:

@@ -135,6 +135,13 @@ class AccessLog:
         return _Counted(self.app(environ, start), environ, status, started)
 
 
+def _printable(text: str) -> str:
+    """The caller's path as one log line can carry it: a decoded CR or LF would start a forged line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 class _Counted:
     """The response body, counted as it goes out; logs and records the request when the server closes it."""
 
@@ -171,7 +178,7 @@ class _Counted:
         method = environ.get("REQUEST_METHOD", "")
         metrics.record(route, method, status, self.sent, received, seconds, upstream)
         fields = {
-            "method": method, "path": environ.get("PATH_INFO", ""), "status": status, "bytes": self.sent,
+            "method": method, "path": _printable(environ.get("PATH_INFO", "")), "status": status, "bytes": self.sent,
             "duration_ms": round(seconds * 1000, 1),
             "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
             "complete": self.finished,
