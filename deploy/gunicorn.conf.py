@@ -79,9 +79,11 @@ def on_starting(server):
     from passthru.errors import ConfigError
 
     try:
-        accept_from_environment(os.environ)
+        settings = accept_from_environment(os.environ)
     except ConfigError as exc:
         sys.exit(f"passthru: {exc}")
+    for warning in settings.warnings:
+        server.log.warning("passthru: %s", warning)
     # Counters left by an earlier run would be summed into this one's.
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     for name in os.listdir(metrics_dir):
@@ -98,11 +100,13 @@ def on_reload(server):
     from passthru.errors import ConfigError
 
     try:
-        accept_from_environment(os.environ)
+        settings = accept_from_environment(os.environ)
     except ConfigError as exc:
         server.log.error("passthru: %s; reload refused, the previous config keeps serving", exc)
     else:
         server.log.info("passthru: config reloaded")
+        for warning in settings.warnings:
+            server.log.warning("passthru: %s", warning)
 
 
 def post_worker_init(worker):

@@ -9,7 +9,7 @@ from flask import Flask
 
 from passthru import __version__, health, metrics, routes
 from passthru.auth import master_key_check
-from passthru.config import Settings, load_from_environment, load_settings
+from passthru.config import ACCEPTED_TEXT, Settings, load_from_environment, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session, proxy_trust
 from passthru.logs import AccessLog, configure_logging, log
@@ -37,6 +37,7 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     app.register_blueprint(metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None))
     register_error_handlers(app)
     app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
-    for warning in settings.warnings:
+    # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
+    for warning in () if ACCEPTED_TEXT in os.environ else settings.warnings:
         log.warning(warning)
     return app

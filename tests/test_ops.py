@@ -164,3 +164,14 @@ def test_metric_labels_stay_bounded(serve: Serve, upstream: Upstream) -> None:
     assert wait_until(lambda: metric(scrape(base), "passthru_requests_total", route="(none)", method="other") >= 3, 5)
     text = scrape(base)
     assert 'method="BREW"' not in text and "nowhere" not in text
+
+
+def test_start_up_warning_is_said_once(gunicorn: Callable[..., Gunicorn], upstream: Upstream,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("WARN_KEY", "wk-secret-0042")
+    route = {"path": "/open", "target": f"{upstream.url}/echo", "headers": {"Authorization": "os.environ/WARN_KEY"}}
+    server = gunicorn([route], workers=3)
+    assert wait_until(lambda: server.output().count("Booting worker") == 3, 10)
+    assert requests.get(f"{server.url}/open").status_code == 200
+    assert server.output().count("route /open injects secrets from the environment") == 1
+    assert "wk-secret-0042" not in server.output()
