@@ -18,12 +18,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Gunicorn, start_gunicorn, write_config
 from upstream import GZIP_TEXT, Upstream, pattern_bytes, pattern_sha256, start_upstream, wait_until
+from wire import memory_kib, workers
 
 MiB = 1 << 20
 
@@ -67,32 +67,6 @@ def _raw(server: Gunicorn, request: bytes, timeout: float = 10) -> tuple[list[by
 def _header_lines(lines: list[bytes], name: str) -> list[bytes]:
     prefix = name.lower().encode() + b":"
     return [line for line in lines[1:] if line.lower().startswith(prefix)]
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def _worker_pid(server: Gunicorn) -> int:
-    """The pid of the single worker: the gunicorn master's only child (waits, bounded, for it to exist)."""
-    assert wait_until(lambda: len(_children(server.process.pid)) == 1, 10), _children(server.process.pid)
-    return _children(server.process.pid)[0]
-
-
-def _memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
 
 
 def _pattern_upload(size: int, piece: int = MiB) -> Iterator[bytes]:
@@ -175,8 +149,8 @@ def test_200mib_both_ways_integrity_and_flat_worker_memory(upstream: Upstream, g
     # Warm the worker up (imports, the pool, one of each kind of exchange) before taking the baseline.
     assert _get(server, "/bytes?size=1000")[1] == pattern_bytes(1000)
     assert _get(server, "/upload", {"Content-Length": "3"}, "POST", b"abc")[0].status == 200
-    worker = _worker_pid(server)
-    before = _memory_kib(worker)
+    (worker,) = workers(server, 1)
+    before = memory_kib(worker)
 
     with closing(_conn(server, timeout=60)) as conn:
         conn.request("GET", f"/bytes?size={size}")
@@ -201,8 +175,8 @@ def test_200mib_both_ways_integrity_and_flat_worker_memory(upstream: Upstream, g
             assert sent.get("transfer-encoding") == "chunked" and "content-length" not in sent
         assert (echo["body_len"], echo["body_sha256"]) == (size, pattern_sha256(size))
 
-    after = _memory_kib(worker)
-    assert _worker_pid(server) == worker  # the same process did all three transfers
+    after = memory_kib(worker)
+    assert workers(server, 1) == [worker]  # the same process did all three transfers
     # VmHWM is the peak: it catches a body buffered whole and freed again, which VmRSS alone would miss.
     assert after["VmRSS"] - before["VmRSS"] < 30 * 1024, (before, after)
     assert after["VmHWM"] - before["VmHWM"] < 30 * 1024, (before, after)
