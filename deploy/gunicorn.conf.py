@@ -35,11 +35,18 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Check the config in the master, once, before any worker starts: a bad file stops here with one line."""
+    """Check the config and migrate the key store in the master, once, before any worker starts.
+
+    A bad file or an unreachable store stops here with one line. Workers forked from this process know the store is
+    migrated and skip the check.
+    """
     from passthru.config import load_settings
-    from passthru.errors import ConfigError
+    from passthru.db import migrate
+    from passthru.errors import ConfigError, KeyStoreError
 
     try:
-        load_settings(os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
-    except ConfigError as exc:
+        settings = load_settings(os.environ.get("PASSTHRU_CONFIG", "config.yaml"))
+        if settings.database_url is not None:
+            migrate(settings.database_url)
+    except (ConfigError, KeyStoreError) as exc:
         sys.exit(f"passthru: {exc}")

@@ -8,10 +8,12 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from passthru.auth import master_key_check
+from passthru.auth import KeyCheck, virtual_key_check
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
+from passthru.key_api import build_key_api
+from passthru.keys import open_store
 from passthru.logs import AccessLog, configure_logging, log
 from passthru.routes import build_blueprint
 
@@ -21,7 +23,8 @@ __version__ = "0.1.0"
 def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detailed_debug: bool = False) -> Flask:
     """Build the app from a config file (default: $PASSTHRU_CONFIG, else config.yaml) or validated Settings.
 
-    Call it in the process that serves (after gunicorn forks): it creates this process's connection pool.
+    Call it in the process that serves (after gunicorn forks): it creates this process's connection pools, the
+    upstream one and, when master_key is set, the key store's (migrating it first unless the gunicorn master did).
     """
     if isinstance(config, Settings):
         settings = config
@@ -30,7 +33,13 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     configure_logging(settings.secrets, detailed_debug)
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
-    key_check = master_key_check(settings.master_key) if settings.master_key else None
+    key_check: KeyCheck | None = None
+    if settings.master_key is not None and settings.database_url is not None:
+        store = open_store(settings.database_url)
+        app.extensions["passthru.key_store"] = store
+        key_check = virtual_key_check(settings.master_key, store)
+        app.register_blueprint(build_key_api(store, settings.master_key))
+        log.debug("key store: %s", settings.database_shown)
     app.register_blueprint(build_blueprint(settings, new_session(len(hosts)), key_check))
     register_error_handlers(app)
     app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
