@@ -16,6 +16,7 @@ from passthru.key_api import build_key_api
 from passthru.keys import open_store
 from passthru.logs import AccessLog, configure_logging, log
 from passthru.routes import build_blueprint
+from passthru.spend import SpendWriter
 
 __version__ = "0.1.0"
 
@@ -36,8 +37,10 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     key_check: KeyCheck | None = None
     if settings.master_key is not None and settings.database_url is not None:
         store = open_store(settings.database_url)
+        spend = SpendWriter(store)
         app.extensions["passthru.key_store"] = store
-        key_check = virtual_key_check(settings.master_key, store)
+        app.extensions["passthru.spend_writer"] = spend
+        key_check = virtual_key_check(settings.master_key, store, spend)
         app.register_blueprint(build_key_api(store, settings.master_key))
         log.debug("key store: %s", settings.database_shown)
     app.register_blueprint(build_blueprint(settings, new_session(len(hosts)), key_check))

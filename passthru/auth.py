@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, PassthruError, RateLimited
 from passthru.keys import KeyInfo, KeyStore, Refusal
+from passthru.spend import SpendWriter
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -84,7 +85,7 @@ def master_key_check(master_key: str) -> KeyCheck:
     return check
 
 
-def virtual_key_check(master_key: str, store: KeyStore) -> KeyCheck:
+def virtual_key_check(master_key: str, store: KeyStore, spend: SpendWriter) -> KeyCheck:
     """The master key passes without touching the store; a virtual key is admitted by the store, call by call."""
     expected = digest(master_key)
     recent = RecentKeys(store)
@@ -105,7 +106,7 @@ def virtual_key_check(master_key: str, store: KeyStore) -> KeyCheck:
         if refusal is not None:
             raise refused(refusal)
         route, cost = endpoint.path, endpoint.cost_per_request
-        return lambda status, seconds: store.record(token, route, status, cost, seconds)
+        return lambda status, seconds: spend.add(token, route, status, cost, seconds)
 
     return check
 

@@ -34,10 +34,11 @@ ADVISORY_LOCK = 0x70617373_7468_7275  # "passthru"
 # How long a SQLite writer waits for another's lock before the call fails with 503 (writes take microseconds).
 SQLITE_BUSY_MS = 5000
 # Threads per worker (deploy/gunicorn.conf.py): a SQLite connection is a file handle, so each thread may hold one.
-SQLITE_POOL = {"pool_size": 8, "max_overflow": 56, "pool_timeout": 10}
+# LIFO: the most recently used connection is reused first; on SQLite its page cache is the one still valid.
+SQLITE_POOL = {"pool_size": 8, "max_overflow": 56, "pool_timeout": 10, "pool_use_lifo": True}
 # PostgreSQL connections are a server-wide budget (max_connections, 100 by default) shared by every worker and host;
 # a call holds one for a single statement, so a few per worker serve 64 threads.
-POSTGRES_POOL = {"pool_size": 5, "max_overflow": 5, "pool_timeout": 10}
+POSTGRES_POOL = {"pool_size": 5, "max_overflow": 5, "pool_timeout": 10, "pool_use_lifo": True}
 READ_ONLY = "passthru_read_only"  # execution option: a SQLite transaction that only reads takes no write lock
 
 # URLs migrated by this process or by the gunicorn master it was forked from: workers skip the check.
@@ -97,11 +98,11 @@ def _postgres_begin(connection: Connection) -> None:
 
 
 class Statement:
-    """A Core statement compiled once for an engine, to run on a pooled DBAPI cursor inside `call_transaction`.
+    """A Core statement compiled once for an engine, to run on a pooled DBAPI cursor from `dbapi_cursor`.
 
-    The two statements of every pass-through call (the admission UPDATE and the spend INSERT) skip Core's
-    per-execution machinery (events, autobegin, result metadata), which costs several times SQLite's own work.
-    Only types that need no bind or result processing (strings, numbers) may be bound or returned.
+    The per-call statements (the admission UPDATE, the spend INSERT) skip Core's per-execution machinery (events,
+    autobegin, result metadata), which costs several times SQLite's own work. Only types that need no bind or
+    result processing (strings, numbers) may be bound or returned.
     """
 
     def __init__(self, engine: Engine, statement: Executable) -> None:
@@ -117,11 +118,12 @@ class Statement:
 
 
 @contextmanager
-def call_transaction(engine: Engine) -> Iterator[Any]:
-    """A DBAPI cursor in one short transaction: BEGIN IMMEDIATE … COMMIT on SQLite, autocommit on PostgreSQL.
+def dbapi_cursor(engine: Engine, *, atomic: bool = False) -> Iterator[Any]:
+    """A pooled DBAPI cursor whose statements each commit on their own (autocommit), or, `atomic`, all together.
 
-    Driver errors come out as SQLAlchemy's DBAPIError, and a connection the driver reports lost is dropped from
-    the pool, exactly as Core would do.
+    Autocommit is one round trip per statement on PostgreSQL and no BEGIN/COMMIT on SQLite, where a lone write
+    still waits up to busy_timeout for the lock. Driver errors come out as SQLAlchemy's DBAPIError, and a
+    connection the driver reports lost is dropped from the pool, exactly as Core would do.
     """
     sqlite = engine.dialect.name == "sqlite"
     dbapi_error = engine.dialect.loaded_dbapi.Error
@@ -129,21 +131,22 @@ def call_transaction(engine: Engine) -> Iterator[Any]:
         raw = engine.raw_connection()  # unlike Connection, this lets the driver's connect errors through
     except dbapi_error as exc:
         raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+    driver: Any = raw.driver_connection
     cursor = None
     try:
-        if not sqlite:
-            raw.driver_connection.autocommit = True  # type: ignore[union-attr]
+        if not sqlite and not atomic:
+            driver.autocommit = True  # client-side only in psycopg 3: no round trip
         cursor = raw.cursor()
-        if sqlite:
-            cursor.execute("BEGIN IMMEDIATE")
+        if sqlite and atomic:
+            cursor.execute("BEGIN IMMEDIATE")  # isolation_level is None (see _sqlite_connect): we say when
         try:
             yield cursor
-            if sqlite:
-                cursor.execute("COMMIT")
+            if atomic:
+                cursor.execute("COMMIT") if sqlite else raw.commit()
         except BaseException:
-            if sqlite:
+            if atomic:
                 with suppress(Exception):
-                    cursor.execute("ROLLBACK")
+                    cursor.execute("ROLLBACK") if sqlite else raw.rollback()
             raise
     except dbapi_error as exc:
         if engine.dialect.is_disconnect(exc, raw, cursor):  # type: ignore[arg-type]
@@ -153,8 +156,8 @@ def call_transaction(engine: Engine) -> Iterator[Any]:
         with suppress(Exception):
             if cursor is not None:
                 cursor.close()
-            if not sqlite and raw.is_valid:
-                raw.driver_connection.autocommit = False  # type: ignore[union-attr]
+            if not sqlite and not atomic and raw.is_valid:
+                driver.autocommit = False
         raw.close()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from passthru.db import READ_ONLY, Statement, call_transaction, describe, ensure_schema, open_engine
+from passthru.db import READ_ONLY, Statement, dbapi_cursor, describe, ensure_schema, open_engine
 from passthru.errors import KeyStoreError, RequestError
 
 log = logging.getLogger("passthru")
@@ -145,7 +144,7 @@ class KeyStore(Protocol):
 
     def admit(self, token: str, cost: float) -> Refusal | None: ...
 
-    def record(self, token: str, route: str, status: int, cost: float, duration: float) -> None: ...
+    def record(self, entries: Sequence[SpendEntry]) -> None: ...
 
     def create(self, new: NewKey) -> KeyInfo: ...
 
@@ -200,12 +199,8 @@ class SqlKeyStore:
         why = sa.select(
             c.blocked, c.expires, c.max_budget, c.spend, c.rpm_limit, c.window_start, c.window_count, now
         ).where(c.token == sa.bindparam("t"))
-        took = sa.bindparam("took", type_=sa.Double)
-        record = sa.insert(spend_logs).values(
-            request_id=sa.bindparam("rid", type_=sa.String), token=sa.bindparam("t", type_=sa.String),
-            route=sa.bindparam("route", type_=sa.Text), status=sa.bindparam("status", type_=sa.Integer),
-            spend=sa.bindparam("cost", type_=sa.Double), start_time=store_now() - took, duration=took,
-        )  # fmt: skip
+        record = sa.insert(spend_logs).values({column.name: sa.bindparam(column.name, type_=column.type)
+                                               for column in spend_logs.c})  # fmt: skip
         self._admit, self._why, self._record = (Statement(engine, s) for s in (admit, why, record))
         self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
 
@@ -220,7 +215,7 @@ class SqlKeyStore:
     def admit(self, token: str, cost: float) -> Refusal | None:
         """Count one call against the key and add its cost, atomically; or say why the key may not call now."""
         for _ in range(3):
-            with _guard("checking a key"), call_transaction(self.engine) as cursor:
+            with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
                 cursor.execute(self._admit.sql, self._admit.args({"t": token, "cost": cost}))
                 if cursor.fetchone() is not None:
                     return None
@@ -246,11 +241,11 @@ class SqlKeyStore:
             return Refusal("rpm", retry_after=max(1, math.ceil(window_start + self.window - now)))
         return None
 
-    def record(self, token: str, route: str, status: int, cost: float, duration: float) -> None:
-        """Write the spend log entry of a finished call."""
-        params = {"rid": str(uuid.uuid4()), "t": token, "route": route, "status": status, "cost": cost, "took": duration}
-        with _guard("writing a spend log entry"), call_transaction(self.engine) as cursor:
-            cursor.execute(self._record.sql, self._record.args(params))
+    def record(self, entries: Sequence[SpendEntry]) -> None:
+        """Write spend log entries, all in one transaction (spend.SpendWriter batches them)."""
+        rows = [self._record.args(vars(entry)) for entry in entries]
+        with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=True) as cursor:
+            cursor.executemany(self._record.sql, rows)
 
     # --- administration ---------------------------------------------------------------------------------------
 

@@ -132,7 +132,11 @@ def wait_for_port(port: int, seconds: float, alive: Callable[[], bool] = lambda:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """serve(entries, **general) → base URL of passthru built from that config, on werkzeug's threaded server."""
+    """serve(entries, **general) → base URL of passthru built from that config, on werkzeug's threaded server.
+
+    Ask for database_url or postgres_url before serve: fixtures end in reverse, and the server (with its spend log
+    writer) must stop before its schema is dropped.
+    """
     servers = []
 
     def start(entries: list[dict[str, Any]], **general: Any) -> str:
@@ -148,9 +152,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
         for server, app in servers:
             server.shutdown()
             server.server_close()
-            store = app.extensions.get("passthru.key_store")
-            if store is not None:
-                store.close()
+            if "passthru.key_store" in app.extensions:
+                app.extensions["passthru.spend_writer"].close()
+                app.extensions["passthru.key_store"].close()
 
 
 @dataclass

@@ -72,7 +72,8 @@ def entries(upstream: Upstream) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def proxy(serve: Serve, upstream: Upstream, database_url: str) -> Proxy:
+def proxy(database_url: str, serve: Serve, upstream: Upstream) -> Proxy:
+    # database_url first: fixtures are torn down in reverse, so the server stops before its schema is dropped.
     return Proxy(serve(entries(upstream), master_key=MASTER, database_url=database_url), database_url)
 
 
@@ -350,7 +351,7 @@ def test_routes_without_auth_ignore_keys(proxy: Proxy) -> None:
 
 
 def test_store_down_is_503_and_the_master_key_still_works(
-    serve: Serve, upstream: Upstream, postgres_url: str, postgres: str
+    postgres: str, postgres_url: str, serve: Serve, upstream: Upstream
 ) -> None:
     proxy = Proxy(serve(entries(upstream), master_key=MASTER, database_url=postgres_url), postgres_url)
     key = proxy.generate()["key"]

@@ -135,8 +135,8 @@ def hosts(tmp_path: Path) -> Iterator[Callable[[Path, str], Host]]:
             host.stop()
 
 
-def test_two_hosts_share_limits_and_blocks_through_postgres(hosts: Callable[[Path, str], Host], upstream: Upstream,
-                                                            postgres_url: str, tmp_path: Path) -> None:  # fmt: skip
+def test_two_hosts_share_limits_and_blocks_through_postgres(postgres_url: str, hosts: Callable[[Path, str], Host],
+                                                            upstream: Upstream, tmp_path: Path) -> None:  # fmt: skip
     config = write_config(tmp_path, entries(upstream), master_key=MASTER, database_url=postgres_url)
     one, two = hosts(config, "one"), hosts(config, "two")
     key = admin(one.url, "/key/generate", rpm_limit=30)["key"]
@@ -160,8 +160,8 @@ def test_two_hosts_share_limits_and_blocks_through_postgres(hosts: Callable[[Pat
         assert key not in output and other not in output
 
 
-def test_no_plain_key_in_the_store_or_any_log_line(gunicorn: Callable[..., Gunicorn], upstream: Upstream,
-                                                   database_url: str, tmp_path: Path) -> None:  # fmt: skip
+def test_no_plain_key_in_the_store_or_any_log_line(database_url: str, gunicorn: Callable[..., Gunicorn],
+                                                   upstream: Upstream, tmp_path: Path) -> None:  # fmt: skip
     routes = [*entries(upstream), {"path": "/fwd", "target": f"{upstream.url}/echo", "auth": True,
                                    "forward_headers": True}]  # fmt: skip
     server = gunicorn(routes, workers=2, master_key=MASTER, database_url=database_url)

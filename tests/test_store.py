@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 
 from passthru.db import SQLITE_BUSY_MS, VERSION_TABLE, current_revision, head_revision, migrate, open_engine, upgrade
 from passthru.errors import KeyStoreError, RequestError
-from passthru.keys import NewKey, SqlKeyStore, metadata, open_store
+from passthru.keys import NewKey, SpendEntry, SqlKeyStore, metadata, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +94,7 @@ def test_store_failing_at_run_time_is_a_key_store_error(postgres: str) -> None:
     broken = SqlKeyStore(open_engine("postgresql+psycopg://postgres@127.0.0.1:1/test"))
     try:
         for call in (lambda: broken.admit("0" * 64, 0.0), lambda: broken.find("0" * 64),
-                     lambda: broken.record("0" * 64, "/r", 200, 0.0, 0.1), lambda: broken.page(1, 10)):  # fmt: skip
+                     lambda: broken.record([entry("0" * 64, "/r", 200)]), lambda: broken.page(1, 10)):  # fmt: skip
             with pytest.raises(KeyStoreError, match="the key store is unavailable"):
                 call()
     finally:
@@ -173,16 +174,23 @@ def test_refusal_reasons(store: SqlKeyStore, fields: dict[str, object], reason: 
     assert store.admit("f" * 64, 0.0).reason == "unknown"  # type: ignore[union-attr]
 
 
+def entry(token: str, route: str, status: int, start: float | None = None) -> SpendEntry:
+    return SpendEntry(str(uuid.uuid4()), token, route, status, 0.5, time.time() if start is None else start, 0.25)
+
+
 def test_spend_log_entries(store: SqlKeyStore) -> None:
     one, two = store.create(new_key(1)).token, store.create(new_key(2)).token
-    store.record(one, "/a", 200, 0.5, 0.25)
-    store.record(two, "/b", 502, 0.5, 0.01)
+    now = time.time()
+    store.record([entry(one, "/a", 200, start=now - 10), entry(two, "/b", 502, start=now - 5)])
+    store.record([entry(one, "/old", 200, start=now - 7200)])
     entries = store.spend_logs(one, None, None, 100)
-    assert [(e.route, e.status, e.spend, e.duration) for e in entries] == [("/a", 200, 0.5, 0.25)]
-    assert abs(entries[0].start_time + 0.25 - time.time()) < 5
-    assert len(store.spend_logs(None, None, None, 100)) == 2
-    assert store.spend_logs(None, time.time() + 3600, None, 100) == []
-    assert len(store.spend_logs(None, time.time() - 3600, time.time() + 3600, 1)) == 1
+    assert [(e.route, e.status, e.spend, e.duration) for e in entries] == [("/a", 200, 0.5, 0.25),
+                                                                          ("/old", 200, 0.5, 0.25)]  # fmt: skip
+    assert [e.route for e in store.spend_logs(None, None, None, 100)] == ["/b", "/a", "/old"]  # newest first
+    assert [e.route for e in store.spend_logs(None, now - 3600, None, 100)] == ["/b", "/a"]
+    assert [e.route for e in store.spend_logs(None, now - 9000, now - 3600, 100)] == ["/old"]
+    assert store.spend_logs(None, now + 3600, None, 100) == []
+    assert len(store.spend_logs(None, None, None, 1)) == 1
 
 
 # --- administration ------------------------------------------------------------------------------------------
