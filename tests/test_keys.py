@@ -369,3 +369,13 @@ def test_store_down_is_503_and_the_master_key_still_works(
         with psycopg.connect(postgres, autocommit=True) as conn:
             conn.execute(f'ALTER SCHEMA "{schema}_away" RENAME TO "{schema}"')
     assert proxy.call(key).status_code == 200
+
+
+def test_master_key_alone_keeps_keys_in_passthru_db_in_the_working_directory(
+    serve: Serve, upstream: Upstream, tmp_path: Any
+) -> None:
+    base = serve(entries(upstream), master_key=MASTER)  # no database_url, no DATABASE_URL (conftest clears it)
+    proxy = Proxy(base, "sqlite:///passthru.db")
+    key = proxy.generate()["key"]
+    assert proxy.call(key).status_code == 200
+    assert (tmp_path / "passthru.db").exists() and (tmp_path / "passthru.db-wal").exists()

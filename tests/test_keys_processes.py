@@ -218,3 +218,16 @@ def test_werkzeug_request_lines_are_masked(serve: Callable[..., str], upstream: 
         requests.get(f"{base}/key/info", params={"key": key}, headers=ADMIN, timeout=15)
         assert wait_until(lambda: any("/key/info" in r.getMessage() for r in caplog.records), 5)
     assert all(key not in record.getMessage() for record in caplog.records)
+
+
+def test_gunicorn_stops_with_one_line_when_the_store_is_unreachable(upstream: Upstream, tmp_path: Path) -> None:
+    config = write_config(tmp_path, entries(upstream), master_key=MASTER,
+                          database_url="postgresql://u:pw-never-shown@127.0.0.1:1/db")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    env.update(PASSTHRU_CONFIG=str(config), PORT=str(free_port()), HOST="127.0.0.1")
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
+                          env=env, capture_output=True, timeout=60)  # fmt: skip
+    output = (done.stdout + done.stderr).decode()
+    assert done.returncode != 0
+    assert "passthru: cannot open the key store at postgresql+psycopg://u:***@127.0.0.1:1/db" in output, output
+    assert "pw-never-shown" not in output and "Traceback" not in output
