@@ -1,4 +1,4 @@
-"""The key store: virtual keys and their spend log as SQLAlchemy Core tables, the few queries, a small Protocol.
+"""The key store: the few queries on virtual keys and their spend log (tables in schema.py), behind a Protocol.
 
 What a call is decided on (blocked, expiry, budget, the rpm window) is checked and counted by one atomic
 UPDATE … RETURNING on the store's own clock, so every worker and every host sharing the store counts together.
@@ -16,66 +16,14 @@ from typing import Any, Literal, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
 from passthru.db import READ_ONLY, Statement, dbapi_cursor, describe, ensure_schema, open_engine
 from passthru.errors import KeyStoreError, RequestError
+from passthru.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
 
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
-_JSON = sa.JSON(none_as_null=True)  # Python None is SQL NULL, not the JSON text 'null'
-
-metadata = sa.MetaData()
-keys = sa.Table(
-    "passthru_keys",
-    metadata,
-    sa.Column("token", sa.String(64), primary_key=True),  # sha256 hex of the key (LiteLLM's "token"), never the key
-    sa.Column("key_name", sa.String(16), nullable=False),  # "sk-...abcd": LiteLLM's hint of which key this is
-    sa.Column("key_alias", sa.String(255), unique=True),
-    sa.Column("created_at", sa.Double, nullable=False),  # seconds since the epoch, on the store's clock
-    sa.Column("expires", sa.Double),
-    sa.Column("blocked", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("max_budget", sa.Double),
-    sa.Column("spend", sa.Double, nullable=False, server_default=sa.text("0")),
-    sa.Column("rpm_limit", sa.Integer),
-    sa.Column("allowed_routes", _JSON),
-    sa.Column("metadata", _JSON),
-    sa.Column("window_start", sa.Double, nullable=False, server_default=sa.text("0")),
-    sa.Column("window_count", sa.Integer, nullable=False, server_default=sa.text("0")),
-)
-spend_logs = sa.Table(
-    "passthru_spend_logs",
-    metadata,
-    sa.Column("request_id", sa.String(36), primary_key=True),
-    sa.Column("token", sa.String(64), nullable=False),  # kept after the key is deleted: the spend happened
-    sa.Column("route", sa.Text, nullable=False),  # the configured pass-through path
-    sa.Column("status", sa.Integer, nullable=False),
-    sa.Column("spend", sa.Double, nullable=False),
-    sa.Column("start_time", sa.Double, nullable=False),
-    sa.Column("duration", sa.Double, nullable=False),  # seconds from the call's start to its body's end
-    sa.Index("ix_passthru_spend_logs_token_start", "token", "start_time"),
-    sa.Index("ix_passthru_spend_logs_start", "start_time"),
-)
-
-
-class store_now(FunctionElement[float]):
-    """Seconds since the epoch on the database's clock: hosts with skewed clocks still share one rpm window."""
-
-    type = sa.Double()
-    inherit_cache = True
-
-
-@compiles(store_now, "sqlite")
-def _now_sqlite(element: store_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "((julianday('now') - 2440587.5) * 86400.0)"  # 'now' is fixed for the whole statement
-
-
-@compiles(store_now, "postgresql")
-def _now_postgresql(element: store_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
 
 
 @dataclass(frozen=True)

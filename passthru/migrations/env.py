@@ -2,7 +2,7 @@
 
 A new migration is a new file in versions/: `python -c "from alembic import command; from passthru.db import
 alembic_config; command.revision(alembic_config(), 'what changes')"` writes one from script.py.mako; write its
-operations by hand so that the schema matches the tables in passthru/keys.py (tests/test_store.py checks that).
+operations by hand so that the schema matches the tables in passthru/schema.py (tests/test_store.py checks that).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 
 from passthru.db import VERSION_TABLE
-from passthru.keys import metadata
+from passthru.schema import metadata
 
 if context.is_offline_mode():
     raise SystemExit("passthru migrates a live database only (no --sql mode)")
