@@ -45,13 +45,26 @@ class Redact(logging.Filter):
         return True
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to sys.stderr as it is at each record, not as it was when the app was built: threads that outlive a
+    redirection (pytest's capture, an embedding program) never write to a closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(secrets: Iterable[str], debug: bool) -> None:
     """Send passthru's log to stderr through the redaction filter; mask gunicorn's own lines too."""
     redact = Redact(secrets)
     for handler in list(log.handlers):  # a second app in one process (tests, reload) replaces the first's handler
         if getattr(handler, "passthru", False):
             log.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.passthru = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(redact)

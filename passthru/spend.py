@@ -36,13 +36,14 @@ class SpendWriter:
         self._lock = threading.Lock()  # guards starting the thread
         self._thread: threading.Thread | None = None
         self._dropped = 0
+        self._closed = False
 
     def add(self, token: str, route: str, status: int, cost: float, seconds: float) -> None:
         """Queue the entry of a call that just finished (`seconds` after it started)."""
         now = time.time()
         entry = SpendEntry(str(uuid.uuid4()), token, route, status, cost, now - seconds, seconds)
+        self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
         self._pending.append(entry)
-        self._idle.clear()
         if len(self._pending) > BACKLOG:
             self._pending.popleft()
             self._dropped += 1
@@ -59,7 +60,7 @@ class SpendWriter:
                 atexit.register(self.flush)  # a worker that exits cleanly writes what it still holds
 
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._wake.wait(INTERVAL)
             self._wake.clear()
             self._write()
@@ -82,16 +83,25 @@ class SpendWriter:
             self._idle.set()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Write everything queued so far; False if the store could not take it within `timeout` seconds."""
+        """Write everything queued so far, the batch being written included; False if not done within `timeout`."""
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
-            self._wake.set()
-            self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        while not (self._idle.is_set() and not self._pending) and time.monotonic() < deadline:
             if self._thread is None or not self._thread.is_alive():
                 self._write()  # no thread (never started, or the interpreter is exiting): write here
-        return not self._pending
+                if self._pending:
+                    time.sleep(0.05)  # the store is down: try again until the deadline
+                continue
+            self._wake.set()
+            if not self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic()))) or self._pending:
+                time.sleep(0.001)
+        return self._idle.is_set() and not self._pending
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Flush, and stop being flushed at exit (an app that is thrown away, in tests or on reload)."""
+        """Flush, then stop the thread: the store can be closed after this (an app thrown away, tests, reload)."""
         atexit.unregister(self.flush)
-        return self.flush(timeout)
+        done = self.flush(timeout)
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return done
