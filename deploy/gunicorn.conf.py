@@ -74,13 +74,20 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Check the config in the master, once, before any worker starts: a bad one stops here with one line."""
+    """Check the config and migrate the key store in the master, once, before any worker starts.
+
+    A bad config or an unreachable store stops here with one line. Workers forked from this process know the
+    store is migrated and skip that step.
+    """
     from passthru.config import accept_from_environment
-    from passthru.errors import ConfigError
+    from passthru.db import migrate
+    from passthru.errors import ConfigError, KeyStoreError
 
     try:
         settings = accept_from_environment(os.environ)
-    except ConfigError as exc:
+        if settings.database_url is not None:
+            migrate(settings.database_url)
+    except (ConfigError, KeyStoreError) as exc:
         sys.exit(f"passthru: {exc}")
     for warning in settings.warnings:
         server.log.warning("passthru: %s", warning)
@@ -97,16 +104,22 @@ def on_reload(server):
     The new workers run whatever the master last accepted, so on a refusal they keep the previous config.
     """
     from passthru.config import accept_from_environment
-    from passthru.errors import ConfigError
+    from passthru.db import migrate
+    from passthru.errors import ConfigError, KeyStoreError
 
     try:
         settings = accept_from_environment(os.environ)
     except ConfigError as exc:
         server.log.error("passthru: %s; reload refused, the previous config keeps serving", exc)
-    else:
-        server.log.info("passthru: config reloaded")
-        for warning in settings.warnings:
-            server.log.warning("passthru: %s", warning)
+        return
+    server.log.info("passthru: config reloaded")
+    for warning in settings.warnings:
+        server.log.warning("passthru: %s", warning)
+    if settings.database_url is not None:
+        try:
+            migrate(settings.database_url)  # a new passthru version's schema, after an upgrade in place
+        except KeyStoreError as exc:
+            server.log.error("passthru: %s", exc)
 
 
 def post_worker_init(worker):

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from passthru.config import Endpoint
-from passthru.errors import AuthError
+from passthru.errors import AccessDenied, AuthError, BudgetExceeded, PassthruError, RateLimited
+from passthru.keys import KeyInfo, KeyStore, Refusal
+from passthru.spend import SpendWriter
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
 _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name in CREDENTIAL_HEADERS)
 
 
-class KeyCheck(Protocol):
-    """Decides whether a key may call an endpoint; raises AuthError (or a subclass of PassthruError) if not."""
+# Called once the answer's body is done, with its status and the seconds since the request came in.
+Finish = Callable[[int, float], None]
+# How long a worker trusts what it read of a key's allowed_routes. Blocking, deleting, expiry, budget and rpm are
+# decided by the store on every call; only a change of allowed_routes can take this long to reach every worker.
+CACHE_SECONDS = 1.0
+CACHE_SIZE = 10_000  # keys remembered per worker; past that the memory starts over
 
-    def __call__(self, key: str | None, endpoint: Endpoint) -> None: ...
+
+class KeyCheck(Protocol):
+    """Decides whether a key may call an endpoint; raises AuthError (or a subclass of PassthruError) if not.
+
+    Returns what to do when the call is over (write its spend log entry), or None when there is nothing to do.
+    """
+
+    def __call__(self, key: str | None, endpoint: Endpoint) -> Finish | None: ...
 
 
 def digest(key: str) -> bytes:
@@ -75,7 +89,84 @@ def master_key_check(master_key: str) -> KeyCheck:
     """The check for a config with only a master_key: that key passes, anything else is 401."""
     expected = digest(master_key)
 
-    def check(key: str | None, endpoint: Endpoint) -> None:
+    def check(key: str | None, endpoint: Endpoint) -> Finish | None:
         verify(key, expected)
+        return None
 
     return check
+
+
+def virtual_key_check(master_key: str, store: KeyStore, spend: SpendWriter) -> KeyCheck:
+    """The master key passes without touching the store; a virtual key is admitted by the store, call by call."""
+    expected = digest(master_key)
+    recent = RecentKeys(store)
+
+    def check(key: str | None, endpoint: Endpoint) -> Finish | None:
+        if key is None:
+            raise AuthError("Authentication Error, no api key passed in.")
+        key_digest = digest(key)
+        if hmac.compare_digest(key_digest, expected):
+            return None
+        token = key_digest.hex()
+        info = recent.get(token)
+        if info is None:
+            raise AuthError("Authentication Error, invalid proxy key.")
+        if not route_allowed(info.allowed_routes, endpoint.path):
+            raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
+        refusal = store.admit(token, endpoint.cost_per_request)
+        if refusal is not None:
+            raise refused(refusal)
+        route, cost = endpoint.path, endpoint.cost_per_request
+        return lambda status, seconds: spend.add(token, route, status, cost, seconds)
+
+    return check
+
+
+def route_allowed(allowed: tuple[str, ...] | None, path: str) -> bool:
+    """allowed_routes holds configured paths (their sub-paths included) or prefixes ending in *.
+
+    None or an empty list allows every route, as in LiteLLM (whose keys default to allowed_routes: []).
+    """
+    if not allowed or path in allowed:
+        return True
+    return any(entry.endswith("*") and path.startswith(entry[:-1]) for entry in allowed)
+
+
+def refused(refusal: Refusal) -> PassthruError:
+    """The store's reason for refusing a call, as LiteLLM answers it."""
+    if refusal.reason == "budget":
+        return BudgetExceeded(
+            f"Budget has been exceeded! Current cost: {refusal.spend:g}, Max budget: {refusal.max_budget:g}"
+        )
+    if refusal.reason == "rpm":
+        return RateLimited(
+            f"Rate limit exceeded: this key's rpm_limit is reached; retry in {refusal.retry_after}s",
+            retry_after=refusal.retry_after,
+        )
+    problem = {"blocked": "this key is blocked", "expired": "this key has expired"}.get(refusal.reason)
+    return AuthError(f"Authentication Error, {problem or 'invalid proxy key'}.")
+
+
+class RecentKeys:
+    """The keys this worker read in the last CACHE_SECONDS: the route check costs no query on the hot path."""
+
+    def __init__(self, store: KeyStore, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE) -> None:
+        self.store = store
+        self.seconds = seconds
+        self.size = size
+        self._entries: dict[str, tuple[float, KeyInfo]] = {}  # token → (good until, monotonic clock; info)
+
+    def get(self, token: str) -> KeyInfo | None:
+        """The key's stored fields, at most `seconds` old; None when the store has no such key."""
+        now = time.monotonic()
+        entry = self._entries.get(token)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        info = self.store.find(token)
+        if info is None:
+            self._entries.pop(token, None)
+            return None
+        if len(self._entries) >= self.size:
+            self._entries.clear()  # dict operations are atomic under the GIL: threads need no lock here
+        self._entries[token] = (now + self.seconds, info)
+        return info

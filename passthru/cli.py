@@ -1,4 +1,9 @@
-"""The `passthru` command: serve under gunicorn with LiteLLM's flags, or `check` a config like `nginx -t`."""
+"""The `passthru` command: serve under gunicorn with LiteLLM's flags, `check` a config like `nginx -t`, manage
+virtual keys straight in the store (`keys`), migrate it (`db upgrade`).
+
+Only the config is imported up front: serving must set prometheus_client's multiprocess directory (in
+deploy/gunicorn.conf.py) before anything imports the app's modules, which import it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ from gunicorn.app.base import BaseApplication
 
 from passthru.config import load_settings
 from passthru.errors import ConfigError
-from passthru.logs import Redact
 
 GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
 
@@ -23,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["check"]:
         return check(_check_parser().parse_args(args[1:]).config)
+    if args[:1] in (["keys"], ["db"]):
+        from passthru.key_cli import db_main, keys_main
+
+        return (keys_main if args[0] == "keys" else db_main)(args[1:])
     return serve(_serve_parser().parse_args(args))
 
 
@@ -30,7 +38,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="passthru",
         description="Serve LiteLLM pass-through endpoints from a config.yaml. "
-        "`passthru check --config F` only validates the file.",
+        "`passthru check --config F` only validates the file; `passthru keys …` manages virtual keys; "
+        "`passthru db upgrade --config F` migrates the key store.",
     )
     parser.add_argument("--config", required=True, help="LiteLLM config.yaml with general_settings")
     parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="address to bind (0.0.0.0)")
@@ -58,6 +67,8 @@ def check(path: str) -> int:
     except ConfigError as exc:
         print(f"passthru: {exc}", file=sys.stderr)
         return 1
+    from passthru.logs import Redact
+
     mask = Redact(settings.secrets).mask  # values from the environment are shown as ***
     print(f"{settings.source}: ok, {len(settings.endpoints)} route(s)")
     for ep in settings.endpoints:
@@ -69,6 +80,8 @@ def check(path: str) -> int:
             print(f"      {name}: ***")
         for name, value in ep.default_query_params:
             print(f"      ?{name}={mask(value)}")
+    if settings.database_shown is not None:
+        print(f"  key store: {settings.database_shown}")
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

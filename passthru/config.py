@@ -17,6 +17,8 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import yaml
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from passthru.errors import ConfigError
 
@@ -39,9 +41,15 @@ ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
     "default_query_params", "cost_per_request",
 )  # fmt: skip
-GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth")  # the keys passthru serves
+GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url")  # passthru's keys
 # passthru's own routes: a pass-through path may not take them (it would shadow them or be shadowed).
 BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
+# Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
+KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/key/list", "/key/block",
+                 "/key/unblock", "/spend/logs")  # fmt: skip
+# The key store when master_key is set and neither database_url nor DATABASE_URL names one: a file in the working
+# directory, as LiteLLM users expect one `passthru` on one host to work without a database server.
+DEFAULT_DATABASE_URL = "sqlite:///passthru.db"
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,9 @@ class Settings:
     metrics_require_auth: bool
     secrets: frozenset[str]  # every value a log line or an answer must mask
     warnings: tuple[str, ...]  # said at start-up: routes that hand environment secrets to anyone
+    # The key store's SQLAlchemy URL, set exactly when master_key is (virtual keys are administered with it).
+    database_url: str | None = None
+    database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
 
 
 def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
@@ -173,9 +184,11 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     metrics_require_auth = reader.boolean(general, "metrics_require_auth", "general_settings")
     if metrics_require_auth and master_key is None:
         raise reader.error("general_settings.metrics_require_auth", "is true but master_key is not set")
+    # The key API is served only with a master key; the health and metrics paths always.
+    built_in = BUILT_IN_PATHS + (KEY_API_PATHS if master_key is not None else ())
     seen: dict[str, int] = {}
     for ep in endpoints:
-        clash = next((path for path in BUILT_IN_PATHS if _serves(ep, path)), None)
+        clash = next((path for path in built_in if _serves(ep, path)), None)
         if clash:
             raise reader.error(f"{_where(ep.index, ep.path)}.path", f"clashes with passthru's built-in route {clash}")
         if ep.path in seen:
@@ -186,13 +199,28 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
             raise reader.error(
                 f"{_where(ep.index, ep.path)}.auth", "is true but general_settings.master_key is not set"
             )
-    warnings = tuple(
+    warnings = [
         f"{source}: route {ep.path} injects secrets from the environment and has auth: false; "
         "anyone who can reach passthru can use them"
         for ep in endpoints
         if not ep.auth and any(value in reader.from_environment for _, value in ep.headers)
+    ]
+    database_url = database_shown = None
+    if master_key is not None:
+        database_url, database_shown = _database_url(reader, general.get("database_url"), environ)
+    elif general.get("database_url") is not None:
+        warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
+                        "only used for virtual keys, which need the master key")  # fmt: skip
+    return Settings(
+        source,
+        master_key,
+        endpoints,
+        metrics_require_auth,
+        frozenset(reader.secrets),
+        tuple(warnings),
+        database_url,
+        database_shown,
     )
-    return Settings(source, master_key, endpoints, metrics_require_auth, frozenset(reader.secrets), warnings)
 
 
 def _serves(endpoint: Endpoint, path: str) -> bool:
@@ -200,6 +228,44 @@ def _serves(endpoint: Endpoint, path: str) -> bool:
     if endpoint.path == path:
         return True
     return endpoint.include_subpath and path.startswith(endpoint.path.rstrip("/") + "/")
+
+
+def _database_url(reader: _Reader, value: Any, environ: Mapping[str, str]) -> tuple[str, str]:
+    """The store's URL from general_settings.database_url, else $DATABASE_URL (LiteLLM's), else ./passthru.db."""
+    if value is not None:
+        field = "general_settings.database_url"
+        text = reader.string(value, field, secret=True)
+    elif environ.get("DATABASE_URL"):
+        field = "DATABASE_URL (environment)"
+        text = environ["DATABASE_URL"]
+        reader.secrets.add(text)
+    else:
+        return DEFAULT_DATABASE_URL, DEFAULT_DATABASE_URL
+    try:
+        url = make_url(text)
+    except ArgumentError as exc:
+        raise reader.error(field, "is not a database URL such as postgresql://user:pass@host/db") from exc
+    if url.password:
+        reader.secrets.add(str(url.password))
+    url = _normalised(reader, field, url)
+    return url.render_as_string(hide_password=False), url.render_as_string(hide_password=True)
+
+
+def _normalised(reader: _Reader, field: str, url: URL) -> URL:
+    backend, driver = url.get_backend_name(), url.drivername.partition("+")[2]
+    if backend in ("postgresql", "postgres"):
+        # LiteLLM's DATABASE_URL is Prisma's postgresql://; psycopg 3 is the driver passthru ships with.
+        if driver not in ("", "psycopg"):
+            raise reader.error(field, f"uses the driver {driver!r}; passthru ships psycopg (postgresql+psycopg://)")
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise reader.error(field, f"uses the driver {driver!r}; write sqlite:///path/to/file.db")
+        if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+            # Every worker and every pooled connection must see the same keys: only a file is shared.
+            raise reader.error(field, "must name a file (sqlite:///passthru.db), not an in-memory database")
+        return url
+    raise reader.error(field, f"uses {backend!r}; passthru stores keys in sqlite:///file.db or postgresql://")
 
 
 def _where(index: int, path: str | None) -> str:

@@ -3,7 +3,12 @@
     PassthruError               anything passthru raises on purpose (500)
     ├── ConfigError             the config file is wrong; raised at start-up only
     ├── RequestError            the caller's request is malformed (400)
-    ├── AuthError               no key or a wrong key (401)
+    ├── BudgetExceeded          a virtual key has spent its max_budget (400, LiteLLM's `budget_exceeded`)
+    ├── AuthError               no key, or an unknown, blocked or expired one (401)
+    │   └── AccessDenied        a valid key that may not do this: route not allowed, admin-only API (403)
+    ├── NotFound                the key named in a /key/* call does not exist (404)
+    ├── RateLimited             a virtual key is over its rpm_limit; carries Retry-After (429)
+    ├── KeyStoreError           the key store cannot be reached or answered with an error (503)
     └── UpstreamError           the upstream refused, reset or broke the exchange (502)
         └── UpstreamTimeout     the upstream did not answer within the route's timeout (504)
 
@@ -33,6 +38,11 @@ class PassthruError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra headers of the answer (Retry-After on a 429)."""
+        return {}
+
 
 class ConfigError(PassthruError):
     """The config file cannot be served; the message names the file, the entry and the field."""
@@ -43,9 +53,43 @@ class RequestError(PassthruError):
     type = "bad_request_error"
 
 
+class BudgetExceeded(PassthruError):
+    status = 400
+    type = "budget_exceeded"
+
+
 class AuthError(PassthruError):
     status = 401
     type = "auth_error"
+
+
+class AccessDenied(AuthError):
+    status = 403
+
+
+class NotFound(PassthruError):
+    status = 404
+    type = "not_found_error"
+
+
+class RateLimited(PassthruError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class KeyStoreError(PassthruError):
+    """The store is down or failing; the message never carries the driver's text (it can hold the URL)."""
+
+    status = 503
+    type = "service_unavailable"
 
 
 class UpstreamError(PassthruError):
@@ -62,9 +106,11 @@ class UpstreamTimeout(UpstreamError):
 HTTP_ERROR_TYPES = {
     400: "bad_request_error",
     401: "auth_error",
+    403: "auth_error",
     404: "not_found_error",
     405: "method_not_allowed",
     414: "bad_request_error",
+    415: "bad_request_error",
     431: "bad_request_error",
 }
 
@@ -91,7 +137,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(PassthruError)
     def _passthru(exc: PassthruError) -> Response:
-        return error_response(exc.status, exc.message, exc.type, exc.param)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers or None)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response | HTTPException:

@@ -22,6 +22,9 @@ MASK = "***"
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
+# Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
+# A lookbehind keeps words such as "task-list" intact.
+KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{6,}")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -44,6 +47,8 @@ class Redact(logging.Filter):
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
+        if "sk-" in text:
+            text = KEY_PATTERN.sub(f"sk-{MASK}", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -79,6 +84,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to sys.stderr as it is at each record, not as it was when the app was built: threads that outlive a
+    redirection (pytest's capture, an embedding program) never write to a closed stream."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def formatter() -> logging.Formatter:
     """The formatter for every passthru log line: text by default, JSON with JSON_LOGS=true."""
     return JsonFormatter() if json_logs() else logging.Formatter(TEXT_FORMAT)
@@ -90,7 +108,7 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
     for handler in list(log.handlers):  # a second app in one process (tests, reload) replaces the first's handler
         if getattr(handler, "passthru", False):
             log.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.passthru = True  # type: ignore[attr-defined]
     handler.setFormatter(formatter())
     handler.addFilter(redact)
@@ -177,6 +195,12 @@ class _Counted:
         received = getattr(environ.get("passthru.body"), "received", 0)
         method = environ.get("REQUEST_METHOD", "")
         metrics.record(route, method, status, self.sent, received, seconds, upstream)
+        finish = environ.get("passthru.on_finish")
+        if finish is not None:
+            try:
+                finish(status or 500, seconds)
+            except Exception as exc:  # the answer is gone; what is left is to say the entry is missing
+                log.warning("spend log entry not written for %s: %s", _printable(environ.get("PATH_INFO", "")), exc)
         fields = {
             "method": method, "path": _printable(environ.get("PATH_INFO", "")), "status": status, "bytes": self.sent,
             "duration_ms": round(seconds * 1000, 1),

@@ -52,7 +52,9 @@ def _serve(route: Route, key_check: KeyCheck | None, proxy_keys: tuple[bytes, ..
     drop: frozenset[str] = frozenset()
     if key_check is not None:
         found = read_key(environ)
-        key_check(found[0] if found else None, route.endpoint)
+        finish = key_check(found[0] if found else None, route.endpoint)
+        if finish is not None:
+            environ["passthru.on_finish"] = finish  # logs.AccessLog calls it once the body is done
         if found:
             proxy_keys = (*proxy_keys, digest(found[0]))
     if route.endpoint.forward_headers and proxy_keys:

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import yaml
 from upstream import Upstream, start_upstream
@@ -25,11 +27,67 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_p
                    "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")  # fmt: skip
 
 
+POSTGRES = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=5"
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Test traffic goes straight to 127.0.0.1 whatever the machine's proxy settings say."""
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A config with master_key and no database_url makes ./passthru.db: in the test's own folder, not the repo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The libpq DSN of the test PostgreSQL (.ci/run starts it); skipped when it is down, except in CI."""
+    try:
+        psycopg.connect(POSTGRES).close()
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL on 127.0.0.1:5432 (database test) is not reachable: {str(exc).strip()[:200]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES
+
+
+def _fresh_schema(dsn: str) -> Iterator[str]:
+    """A schema of its own for one test, so runs and tests never see each other's keys; dropped afterwards."""
+    schema = f"passthru_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        # application_name lets the teardown find this test's connections, in this process or a server's.
+        yield (f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+               f"&application_name={schema}")  # fmt: skip
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (schema,)
+            )
+            conn.execute("SET lock_timeout = '10s'")
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The key store's URL, once per backend: a SQLite file in the test's folder, a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'keys.db'}"
+    else:
+        yield from _fresh_schema(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture
+def postgres_url(postgres: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema's URL, for the tests that are about PostgreSQL only."""
+    yield from _fresh_schema(postgres)
 
 
 @pytest.fixture(scope="session")
@@ -74,22 +132,29 @@ def wait_for_port(port: int, seconds: float, alive: Callable[[], bool] = lambda:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """serve(entries, **general) → base URL of passthru built from that config, on werkzeug's threaded server."""
+    """serve(entries, **general) → base URL of passthru built from that config, on werkzeug's threaded server.
+
+    Ask for database_url or postgres_url before serve: fixtures end in reverse, and the server (with its spend log
+    writer) must stop before its schema is dropped.
+    """
     servers = []
 
     def start(entries: list[dict[str, Any]], **general: Any) -> str:
         app = create_app(write_config(tmp_path, entries, **general))
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        servers.append(server)
+        servers.append((server, app))
         return f"http://127.0.0.1:{server.server_port}"
 
     try:
         yield start
     finally:
-        for server in servers:
+        for server, app in servers:
             server.shutdown()
             server.server_close()
+            if "passthru.key_store" in app.extensions:
+                app.extensions["passthru.spend_writer"].close()
+                app.extensions["passthru.key_store"].close()
 
 
 @dataclass

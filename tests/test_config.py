@@ -315,3 +315,92 @@ def test_create_app_default_reads_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PASSTHRU_CONFIG_YAML", OTHER_CONFIG)
     app = create_app()
     assert "/from-file" in {rule.rule for rule in app.url_map.iter_rules()}
+
+
+# --- the key store's URL and the key API's paths -------------------------------------------------------------
+
+
+def test_master_key_alone_selects_the_embedded_sqlite_store() -> None:
+    settings = settings_of([], master_key="sk-1")
+    assert settings.database_url == "sqlite:///passthru.db"
+    assert settings_of([]).database_url is None  # no master key, no virtual keys, no store
+
+
+@pytest.mark.parametrize(
+    ("value", "url", "shown"),
+    [
+        pytest.param("postgresql://u:pw-secret-1@db.example:5432/litellm",
+                     "postgresql+psycopg://u:pw-secret-1@db.example:5432/litellm",
+                     "postgresql+psycopg://u:***@db.example:5432/litellm", id="prisma-style"),
+        pytest.param("postgres://u:pw-secret-1@db.example/l", "postgresql+psycopg://u:pw-secret-1@db.example/l",
+                     "postgresql+psycopg://u:***@db.example/l", id="postgres-scheme"),
+        pytest.param("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db",
+                     id="psycopg"),
+        pytest.param("postgresql:///db", "postgresql+psycopg:///db", "postgresql+psycopg:///db", id="unix-socket"),
+        pytest.param("sqlite:////var/lib/passthru/keys.db", "sqlite:////var/lib/passthru/keys.db",
+                     "sqlite:////var/lib/passthru/keys.db", id="sqlite-absolute"),
+    ],
+)  # fmt: skip
+def test_database_url_forms(value: str, url: str, shown: str) -> None:
+    settings = settings_of([], master_key="sk-1", database_url=value)
+    assert (settings.database_url, settings.database_shown) == (url, shown)
+    assert value in settings.secrets
+    if "pw-secret-1" in value:
+        assert "pw-secret-1" in settings.secrets  # masked alone too, wherever a driver message quotes it
+
+
+def test_database_url_from_the_environment_and_litellms_variable() -> None:
+    environ = {**ENV, "DB": "postgresql://u:pw-2@h/db", "DATABASE_URL": "postgresql://u:pw-3@h2/db"}
+    from_config = settings_of([], environ, master_key="sk-1", database_url="os.environ/DB")
+    assert from_config.database_url == "postgresql+psycopg://u:pw-2@h/db"
+    from_env = settings_of([], environ, master_key="sk-1")
+    assert from_env.database_url == "postgresql+psycopg://u:pw-3@h2/db"
+    assert {"pw-3", "postgresql://u:pw-3@h2/db"} <= from_env.secrets
+
+
+def test_database_url_without_master_key_is_unused_and_said_so() -> None:
+    settings = settings_of([], database_url="sqlite:///x.db")
+    assert settings.database_url is None
+    (warning,) = settings.warnings
+    assert "database_url is set but master_key is not" in warning
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("mysql://u@h/db", "general_settings.database_url: uses 'mysql'", id="mysql"),
+        pytest.param("sqlite://", "must name a file", id="sqlite-memory"),
+        pytest.param("sqlite:///:memory:", "must name a file", id="sqlite-memory-explicit"),
+        pytest.param("postgresql+psycopg2://u@h/db", "uses the driver 'psycopg2'", id="psycopg2"),
+        pytest.param("not a url", "is not a database URL", id="garbage"),
+        pytest.param(["x"], "must be a string", id="list"),
+    ],
+)
+def test_bad_database_urls(value: object, expected: str) -> None:
+    message = error_of([], master_key="sk-1", database_url=value)
+    assert expected in message
+
+
+def test_bad_database_url_in_the_environment_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"DATABASE_URL \(environment\): uses 'mysql'"):
+        settings_of([], {"DATABASE_URL": "mysql://u:pw@h/db"}, master_key="sk-1")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param({"path": "/key/generate", "target": "http://a"}, id="exact"),
+        pytest.param({"path": "/spend/logs", "target": "http://a"}, id="spend-logs"),
+        pytest.param({"path": "/key", "target": "http://a", "include_subpath": True}, id="prefix"),
+    ],
+)
+def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
+    message = error_of([entry], master_key="sk-1")
+    assert ".path: clashes with passthru's built-in route /" in message
+    settings_of([entry])  # without a master key there is no key API to cover
+
+
+def test_routes_beside_the_key_api_are_fine() -> None:
+    entries = [{"path": "/key", "target": "http://a"}, {"path": "/keys", "target": "http://a", "include_subpath": True},
+               {"path": "/key/generate2", "target": "http://a"}]  # fmt: skip
+    assert len(settings_of(entries, master_key="sk-1").endpoints) == 3

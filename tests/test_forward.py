@@ -17,7 +17,7 @@ import urllib3
 from conftest import write_config
 
 from passthru import create_app
-from passthru.auth import digest, headers_carrying, read_key
+from passthru.auth import digest, headers_carrying, read_key, route_allowed
 from passthru.config import parse_settings
 from passthru.errors import ConfigError, RequestError
 from passthru.forward import (
@@ -232,6 +232,34 @@ def test_redact_masks_message_args_and_traceback() -> None:
     redact.filter(record)
     assert record.getMessage() == "key=***"
     assert "s3cr3t" not in (record.exc_text or "") and "boom ***" in (record.exc_text or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("GET /key/info?key=sk-AbC_123-xyz HTTP/1.1", "GET /key/info?key=sk-*** HTTP/1.1", id="query"),
+        pytest.param("key sk-abcdef and sk-ghijkl", "key sk-*** and sk-***", id="two"),
+        pytest.param("POST /task-list /ask-questions-now", "POST /task-list /ask-questions-now", id="words"),
+        pytest.param("key_name sk-...abcd", "key_name sk-...abcd", id="key-name"),
+    ],
+)
+def test_redact_masks_anything_shaped_like_a_virtual_key(text: str, expected: str) -> None:
+    assert Redact([]).mask(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("allowed", "path", "expected"),
+    [
+        pytest.param(None, "/any", True, id="no-list"),
+        pytest.param(("/v1/rerank",), "/v1/rerank", True, id="listed"),
+        pytest.param(("/v1/rerank",), "/v1/rerank2", False, id="longer"),
+        pytest.param(("/v1/*",), "/v1/rerank", True, id="prefix"),
+        pytest.param(("/v1/*",), "/v2/rerank", False, id="other-prefix"),
+        pytest.param((), "/v1/rerank", True, id="empty-list-like-litellm"),
+    ],
+)
+def test_route_allowed(allowed: tuple[str, ...] | None, path: str, expected: bool) -> None:
+    assert route_allowed(allowed, path) is expected
 
 
 # --- the transport seam, mocked: errors map to LiteLLM-shaped answers --------------------------------------------

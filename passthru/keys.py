@@ -1,0 +1,304 @@
+"""The key store: the few queries on virtual keys and their spend log (tables in schema.py), behind a Protocol.
+
+What a call is decided on (blocked, expiry, budget, the rpm window) is checked and counted by one atomic
+UPDATE … RETURNING on the store's own clock, so every worker and every host sharing the store counts together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, Row
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from passthru.db import READ_ONLY, Statement, dbapi_cursor, describe, ensure_schema, open_engine
+from passthru.errors import KeyStoreError, RequestError
+from passthru.schema import keys, spend_logs, store_now
+
+log = logging.getLogger("passthru")
+
+WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as stored, which is everything but the key itself."""
+
+    token: str
+    key_name: str
+    key_alias: str | None
+    created_at: float
+    expires: float | None
+    blocked: bool
+    max_budget: float | None
+    spend: float
+    rpm_limit: int | None
+    allowed_routes: tuple[str, ...] | None  # None: every route
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key to create, already validated; `duration` is seconds from now on the store's clock (None: never ends)."""
+
+    token: str
+    key_name: str
+    key_alias: str | None = None
+    duration: float | None = None
+    max_budget: float | None = None
+    rpm_limit: int | None = None
+    allowed_routes: tuple[str, ...] | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SpendEntry:
+    """One pass-through call made with a virtual key."""
+
+    request_id: str
+    token: str
+    route: str
+    status: int
+    spend: float
+    start_time: float
+    duration: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the store refused a call; auth.py turns it into LiteLLM's error."""
+
+    reason: Literal["unknown", "blocked", "expired", "budget", "rpm"]
+    retry_after: int = 0  # rpm: seconds until the key's window ends
+    spend: float = 0.0
+    max_budget: float | None = None
+
+
+# Fields /key/update may change; "duration" sets a new expiry counted from now.
+UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes", "metadata",
+                       "blocked"})  # fmt: skip
+
+
+class KeyStore(Protocol):
+    """What passthru needs from a key store: the per-call check and log, and the /key/* operations."""
+
+    def find(self, token: str) -> KeyInfo | None: ...
+
+    def admit(self, token: str, cost: float) -> Refusal | None: ...
+
+    def record(self, entries: Sequence[SpendEntry]) -> None: ...
+
+    def create(self, new: NewKey) -> KeyInfo: ...
+
+    def update(self, token: str, changes: Mapping[str, Any]) -> KeyInfo | None: ...
+
+    def delete(self, tokens: Sequence[str]) -> list[str]: ...
+
+    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]: ...
+
+    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
+
+    def close(self) -> None: ...
+
+
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    """The one place the driver's errors become KeyStoreError (503); the driver's text goes to the log only."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        log.warning("key store error while %s: %s", what, describe(exc))
+        raise KeyStoreError("the key store is unavailable; try again shortly") from exc
+
+
+class SqlKeyStore:
+    """The KeyStore on SQLite or PostgreSQL; statements are built once here and only executed per call."""
+
+    def __init__(self, engine: Engine, window: float = WINDOW_SECONDS) -> None:
+        self.engine = engine
+        self.window = window
+        self._reads = engine.execution_options(**{READ_ONLY: True})
+        c, now = keys.c, store_now()
+        fresh = c.window_start + window <= now  # the key's last window is over: this call opens a new one
+        admit = (
+            sa.update(keys)
+            .where(
+                c.token == sa.bindparam("t"),
+                sa.not_(c.blocked),
+                sa.or_(c.expires.is_(None), c.expires > now),
+                sa.or_(c.max_budget.is_(None), c.spend < c.max_budget),
+                sa.or_(c.rpm_limit.is_(None), fresh, c.window_count < c.rpm_limit),
+            )
+            .values(
+                window_start=sa.case((fresh, now), else_=c.window_start),
+                window_count=sa.case((fresh, 1), else_=c.window_count + 1),
+                spend=c.spend + sa.bindparam("cost", type_=sa.Double),
+            )
+            .returning(c.token)
+        )
+        why = sa.select(
+            c.blocked, c.expires, c.max_budget, c.spend, c.rpm_limit, c.window_start, c.window_count, now
+        ).where(c.token == sa.bindparam("t"))
+        record = sa.insert(spend_logs).values({column.name: sa.bindparam(column.name, type_=column.type)
+                                               for column in spend_logs.c})  # fmt: skip
+        self._admit, self._why, self._record = (Statement(engine, s) for s in (admit, why, record))
+        self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
+
+    # --- per call ---------------------------------------------------------------------------------------------
+
+    def find(self, token: str) -> KeyInfo | None:
+        """The key with this hash, or None."""
+        with _guard("reading a key"), self._reads.connect() as conn:
+            row = conn.execute(self._find, {"t": token}).first()
+        return None if row is None else _info(row)
+
+    def admit(self, token: str, cost: float) -> Refusal | None:
+        """Count one call against the key and add its cost, atomically; or say why the key may not call now."""
+        for _ in range(3):
+            with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
+                cursor.execute(self._admit.sql, self._admit.args({"t": token, "cost": cost}))
+                if cursor.fetchone() is not None:
+                    return None
+                cursor.execute(self._why.sql, self._why.args({"t": token}))
+                row = cursor.fetchone()
+            refusal = self._refusal(row)
+            if refusal is not None:
+                return refusal
+            # Refused, yet the row shows no reason: it changed in between (a window ended, a budget was raised).
+        return Refusal("rpm", retry_after=1)
+
+    def _refusal(self, row: Sequence[Any] | None) -> Refusal | None:
+        if row is None:
+            return Refusal("unknown")
+        blocked, expires, max_budget, spend, rpm_limit, window_start, window_count, now = row
+        if blocked:
+            return Refusal("blocked")
+        if expires is not None and expires <= now:
+            return Refusal("expired")
+        if max_budget is not None and spend >= max_budget:
+            return Refusal("budget", spend=spend, max_budget=max_budget)
+        if rpm_limit is not None and window_start + self.window > now and window_count >= rpm_limit:
+            return Refusal("rpm", retry_after=max(1, math.ceil(window_start + self.window - now)))
+        return None
+
+    def record(self, entries: Sequence[SpendEntry]) -> None:
+        """Write spend log entries, all in one transaction (spend.SpendWriter batches them)."""
+        rows = [self._record.args(vars(entry)) for entry in entries]
+        with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=True) as cursor:
+            cursor.executemany(self._record.sql, rows)
+
+    # --- administration ---------------------------------------------------------------------------------------
+
+    def create(self, new: NewKey) -> KeyInfo:
+        """Insert a key; RequestError if its value or alias is taken."""
+        now = store_now()
+        values = {
+            "token": new.token, "key_name": new.key_name, "key_alias": new.key_alias, "created_at": now,
+            "expires": None if new.duration is None else now + new.duration, "max_budget": new.max_budget,
+            "rpm_limit": new.rpm_limit, "metadata": dict(new.metadata or {}),
+            "allowed_routes": None if new.allowed_routes is None else list(new.allowed_routes),
+        }  # fmt: skip
+        with _guard("creating a key"), self.engine.begin() as conn:
+            if conn.execute(sa.select(keys.c.token).where(keys.c.token == new.token)).first() is not None:
+                raise RequestError("this key already exists", param="key")
+            self._check_alias(conn, new.key_alias, new.token)
+            try:
+                row = conn.execute(sa.insert(keys).values(values).returning(*keys.c)).one()
+            except IntegrityError as exc:  # a race with another host's insert
+                raise RequestError("a key with this value or key_alias already exists") from exc
+        return _info(row)
+
+    def _check_alias(self, conn: sa.Connection, alias: str | None, owner: str) -> None:
+        """A clear message for the common case; the unique index still decides when two hosts race."""
+        if alias is not None:
+            taken = conn.execute(sa.select(keys.c.token).where(keys.c.key_alias == alias)).first()
+            if taken is not None and taken.token != owner:
+                raise RequestError(f"key_alias {alias!r} is already used by another key", param="key_alias")
+
+    def update(self, token: str, changes: Mapping[str, Any]) -> KeyInfo | None:
+        """Change some fields of a key (see UPDATABLE); None if there is no such key."""
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in UPDATABLE:
+                raise ValueError(f"{name} cannot be updated")
+            if name == "duration":
+                values["expires"] = None if value is None else store_now() + value
+            elif name == "allowed_routes":
+                values[name] = None if value is None else list(value)
+            else:
+                values[name] = value
+        if not values:
+            return self.find(token)
+        with _guard("updating a key"), self.engine.begin() as conn:
+            if "key_alias" in values:
+                self._check_alias(conn, values["key_alias"], token)
+            try:
+                stmt = sa.update(keys).where(keys.c.token == token).values(values).returning(*keys.c)
+                row = conn.execute(stmt).first()
+            except IntegrityError as exc:
+                raise RequestError("key_alias is already used by another key", param="key_alias") from exc
+        return None if row is None else _info(row)
+
+    def delete(self, tokens: Sequence[str]) -> list[str]:
+        """Delete all these keys, or none: returns the ones that do not exist (then nothing was deleted)."""
+        with _guard("deleting keys"), self.engine.begin() as conn:
+            found = set(conn.scalars(sa.select(keys.c.token).where(keys.c.token.in_(tokens))))
+            missing = [token for token in tokens if token not in found]
+            if not missing:
+                conn.execute(sa.delete(keys).where(keys.c.token.in_(tokens)))
+        return missing
+
+    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]:
+        """One page of keys, newest first, and how many there are in all."""
+        where = [keys.c.key_alias == key_alias] if key_alias is not None else []
+        query = sa.select(keys).where(*where).order_by(keys.c.created_at.desc(), keys.c.token.desc())
+        with _guard("listing keys"), self._reads.begin() as conn:
+            total = conn.scalar(sa.select(sa.func.count()).select_from(keys).where(*where)) or 0
+            rows = conn.execute(query.limit(size).offset((page - 1) * size)).all()
+        return [_info(row) for row in rows], total
+
+    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]:
+        """Spend log entries, newest first, of one key or all, started in [start, end)."""
+        c = spend_logs.c
+        where = []
+        if token is not None:
+            where.append(c.token == token)
+        if start is not None:
+            where.append(c.start_time >= start)
+        if end is not None:
+            where.append(c.start_time < end)
+        query = sa.select(spend_logs).where(*where).order_by(c.start_time.desc()).limit(limit)
+        with _guard("reading spend logs"), self._reads.connect() as conn:
+            return [SpendEntry(**row._mapping) for row in conn.execute(query)]
+
+    def close(self) -> None:
+        """Close the pooled connections (tests, and the gunicorn master after migrating)."""
+        self.engine.dispose()
+
+
+def _info(row: Row[Any]) -> KeyInfo:
+    m = row._mapping
+    routes = m["allowed_routes"]
+    return KeyInfo(
+        token=m["token"], key_name=m["key_name"], key_alias=m["key_alias"], created_at=m["created_at"],
+        expires=m["expires"], blocked=bool(m["blocked"]), max_budget=m["max_budget"], spend=float(m["spend"]),
+        rpm_limit=m["rpm_limit"], allowed_routes=None if routes is None else tuple(routes),
+        metadata=m["metadata"] or {},
+    )  # fmt: skip
+
+
+def open_store(url: str) -> SqlKeyStore:
+    """The store at this URL, its schema brought up to date first (unless the gunicorn master already did)."""
+    engine = open_engine(url)
+    try:
+        ensure_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return SqlKeyStore(engine)

@@ -1,0 +1,107 @@
+"""The spend log's writer: finished calls queue their entry; one thread per worker inserts them in batches.
+
+Writing each entry on the request's own thread cost a second write transaction per call, more than the rest of
+the key check together. Here a call pays for an append to a queue; the entries reach the store within about
+INTERVAL, a few hundred per transaction.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+
+from passthru.errors import KeyStoreError
+from passthru.keys import KeyStore, SpendEntry
+
+log = logging.getLogger("passthru")
+
+INTERVAL = 0.05  # seconds between two batches while entries keep coming
+BATCH = 500  # entries per transaction at most
+BACKLOG = 100_000  # entries kept while the store is down; past that the oldest are dropped (and said so)
+
+
+class SpendWriter:
+    """Queues entries from any thread; a daemon thread, started on first use (after gunicorn forks), writes them."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self._pending: deque[SpendEntry] = deque()  # append and popleft are atomic: no lock on the hot path
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._lock = threading.Lock()  # guards starting the thread
+        self._thread: threading.Thread | None = None
+        self._dropped = 0
+        self._closed = False
+
+    def add(self, token: str, route: str, status: int, cost: float, seconds: float) -> None:
+        """Queue the entry of a call that just finished (`seconds` after it started)."""
+        now = time.time()
+        entry = SpendEntry(str(uuid.uuid4()), token, route, status, cost, now - seconds, seconds)
+        self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
+        self._pending.append(entry)
+        if len(self._pending) > BACKLOG:
+            self._pending.popleft()
+            self._dropped += 1
+        if self._thread is None:
+            self._start()
+        if len(self._pending) >= BATCH:
+            self._wake.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="passthru-spend-log", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)  # a worker that exits cleanly writes what it still holds
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(INTERVAL)
+            self._wake.clear()
+            self._write()
+
+    def _write(self) -> None:
+        while self._pending:
+            batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            try:
+                self.store.record(batch)
+            except KeyStoreError:
+                # Already logged by the store; keep the entries (in order) and try again next round.
+                self._pending.extendleft(reversed(batch))
+                return
+            except Exception:
+                log.exception("spend log entries dropped: %d", len(batch))
+        if self._dropped:
+            log.warning("spend log: %d entries dropped while the key store was unavailable", self._dropped)
+            self._dropped = 0
+        if not self._pending:
+            self._idle.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Write everything queued so far, the batch being written included; False if not done within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not (self._idle.is_set() and not self._pending) and time.monotonic() < deadline:
+            if self._thread is None or not self._thread.is_alive():
+                self._write()  # no thread (never started, or the interpreter is exiting): write here
+                if self._pending:
+                    time.sleep(0.05)  # the store is down: try again until the deadline
+                continue
+            self._wake.set()
+            if not self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic()))) or self._pending:
+                time.sleep(0.001)
+        return self._idle.is_set() and not self._pending
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Flush, then stop the thread: the store can be closed after this (an app thrown away, tests, reload)."""
+        atexit.unregister(self.flush)
+        done = self.flush(timeout)
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return done

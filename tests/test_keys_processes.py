@@ -1,0 +1,234 @@
+"""Virtual keys across processes: several gunicorn workers on one SQLite file, two passthru hosts on one
+PostgreSQL, and no plain key in the store or in any log line."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+from conftest import PROXY_VARIABLES, ROOT, Gunicorn, free_port, wait_for_port, write_config
+from upstream import Upstream, wait_until
+
+MASTER = "sk-master-key-for-processes"
+ADMIN = {"Authorization": f"Bearer {MASTER}"}
+
+
+def entries(upstream: Upstream) -> list[dict[str, Any]]:
+    return [{"path": "/v1/rerank", "target": f"{upstream.url}/v1/rerank", "auth": True, "cost_per_request": 0.5}]
+
+
+def call(base: str, key: str) -> int:
+    """One call on a fresh connection, so gunicorn hands it to any of its workers."""
+    return requests.post(
+        f"{base}/v1/rerank", json={}, headers={"Authorization": f"Bearer {key}", "Connection": "close"}, timeout=15
+    ).status_code
+
+
+def admin(base: str, path: str, **body: Any) -> dict[str, Any]:
+    response = requests.post(base + path, json=body, headers=ADMIN, timeout=15)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def burst(calls: list[Callable[[], int]], threads: int = 12) -> Counter[int]:
+    """Run the calls concurrently; the statuses they got."""
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(c) for c in calls]
+        return Counter(f.result(timeout=60) for f in futures)
+
+
+def access_pids(log: str) -> set[str]:
+    """The worker pids that wrote access lines for the pass-through route."""
+    return set(re.findall(r"\[(\d+)\] \[[^\]]*\] passthru: POST /v1/rerank ", log))
+
+
+def test_several_workers_share_one_sqlite_file(gunicorn: Callable[..., Gunicorn], upstream: Upstream,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    db = tmp_path / "keys.db"
+    server = gunicorn(entries(upstream), workers=4, master_key=MASTER, database_url=f"sqlite:///{db}")
+    base = server.url
+    limited = admin(base, "/key/generate", rpm_limit=40)["key"]
+    free = admin(base, "/key/generate")["key"]
+
+    # rpm_limit is one count for all four workers: exactly 40 of 100 concurrent calls get through.
+    statuses = burst([lambda: call(base, limited)] * 100)
+    assert statuses == {200: 40, 429: 60}, statuses
+    # Concurrent writers on one file: every call admitted, charged and logged, and not one "database is locked".
+    statuses = burst([lambda: call(base, free)] * 200, threads=16)
+    assert statuses == {200: 200}, statuses
+    info = requests.get(f"{base}/key/info", params={"key": free}, headers=ADMIN, timeout=15).json()["info"]
+    assert info["spend"] == 100.0
+
+    def logged() -> int:
+        response = requests.get(f"{base}/spend/logs", params={"key": free, "limit": 1000}, headers=ADMIN, timeout=15)
+        return len(response.json())
+
+    assert wait_until(lambda: logged() == 200, 10)
+    # Blocked on one worker (the one that answers /key/block) is refused by all of them at once.
+    admin(base, "/key/block", key=free)  # decided by the store on every call: no wait at all
+    statuses = burst([lambda: call(base, free)] * 40)
+    assert statuses == {401: 40}, statuses
+    output = server.output()
+    assert len(access_pids(output)) >= 2, "the calls should have been spread over several workers"
+    assert "database is locked" not in output and "Traceback" not in output
+    assert "key store error" not in output
+
+
+@dataclass
+class Host:
+    """A passthru host: `python -m passthru` (its own gunicorn master and workers), output to a file."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Callable[[Path, str], Host]]:
+    started: list[Host] = []
+
+    def start(config: Path, name: str) -> Host:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "passthru", "--config", str(config), "--host", "127.0.0.1", "--port",
+                 str(port), "--num_workers", "2"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        host = Host(process, f"http://127.0.0.1:{port}", log)
+        started.append(host)
+        try:
+            wait_for_port(port, 30, alive=lambda: process.poll() is None)
+        except AssertionError:
+            raise AssertionError(f"passthru {name} did not start:\n{host.output()}") from None
+        return host
+
+    try:
+        yield start
+    finally:
+        for host in started:
+            host.stop()
+
+
+def test_two_hosts_share_limits_and_blocks_through_postgres(postgres_url: str, hosts: Callable[[Path, str], Host],
+                                                            upstream: Upstream, tmp_path: Path) -> None:  # fmt: skip
+    config = write_config(tmp_path, entries(upstream), master_key=MASTER, database_url=postgres_url)
+    one, two = hosts(config, "one"), hosts(config, "two")
+    key = admin(one.url, "/key/generate", rpm_limit=30)["key"]
+
+    # 90 concurrent calls, alternating between the hosts: 30 in all get through, not 30 per host.
+    statuses = burst([lambda i=i: call((one, two)[i % 2].url, key) for i in range(90)])  # type: ignore[misc]
+    assert statuses == {200: 30, 429: 60}, statuses
+
+    other = admin(two.url, "/key/generate")["key"]
+    assert call(one.url, other) == 200  # made on one host, usable on the other at once
+    admin(one.url, "/key/block", key=other)
+    assert wait_until(lambda: call(two.url, other) == 401, 1.0)
+    assert burst([lambda: call(two.url, other)] * 10) == {401: 10}
+    admin(two.url, "/key/unblock", key=other)
+    assert call(one.url, other) == 200
+    admin(two.url, "/key/delete", keys=[other])
+    assert wait_until(lambda: call(one.url, other) == 401, 1.0)
+    for host in (one, two):
+        output = host.output()
+        assert "Traceback" not in output and "key store error" not in output, output
+        assert key not in output and other not in output
+
+
+def test_no_plain_key_in_the_store_or_any_log_line(database_url: str, gunicorn: Callable[..., Gunicorn],
+                                                   upstream: Upstream, tmp_path: Path) -> None:  # fmt: skip
+    routes = [*entries(upstream), {"path": "/fwd", "target": f"{upstream.url}/echo", "auth": True,
+                                   "forward_headers": True}]  # fmt: skip
+    server = gunicorn(routes, workers=2, master_key=MASTER, database_url=database_url)
+    base = server.url
+    custom = "sk-custom-plain-key-0123456789"
+    keys = [admin(base, "/key/generate", key_alias="a")["key"], admin(base, "/key/generate", key=custom)["key"]]
+    for key in keys:
+        for header in ("Authorization", "x-litellm-api-key", "api-key", "x-api-key", "x-goog-api-key"):
+            value = f"Bearer {key}" if header == "Authorization" else key
+            for path in ("/v1/rerank", "/fwd"):
+                assert requests.post(base + path, json={}, headers={header: value}, timeout=15).status_code == 200
+        assert requests.get(f"{base}/key/info", params={"key": key}, headers=ADMIN, timeout=15).status_code == 200
+        admin(base, "/key/update", key=key, rpm_limit=100)
+        admin(base, "/key/block", key=key)
+        assert call(base, key) == 401
+        admin(base, "/key/unblock", key=key)
+        response = requests.get(f"{base}/spend/logs", params={"key": key}, headers=ADMIN, timeout=15)
+        assert response.status_code == 200 and key not in response.text
+    assert requests.get(f"{base}/key/info", params={"key": "sk-unknown-but-plain-1"}, headers=ADMIN,
+                        timeout=15).status_code == 404  # fmt: skip
+    token = hashlib.sha256(keys[0].encode()).hexdigest()
+    assert wait_until(lambda: len(requests.get(f"{base}/spend/logs", params={"key": token}, headers=ADMIN,
+                                               timeout=15).json()) == 10, 10)  # fmt: skip
+    server.stop()
+    output = server.output()
+    assert "/key/info" in output and "/v1/rerank" in output  # the lines are there, the keys are not
+    for key in (*keys, "sk-unknown-but-plain-1"):
+        assert key not in output
+        assert all(key not in value for seen in upstream.requests for _, value in seen.headers)
+    stored = _everything_stored(database_url, tmp_path)
+    assert token.encode() in stored  # the hash is what is kept
+    for key in keys:
+        assert key.encode() not in stored
+
+
+def _everything_stored(database_url: str, tmp_path: Path) -> bytes:
+    """Every byte of the SQLite files, or every row of the PostgreSQL schema as text."""
+    if database_url.startswith("sqlite"):
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("keys.db")]
+        assert files
+        return b"".join(p.read_bytes() for p in files)
+    schema = database_url.split("search_path%3D")[1].split("&")[0]
+    with psycopg.connect(f"host=127.0.0.1 dbname=test user=postgres options=-csearch_path={schema}") as conn:
+        rows = [r[0] for table in ("passthru_keys", "passthru_spend_logs", "passthru_alembic_version")
+                for r in conn.execute(f"SELECT row_to_json(t)::text FROM {table} t")]  # fmt: skip
+    return "\n".join(rows).encode()
+
+
+def test_werkzeug_request_lines_are_masked(serve: Callable[..., str], upstream: Upstream,
+                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    base = serve(entries(upstream), master_key=MASTER)
+    key = admin(base, "/key/generate")["key"]
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        requests.get(f"{base}/key/info", params={"key": key}, headers=ADMIN, timeout=15)
+        assert wait_until(lambda: any("/key/info" in r.getMessage() for r in caplog.records), 5)
+    assert all(key not in record.getMessage() for record in caplog.records)
+
+
+def test_gunicorn_stops_with_one_line_when_the_store_is_unreachable(upstream: Upstream, tmp_path: Path) -> None:
+    config = write_config(tmp_path, entries(upstream), master_key=MASTER,
+                          database_url="postgresql://u:pw-never-shown@127.0.0.1:1/db")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    env.update(PASSTHRU_CONFIG=str(config), PORT=str(free_port()), HOST="127.0.0.1")
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
+                          env=env, capture_output=True, timeout=60)  # fmt: skip
+    output = (done.stdout + done.stderr).decode()
+    assert done.returncode != 0
+    assert "passthru: cannot open the key store at postgresql+psycopg://u:***@127.0.0.1:1/db" in output, output
+    assert "pw-never-shown" not in output and "Traceback" not in output

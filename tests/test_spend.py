@@ -1,0 +1,82 @@
+"""The spend log writer: batches off the request thread, keeps entries while the store is down, bounded."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from upstream import wait_until
+
+from passthru import spend
+from passthru.errors import KeyStoreError
+from passthru.keys import NewKey, SpendEntry, open_store
+from passthru.spend import SpendWriter
+
+
+class FlakyStore:
+    """Just the KeyStore's `record`: refuses the first `failures` batches as an unreachable store would."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.batches: list[list[SpendEntry]] = []
+        self.lock = threading.Lock()
+
+    def record(self, entries: Sequence[SpendEntry]) -> None:
+        with self.lock:
+            if self.failures:
+                self.failures -= 1
+                raise KeyStoreError("the key store is unavailable; try again shortly")
+            self.batches.append(list(entries))
+
+    def written(self) -> list[str]:
+        with self.lock:
+            return [entry.route for batch in self.batches for entry in batch]
+
+
+def test_entries_reach_a_real_store_in_batches(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    writer = SpendWriter(store)
+    try:
+        token = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
+        for n in range(1200):
+            writer.add(token, f"/r{n}", 200, 0.5, 0.01)
+        assert writer.flush(10)
+        entries = store.spend_logs(token, None, None, 5000)
+        assert len(entries) == 1200 and len({e.request_id for e in entries}) == 1200
+        assert {e.spend for e in entries} == {0.5} and all(e.duration == 0.01 for e in entries)
+    finally:
+        writer.close()
+        store.close()
+
+
+def test_entries_are_kept_in_order_while_the_store_is_down() -> None:
+    store = FlakyStore(failures=3)
+    writer = SpendWriter(store)  # type: ignore[arg-type]
+    for n in range(5):
+        writer.add("t" * 64, f"/{n}", 200, 0.0, 0.0)
+    assert wait_until(lambda: store.written() == [f"/{n}" for n in range(5)], 5)
+    writer.close()
+
+
+def test_flush_gives_up_after_its_timeout() -> None:
+    store = FlakyStore(failures=10**6)
+    writer = SpendWriter(store)  # type: ignore[arg-type]
+    writer.add("t" * 64, "/x", 200, 0.0, 0.0)
+    assert writer.flush(0.3) is False
+    writer.close(0.1)
+
+
+def test_the_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spend, "BACKLOG", 10)
+    store = FlakyStore(failures=10**6)
+    writer = SpendWriter(store)  # type: ignore[arg-type]
+    for n in range(25):
+        writer.add("t" * 64, f"/{n}", 200, 0.0, 0.0)
+    # At most BACKLOG queued, plus one batch the writer thread may hold while its write fails.
+    assert len(writer._pending) <= 2 * 10
+    store.failures = 0
+    assert writer.flush(5)
+    assert store.written()[-1] == "/24" and len(store.written()) <= 2 * 10  # the newest are kept
+    writer.close()

@@ -1,0 +1,237 @@
+"""The key store against real SQLite files and a real PostgreSQL: migrations, the atomic admission, the queries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from passthru.db import SQLITE_BUSY_MS, VERSION_TABLE, current_revision, head_revision, migrate, open_engine, upgrade
+from passthru.errors import KeyStoreError, RequestError
+from passthru.keys import NewKey, SpendEntry, SqlKeyStore, open_store
+from passthru.schema import metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def new_key(n: int, **fields: object) -> NewKey:
+    return NewKey(token=f"{n:064x}", key_name=f"sk-...{n:04d}", **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlKeyStore]:
+    opened = open_store(database_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+# --- migrations ----------------------------------------------------------------------------------------------
+
+
+def test_migrations_create_exactly_the_tables_the_code_uses(store: SqlKeyStore) -> None:
+    assert current_revision(store.engine) == head_revision()
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE})
+        assert compare_metadata(context, metadata) == []
+        tables = set(sa.inspect(conn).get_table_names())
+    assert tables == {"passthru_keys", "passthru_spend_logs", "passthru_alembic_version"}
+
+
+def test_upgrade_again_is_a_no_op(store: SqlKeyStore) -> None:
+    store.create(new_key(1))
+    assert upgrade(store.engine) == head_revision()
+    assert store.find(new_key(1).token) is not None
+
+
+def test_processes_racing_to_migrate_all_succeed(database_url: str) -> None:
+    code = "import sys; from passthru.db import migrate; print(migrate(sys.argv[1]))"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, database_url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )  # fmt: skip
+        for _ in range(4)
+    ]
+    outputs = [racer.communicate(timeout=60)[0].decode() for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0, 0, 0], outputs
+    assert all(output.strip() == head_revision() for output in outputs), outputs
+
+
+def test_sqlite_connections_use_wal_and_wait_for_locks(tmp_path: Path) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_MS
+    finally:
+        engine.dispose()
+
+
+def test_relative_sqlite_path_is_the_working_directory_at_start(tmp_path: Path) -> None:
+    store = open_store("sqlite:///passthru.db")  # conftest runs each test in its own folder
+    store.close()
+    assert (tmp_path / "passthru.db").exists()
+
+
+def test_unreachable_postgres_is_a_key_store_error_without_password() -> None:
+    started = time.monotonic()
+    with pytest.raises(KeyStoreError) as info:
+        migrate("postgresql+psycopg://u:pw-secret-9@127.0.0.1:1/test")
+    assert time.monotonic() - started < 10
+    assert "pw-secret-9" not in str(info.value)
+    assert "127.0.0.1:1" in str(info.value) and info.value.status == 503
+
+
+def test_store_failing_at_run_time_is_a_key_store_error(postgres: str) -> None:
+    broken = SqlKeyStore(open_engine("postgresql+psycopg://postgres@127.0.0.1:1/test"))
+    try:
+        for call in (lambda: broken.admit("0" * 64, 0.0), lambda: broken.find("0" * 64),
+                     lambda: broken.record([entry("0" * 64, "/r", 200)]), lambda: broken.page(1, 10)):  # fmt: skip
+            with pytest.raises(KeyStoreError, match="the key store is unavailable"):
+                call()
+    finally:
+        broken.close()
+
+
+# --- the per-call admission ----------------------------------------------------------------------------------
+
+
+def test_rpm_limit_counts_in_a_fixed_window(store: SqlKeyStore) -> None:
+    token = store.create(new_key(1, rpm_limit=3)).token
+    assert [store.admit(token, 0.0) for _ in range(3)] == [None, None, None]
+    refusal = store.admit(token, 0.0)
+    assert refusal is not None and refusal.reason == "rpm"
+    assert 55 <= refusal.retry_after <= 60
+
+
+def test_a_new_window_starts_when_the_last_one_ends(database_url: str) -> None:
+    opened = open_store(database_url)
+    short = SqlKeyStore(opened.engine, window=1.0)
+    try:
+        token = short.create(new_key(1, rpm_limit=2)).token
+        assert short.admit(token, 0.0) is None and short.admit(token, 0.0) is None
+        refusal = short.admit(token, 0.0)
+        assert refusal is not None and refusal.retry_after == 1
+        time.sleep(1.1)
+        assert short.admit(token, 0.0) is None
+    finally:
+        opened.close()
+
+
+def test_rpm_limit_holds_under_concurrent_callers(store: SqlKeyStore) -> None:
+    token = store.create(new_key(1, rpm_limit=25)).token
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        for _ in range(10):
+            outcome = store.admit(token, 0.5)
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 80
+    assert results.count(None) == 25
+    info = store.find(token)
+    assert info is not None and info.spend == pytest.approx(12.5)  # only admitted calls are charged
+
+
+def test_budget_is_checked_before_the_call_and_spent_at_it(store: SqlKeyStore) -> None:
+    token = store.create(new_key(1, max_budget=1.0)).token
+    assert [store.admit(token, 0.4) for _ in range(3)] == [None, None, None]
+    refusal = store.admit(token, 0.4)
+    assert refusal is not None and refusal.reason == "budget"
+    assert refusal.spend == pytest.approx(1.2) and refusal.max_budget == 1.0
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        pytest.param({"blocked": True}, "blocked", id="blocked"),
+        pytest.param({"duration": 0}, "expired", id="expired"),
+        pytest.param({"max_budget": 0.0}, "budget", id="zero-budget"),
+        pytest.param({"rpm_limit": 0}, "rpm", id="zero-rpm"),
+    ],
+)
+def test_refusal_reasons(store: SqlKeyStore, fields: dict[str, object], reason: str) -> None:
+    token = store.create(new_key(1)).token
+    assert store.admit(token, 1.0) is None
+    store.update(token, fields)
+    refusal = store.admit(token, 1.0)
+    assert refusal is not None and refusal.reason == reason
+    assert store.admit("f" * 64, 0.0).reason == "unknown"  # type: ignore[union-attr]
+
+
+def entry(token: str, route: str, status: int, start: float | None = None) -> SpendEntry:
+    return SpendEntry(str(uuid.uuid4()), token, route, status, 0.5, time.time() if start is None else start, 0.25)
+
+
+def test_spend_log_entries(store: SqlKeyStore) -> None:
+    one, two = store.create(new_key(1)).token, store.create(new_key(2)).token
+    now = time.time()
+    store.record([entry(one, "/a", 200, start=now - 10), entry(two, "/b", 502, start=now - 5)])
+    store.record([entry(one, "/old", 200, start=now - 7200)])
+    entries = store.spend_logs(one, None, None, 100)
+    assert [(e.route, e.status, e.spend, e.duration) for e in entries] == [("/a", 200, 0.5, 0.25),
+                                                                          ("/old", 200, 0.5, 0.25)]  # fmt: skip
+    assert [e.route for e in store.spend_logs(None, None, None, 100)] == ["/b", "/a", "/old"]  # newest first
+    assert [e.route for e in store.spend_logs(None, now - 3600, None, 100)] == ["/b", "/a"]
+    assert [e.route for e in store.spend_logs(None, now - 9000, now - 3600, 100)] == ["/old"]
+    assert store.spend_logs(None, now + 3600, None, 100) == []
+    assert len(store.spend_logs(None, None, None, 1)) == 1
+
+
+# --- administration ------------------------------------------------------------------------------------------
+
+
+def test_create_refuses_a_taken_key_or_alias(store: SqlKeyStore) -> None:
+    info = store.create(new_key(1, key_alias="team-a", duration=3600.0, allowed_routes=("/x",), metadata={"a": 1}))
+    assert info.expires is not None and 3590 < info.expires - info.created_at <= 3600.001
+    assert (info.allowed_routes, dict(info.metadata), info.spend, info.blocked) == (("/x",), {"a": 1}, 0.0, False)
+    with pytest.raises(RequestError, match="already exists"):
+        store.create(new_key(1))
+    with pytest.raises(RequestError, match="key_alias 'team-a' is already used"):
+        store.create(new_key(2, key_alias="team-a"))
+    with pytest.raises(RequestError, match="already used"):
+        store.update(store.create(new_key(3)).token, {"key_alias": "team-a"})
+
+
+def test_update_sets_and_clears(store: SqlKeyStore) -> None:
+    token = store.create(new_key(1, max_budget=5.0, duration=60.0)).token
+    info = store.update(token, {"max_budget": None, "duration": None, "rpm_limit": 7, "allowed_routes": None,
+                                "metadata": {"team": "x"}, "spend": 1.5})  # fmt: skip
+    assert info is not None
+    assert (info.max_budget, info.expires, info.rpm_limit, info.spend) == (None, None, 7, 1.5)
+    assert dict(info.metadata) == {"team": "x"}
+    assert store.update("f" * 64, {"blocked": True}) is None
+
+
+def test_delete_is_all_or_nothing(store: SqlKeyStore) -> None:
+    one, two = store.create(new_key(1)).token, store.create(new_key(2)).token
+    assert store.delete([one, "f" * 64]) == ["f" * 64]
+    assert store.find(one) is not None
+    assert store.delete([one, two]) == []
+    assert store.find(one) is None and store.find(two) is None
+
+
+def test_pages_newest_first(store: SqlKeyStore) -> None:
+    tokens = [store.create(new_key(n, key_alias=f"k{n}")).token for n in range(5)]
+    first, total = store.page(1, 2)
+    assert total == 5 and [i.token for i in first] == tokens[:-3:-1]
+    last, _ = store.page(3, 2)
+    assert [i.token for i in last] == tokens[:1]
+    assert [i.token for i in store.page(1, 10, key_alias="k3")[0]] == [tokens[3]]
