@@ -46,7 +46,7 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     # The same variable and default as gunicorn's forwarded_allow_ips: one list of trusted fronts for both.
     trusted_proxy = proxy_trust(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
     app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check, trusted_proxy))
-    app.register_blueprint(health.build_blueprint(settings, __version__))
+    app.register_blueprint(health.build_blueprint(settings, __version__, store))
     app.register_blueprint(metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None))
     register_error_handlers(app)
     app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]

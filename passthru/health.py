@@ -5,12 +5,17 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from passthru.config import Settings
+from passthru.errors import KeyStoreError
+from passthru.keys import KeyStore
 
 
-def build_blueprint(settings: Settings, version: str) -> Blueprint:
-    """/health/liveliness, and /health/readiness (also /health) with the route count and the version."""
+def build_blueprint(settings: Settings, version: str, store: KeyStore | None) -> Blueprint:
+    """/health/liveliness, and /health/readiness (also /health): route count, version, and the key store's state.
+
+    Not ready (503) when a configured key store cannot be reached: virtual keys would all be refused.
+    """
     blueprint = Blueprint("health", __name__)
-    readiness = {"status": "healthy", "routes": len(settings.endpoints), "version": version}
+    facts = {"routes": len(settings.endpoints), "version": version}
 
     @blueprint.get("/health/liveliness")
     def liveliness() -> Response:
@@ -18,7 +23,13 @@ def build_blueprint(settings: Settings, version: str) -> Blueprint:
 
     @blueprint.get("/health/readiness")
     @blueprint.get("/health")
-    def ready() -> Response:
-        return jsonify(readiness)
+    def ready() -> Response | tuple[Response, int]:
+        if store is None:
+            return jsonify({"status": "healthy", "db": "not configured", **facts})
+        try:
+            store.ping()
+        except KeyStoreError:
+            return jsonify({"status": "unhealthy", "db": "unreachable", **facts}), 503
+        return jsonify({"status": "healthy", "db": "connected", **facts})
 
     return blueprint

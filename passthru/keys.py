@@ -104,6 +104,8 @@ class KeyStore(Protocol):
 
     def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
 
+    def ping(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -149,6 +151,11 @@ class SqlKeyStore:
                                                for column in spend_logs.c})  # fmt: skip
         self._admit, self._why, self._record = (Statement(engine, s) for s in (admit, why, record))
         self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
+
+    def ping(self) -> None:
+        """One round trip to the store: KeyStoreError when it cannot be reached (readiness asks this)."""
+        with _guard("checking the store"), self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
 
     # --- per call ---------------------------------------------------------------------------------------------
 

@@ -112,6 +112,11 @@ def write_config(directory: Path, entries: list[dict[str, Any]], **general: Any)
     return path
 
 
+def own_store(directory: Path) -> str:
+    """The default key store for a server process started from the repo root: in the test's folder, not the repo."""
+    return f"sqlite:///{directory / 'passthru.db'}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -188,6 +193,7 @@ def start_gunicorn(config: Path | None, log: Path, env: dict[str, str] | None = 
     skip = {*PROXY_VARIABLES, "PASSTHRU_CONFIG", "PASSTHRU_CONFIG_YAML"}  # the developer's shell says nothing
     environment = {k: v for k, v in os.environ.items() if k not in skip}
     environment.update(PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers))
+    environment.setdefault("DATABASE_URL", own_store(log.parent))
     if config is not None:
         environment["PASSTHRU_CONFIG"] = str(config)
     environment.update(env or {})

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PROXY_VARIABLES, ROOT, free_port, wait_for_port
+from conftest import PROXY_VARIABLES, ROOT, free_port, own_store, wait_for_port
 from upstream import Upstream
 
 SECRETS = {
@@ -40,6 +40,7 @@ def _environment(**extra: str) -> dict[str, str]:
                                    "JSON_LOGS", "FLASK_APP", "FLASK_DEBUG", "FLASK_RUN_PORT",
                                    "FLASK_RUN_HOST"}  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["DATABASE_URL"] = own_store(Path.cwd())  # the test's folder (conftest's _work_in_tmp)
     env.update(extra)
     return env
 
