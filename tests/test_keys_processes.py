@@ -12,7 +12,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,25 +86,8 @@ def test_several_workers_share_one_sqlite_file(gunicorn: Callable[..., Gunicorn]
     assert "key store error" not in output
 
 
-@dataclass
-class Host:
-    """A passthru host: `python -m passthru` (its own gunicorn master and workers), output to a file."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+# A passthru host (`python -m passthru`: its own gunicorn master and workers) is run and stopped like gunicorn.
+Host = Gunicorn
 
 
 @pytest.fixture
