@@ -347,7 +347,9 @@ class Gunicorn:
 def start_gunicorn(name: str, app: str, conf: str, config: Path, tmp: Path, probe: str) -> Gunicorn:
     """`gunicorn -c <conf> <app>` from the repo root on a free port; returns once `probe` answered 200."""
     port = free_port()
-    env = clean_env(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1")
+    # The key store (made for the master key) in the run's temp dir, not the repo's working directory.
+    env = clean_env(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1",
+                    DATABASE_URL=f"sqlite:///{tmp / 'keys.db'}")  # fmt: skip
     log = tmp / f"{name}-{port}.log"
     spawned = time.monotonic()
     child = CHILDREN.spawn(name, [sys.executable, "-m", "gunicorn", "-c", conf, app], log=log, env=env,
@@ -649,13 +651,15 @@ def run(args: argparse.Namespace) -> str:
     assert passthru is not None and ceiling is not None
 
     check_answers(nginx, ceiling, passthru, py, BODY)
+    virtual_key = make_virtual_key(passthru.port)
 
     nginx_workers = nginx.child.proc.pid
     tput = [("nginx direct", nginx.upstream_port, "/small", None, lambda: children_of(nginx_workers)),
             ("nginx proxy", nginx.proxy_port, "/small", None, lambda: children_of(nginx_workers)),
             ("ceiling", ceiling.port, "/small", None, ceiling.workers),
             ("passthru", passthru.port, "/small", None, passthru.workers),
-            ("passthru auth", passthru.port, "/small-auth", MASTER_KEY, passthru.workers)]  # fmt: skip
+            ("passthru auth", passthru.port, "/small-auth", MASTER_KEY, passthru.workers),
+            ("passthru virtual key", passthru.port, "/small-auth", virtual_key, passthru.workers)]  # fmt: skip
     for _name, port, path, key, _pids in tput:  # warm-up: pools filled, code paths hot
         wrk(tools["wrk"], port, path, 32, 2, 1, key)
     download(nginx.upstream_port, "/big.bin", plan.transfer_bytes)  # the file's pages into the page cache
@@ -736,6 +740,20 @@ def check_answers(nginx: Nginx, ceiling: Gunicorn, passthru: Gunicorn, py: PyUps
     if status != 401:
         raise RuntimeError(f"passthru auth route without a key answered {status}, not 401")
     sse_stream(passthru.port, "/py/sse?n=2&gap=0.01", 2)
+
+
+def make_virtual_key(port: int) -> str:
+    """A virtual key from passthru's /key/generate (default SQLite store), checked to pass the auth route."""
+    admin = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
+    status, answer = request(port, "POST", "/key/generate", json.dumps({"key_alias": "bench"}).encode(), admin)
+    if status != 200:
+        raise RuntimeError(f"/key/generate answered {status} {answer[:200]!r}")
+    key = str(json.loads(answer)["key"])
+    post = json.dumps({"model": "m", "query": "q", "documents": ["d"]}).encode()
+    status, answer = request(port, "POST", "/small-auth", post, {"Authorization": f"Bearer {key}"})
+    if status != 200:
+        raise RuntimeError(f"passthru auth route with a virtual key answered {status} {answer[:200]!r}")
+    return key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -846,6 +864,11 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         ("`auth: true` (master key) / no auth, throughput", f"{tp['passthru auth'] / tp['passthru']:.2f}",
          f"{tp['passthru auth']:.0f} vs {tp['passthru']:.0f} req/s; CPU {cpu['passthru auth']:.0f} vs "
          f"{cpu['passthru']:.0f} µs/request", "—", "info"),
+        ("`auth: true` (virtual key, SQLite): CPU per request over no auth",
+         f"{(cpu['passthru virtual key'] / cpu['passthru'] - 1) * 100:+.0f} %",
+         f"{tp['passthru virtual key']:.0f} vs {tp['passthru']:.0f} req/s; CPU {cpu['passthru virtual key']:.0f} vs "
+         f"{cpu['passthru']:.0f} µs/request", "< +25 %",
+         verdict(cpu["passthru virtual key"] / cpu["passthru"] - 1 < 0.25)),
     ]  # fmt: skip
     for extra in args.slow_conf:
         h, f, _ = res.slow[extra]
