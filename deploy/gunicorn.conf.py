@@ -80,13 +80,12 @@ def on_starting(server):
     store is migrated and skip that step.
     """
     from passthru.config import accept_from_environment
-    from passthru.db import migrate
     from passthru.errors import ConfigError, KeyStoreError
 
     try:
         settings = accept_from_environment(os.environ)
         if settings.database_url is not None:
-            migrate(settings.database_url)
+            _migrate(settings.database_url)
     except (ConfigError, KeyStoreError) as exc:
         sys.exit(f"passthru: {exc}")
     for warning in settings.warnings:
@@ -104,7 +103,6 @@ def on_reload(server):
     The new workers run whatever the master last accepted, so on a refusal they keep the previous config.
     """
     from passthru.config import accept_from_environment
-    from passthru.db import migrate
     from passthru.errors import ConfigError, KeyStoreError
 
     try:
@@ -117,9 +115,17 @@ def on_reload(server):
         server.log.warning("passthru: %s", warning)
     if settings.database_url is not None:
         try:
-            migrate(settings.database_url)  # a new passthru version's schema, after an upgrade in place
+            _migrate(settings.database_url)  # a new passthru version's schema, after an upgrade in place
         except KeyStoreError as exc:
             server.log.error("passthru: %s", exc)
+
+
+def _migrate(database_url):
+    """Bring the key store to this version's schema. Alembic is imported only here: a config without a master
+    key never loads it, and the workers forked from this master do not need it."""
+    from passthru.db import migrate
+
+    migrate(database_url)
 
 
 def post_worker_init(worker):

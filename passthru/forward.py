@@ -131,6 +131,7 @@ def new_session(upstream_hosts: int) -> requests.Session:
     """
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
+    # Made again with the upload block size, which HTTPAdapter's constructor cannot pass (the first one is unused).
     adapter.init_poolmanager(max(upstream_hosts, 1), POOL_SIZE, blocksize=UPLOAD_BLOCK)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
