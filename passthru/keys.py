@@ -1,7 +1,11 @@
 """The key store: the few queries on virtual keys and their spend log (tables in schema.py), behind a Protocol.
 
 What a call is decided on (blocked, expiry, budget, the rpm window) is checked and counted by one atomic
-UPDATE … RETURNING on the store's own clock, so every worker and every host sharing the store counts together.
+UPDATE on the store's own clock, so every worker and every host sharing the store counts together.
+
+The per-call statements are each one SQLite step with the GIL released: SQLite's write lock is never held while
+the thread waits to get the GIL back behind other busy threads (up to 5 ms each time). A RETURNING clause, or a
+loop of INSERTs in one transaction, would do exactly that, and stall every other process's writes meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from passthru.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
 
+# Spend log rows per SQLite INSERT: 7 values each stays under 999, the oldest SQLite's limit on parameters.
+RECORD_ROWS = 100
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
 
 
@@ -142,7 +148,6 @@ class SqlKeyStore:
                 window_count=sa.case((fresh, 1), else_=c.window_count + 1),
                 spend=c.spend + sa.bindparam("cost", type_=sa.Double),
             )
-            .returning(c.token)
         )
         why = sa.select(
             c.blocked, c.expires, c.max_budget, c.spend, c.rpm_limit, c.window_start, c.window_count, now
@@ -150,6 +155,7 @@ class SqlKeyStore:
         record = sa.insert(spend_logs).values({column.name: sa.bindparam(column.name, type_=column.type)
                                                for column in spend_logs.c})  # fmt: skip
         self._admit, self._why, self._record = (Statement(engine, s) for s in (admit, why, record))
+        self._sqlite = engine.dialect.name == "sqlite"
         self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
 
     def ping(self) -> None:
@@ -170,7 +176,7 @@ class SqlKeyStore:
         for _ in range(3):
             with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
                 cursor.execute(self._admit.sql, self._admit.args({"t": token, "cost": cost}))
-                if cursor.fetchone() is not None:
+                if cursor.rowcount == 1:  # the key was admissible, and is now counted
                     return None
                 cursor.execute(self._why.sql, self._why.args({"t": token}))
                 row = cursor.fetchone()
@@ -195,10 +201,21 @@ class SqlKeyStore:
         return None
 
     def record(self, entries: Sequence[SpendEntry]) -> None:
-        """Write spend log entries, all in one transaction (spend.SpendWriter batches them)."""
+        """Write spend log entries (spend.SpendWriter batches them).
+
+        On SQLite, as multi-row INSERTs of RECORD_ROWS entries, each one statement (see the module docstring);
+        on PostgreSQL, in one transaction that psycopg pipelines into one round trip.
+        """
         rows = [self._record.args(vars(entry)) for entry in entries]
-        with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=True) as cursor:
-            cursor.executemany(self._record.sql, rows)
+        if not self._sqlite:
+            with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=True) as cursor:
+                cursor.executemany(self._record.sql, rows)
+            return
+        into, _, one_row = self._record.sql.partition(" VALUES ")
+        with _guard("writing spend log entries"), dbapi_cursor(self.engine) as cursor:
+            for start in range(0, len(rows), RECORD_ROWS):
+                chunk = rows[start : start + RECORD_ROWS]
+                cursor.execute(f"{into} VALUES {', '.join([one_row] * len(chunk))}", [v for row in chunk for v in row])
 
     # --- administration ---------------------------------------------------------------------------------------
 
