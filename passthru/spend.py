@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import random
 import threading
 import time
 import uuid
@@ -41,7 +42,9 @@ class SpendWriter:
     def add(self, token: str, route: str, status: int, cost: float, seconds: float) -> None:
         """Queue the entry of a call that just finished (`seconds` after it started)."""
         now = time.time()
-        entry = SpendEntry(str(uuid.uuid4()), token, route, status, cost, now - seconds, seconds)
+        # uuid4's os.urandom would let go of the GIL on every call; random is reseeded in each forked worker.
+        entry_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
+        entry = SpendEntry(entry_id, token, route, status, cost, now - seconds, seconds)
         self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
         self._pending.append(entry)
         if len(self._pending) > BACKLOG:
