@@ -595,7 +595,7 @@ def passthru_config(tmp: Path, nginx: Nginx, py: PyUpstream) -> Path:
     fixed = f"http://127.0.0.1:{nginx.upstream_port}"
     config = {"general_settings": {"master_key": MASTER_KEY, "pass_through_endpoints": [
         {"path": "/small", "target": f"{fixed}/small"},
-        {"path": "/small-auth", "target": f"{fixed}/small", "auth": True},
+        {"path": "/small-auth", "target": f"{fixed}/small", "auth": True, "cost_per_request": 0.001},
         {"path": "/big", "target": f"{fixed}/big.bin"},
         {"path": "/sink", "target": f"{fixed}/sink"},
         {"path": "/py", "target": f"http://127.0.0.1:{py.port}", "include_subpath": True},
@@ -745,7 +745,9 @@ def check_answers(nginx: Nginx, ceiling: Gunicorn, passthru: Gunicorn, py: PyUps
 def make_virtual_key(port: int) -> str:
     """A virtual key from passthru's /key/generate (default SQLite store), checked to pass the auth route."""
     admin = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
-    status, answer = request(port, "POST", "/key/generate", json.dumps({"key_alias": "bench"}).encode(), admin)
+    # Limits it never reaches, so every call is checked against both and counted in the store: the costly case.
+    fields = {"key_alias": "bench", "rpm_limit": 1_000_000_000, "max_budget": 1e12}
+    status, answer = request(port, "POST", "/key/generate", json.dumps(fields).encode(), admin)
     if status != 200:
         raise RuntimeError(f"/key/generate answered {status} {answer[:200]!r}")
     key = str(json.loads(answer)["key"])
