@@ -11,11 +11,12 @@ from passthru import __version__, health, metrics, routes
 from passthru.auth import KeyCheck, virtual_key_check
 from passthru.config import ACCEPTED_TEXT, Settings, load_from_environment, load_settings
 from passthru.errors import register_error_handlers
-from passthru.forward import new_session, proxy_trust
+from passthru.forward import new_session
 from passthru.key_api import build_key_api
 from passthru.keys import open_store
 from passthru.logs import AccessLog, configure_logging, log
 from passthru.spend import SpendWriter
+from passthru.upstream_request import proxy_trust
 
 
 def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detailed_debug: bool = False) -> Flask:

@@ -12,7 +12,8 @@ from werkzeug.wrappers import Response
 
 from passthru.auth import KeyCheck, digest, headers_carrying, read_key
 from passthru.config import Settings
-from passthru.forward import Route, compile_route, forward
+from passthru.forward import forward
+from passthru.upstream_request import Route, compile_route
 
 
 def build_blueprint(

@@ -20,18 +20,18 @@ from passthru import create_app
 from passthru.auth import digest, headers_carrying, read_key, route_allowed
 from passthru.config import parse_settings
 from passthru.errors import ConfigError, RequestError
-from passthru.forward import (
+from passthru.forward import new_session
+from passthru.logs import Redact
+from passthru.upstream_request import (
     CallerBody,
     clean_subpath,
     compile_route,
     encode_query,
-    new_session,
     proxy_trust,
     request_body,
     upstream_headers,
     upstream_target,
 )
-from passthru.logs import Redact
 
 
 def route_of(**entry: Any):

@@ -1,0 +1,248 @@
+"""What goes upstream: the target path and query, the caller's headers filtered, X-Forwarded-*, the body.
+
+Everything that depends only on the config is computed once in `compile_route`; per request this module reads the
+WSGI environ, never the config. forward.py sends what is built here and relays the answer.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from ipaddress import ip_address, ip_network
+from typing import IO, Any
+from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+
+from passthru.config import Endpoint
+from passthru.errors import ConfigError, RequestError
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the pre-standard Proxy-Connection and Keep-Alive.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+     "transfer-encoding", "upgrade"}
+)  # fmt: skip
+# Never copied from the caller: framing is redone for the body we send, Host is the target's, Expect: 100-continue
+# was already answered by the WSGI server, and X-Forwarded-* and X-Request-Id are set by passthru.
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
+                             "x-forwarded-host", "x-request-id"}  # fmt: skip
+# Without forward_headers only these caller headers go upstream (environ key, header name).
+DEFAULT_FORWARDED = (
+    ("CONTENT_TYPE", "Content-Type"),
+    ("HTTP_CONTENT_ENCODING", "Content-Encoding"),
+    ("HTTP_ACCEPT", "Accept"),
+    ("HTTP_ACCEPT_ENCODING", "Accept-Encoding"),
+)
+SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segment is re-encoded with these kept
+# Characters a query may carry as they are; anything else (non-ASCII, controls, space) is percent-encoded.
+QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]^_`{|}~"
+
+
+@dataclass(frozen=True)
+class Route:
+    """An Endpoint turned into what the hot path needs, computed once at start-up."""
+
+    endpoint: Endpoint
+    pool: urllib3.HTTPConnectionPool  # the target host's pool in the Session's adapter; TLS verified as requests does
+    path: str  # the target's path, without its query
+    query: str  # the target's own query, put before the caller's
+    default_query: tuple[tuple[str, str], ...]  # (name, "name=value" encoded)
+    headers: tuple[tuple[str, str], ...]
+    header_names: frozenset[str]  # lower-case names of `headers`: the caller's are overridden
+    timeout: urllib3.Timeout
+    trusted_proxy: Callable[[str], bool]  # whether a peer address may tell us X-Forwarded-* (nginx in front)
+
+
+def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: Callable[[str], bool]) -> Route:
+    """Split the target, find its connection pool and pre-encode everything that does not change per request."""
+    parts = urlsplit(endpoint.target)
+    adapter = session.get_adapter(endpoint.target)
+    assert isinstance(adapter, HTTPAdapter)
+    probe = requests.PreparedRequest()
+    probe.prepare(method="GET", url=endpoint.target)
+    # The pool requests itself would pick, with its TLS settings (verified, certifi's CA bundle).
+    pool = adapter.get_connection_with_tls_context(probe, verify=True)
+    assert isinstance(pool, urllib3.HTTPConnectionPool)
+    return Route(
+        endpoint=endpoint,
+        pool=pool,
+        path=parts.path or "/",
+        query=parts.query,
+        default_query=tuple((k, urlencode([(k, v)])) for k, v in endpoint.default_query_params),
+        headers=endpoint.headers,
+        header_names=frozenset(name.lower() for name, _ in endpoint.headers),
+        timeout=urllib3.Timeout(connect=endpoint.timeout, read=endpoint.timeout),
+        trusted_proxy=trusted_proxy,
+    )
+
+
+def proxy_trust(spec: str) -> Callable[[str], bool]:
+    """Parse FORWARDED_ALLOW_IPS (gunicorn's setting, same meaning): addresses or networks, or * for any."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if "*" in parts:
+        return lambda address: True
+    try:
+        networks = tuple(ip_network(part, strict=False) for part in parts)
+    except ValueError as exc:
+        raise ConfigError(f"FORWARDED_ALLOW_IPS: {spec!r} is not a list of IP addresses or networks") from exc
+
+    @lru_cache(maxsize=1024)
+    def trusted(address: str) -> bool:
+        try:
+            peer = ip_address(address)
+        except ValueError:
+            return False
+        return any(peer in network for network in networks)
+
+    return trusted
+
+
+def upstream_target(route: Route, subpath: str | None, query_string: str) -> str:
+    """The request target upstream: the target's path + cleaned sub-path, then the target's query, the caller's
+    query as sent, and the default params the caller left out."""
+    url = route.path
+    if subpath is not None:
+        url = url.rstrip("/") + "/" + clean_subpath(subpath)
+    query = encode_query(query_string)
+    if route.query:
+        query = f"{route.query}&{query}" if query else route.query
+    if route.default_query:
+        present = {unquote_plus(pair.split("=", 1)[0]) for pair in query.split("&") if pair}
+        extra = "&".join(encoded for name, encoded in route.default_query if name not in present)
+        if extra:
+            query = f"{query}&{extra}" if query else extra
+    return f"{url}?{query}" if query else url
+
+
+def clean_subpath(subpath: str) -> str:
+    """Resolve dot segments inside the route and re-encode each segment; refuse what could climb out of it.
+
+    The WSGI server has already percent-decoded the path once, so %2e%2e arrives here as `..` and %2F as `/`.
+    """
+    kept: list[str] = []
+    for segment in subpath.split("/"):
+        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
+            # `..;x` is a dot segment to Tomcat and Jetty (a path parameter after `;`): it would climb out.
+            raise RequestError("the path has a dot segment with parameters", param="path")
+        if segment == "..":
+            if not kept:
+                raise RequestError("the path leaves the route's prefix", param="path")
+            kept.pop()
+        elif segment != ".":
+            decoded = unquote(segment)  # a second decoding, as a careless upstream might do
+            if "\\" in decoded or "/" in decoded or decoded in (".", "..") or not decoded.isprintable():
+                raise RequestError("the path has an encoded slash, dot segment or control character", param="path")
+            kept.append(quote(segment, safe=SEGMENT_SAFE))
+    return "/".join(kept)
+
+
+def encode_query(query_string: str) -> str:
+    """The caller's query as sent: repeated keys, order, empty values and escapes kept (urllib3 upper-cases hex)."""
+    if query_string.isascii() and query_string.isprintable() and " " not in query_string:
+        return query_string
+    # WSGI hands the query over as latin-1 text; bytes the request line may not carry raw are escaped.
+    return quote(query_string.encode("latin-1"), safe=QUERY_SAFE)
+
+
+def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[str]) -> CaseInsensitiveDict[str]:
+    """The headers sent upstream: the caller's (all, or the default few), then the route's, then X-Forwarded-*."""
+    headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    if route.endpoint.forward_headers:
+        skip = REQUEST_DROP | route.header_names | drop | connection_tokens(environ.get("HTTP_CONNECTION"))
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                name = key[5:].replace("_", "-").title()
+            elif key == "CONTENT_TYPE":
+                name = "Content-Type"
+            else:
+                continue
+            if name.lower() not in skip:
+                headers[name] = value
+    else:
+        for key, name in DEFAULT_FORWARDED:
+            value = environ.get(key)
+            if value and name.lower() not in route.header_names:
+                headers[name] = value
+    for name, value in route.headers:
+        headers[name] = value
+    if "passthru.request_id" in environ:
+        headers["X-Request-Id"] = environ["passthru.request_id"]
+    peer = environ.get("REMOTE_ADDR", "")
+    forwarded_for, proto, host = None, None, None
+    if route.trusted_proxy(peer):  # a trusted front (nginx) speaks for the real client; anyone else does not
+        forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
+        proto = environ.get("HTTP_X_FORWARDED_PROTO")
+        host = environ.get("HTTP_X_FORWARDED_HOST")
+    headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
+    headers["X-Forwarded-Proto"] = proto or environ.get("wsgi.url_scheme", "http")
+    host = host or environ.get("HTTP_HOST")
+    if host:
+        headers["X-Forwarded-Host"] = host
+    return headers
+
+
+def connection_tokens(value: str | None) -> frozenset[str]:
+    """The lower-case field names a Connection header lists: hop-by-hop for this one message."""
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+class CallerBody:
+    """The caller's body, read as urllib3 asks for it: counted, bounded by its Content-Length when it has one.
+
+    Whatever the WSGI server raises while reading (client gone, a bad chunk size) becomes one OSError that
+    forward() recognises by `broken`, so it answers 400 instead of blaming the upstream.
+    """
+
+    def __init__(self, stream: IO[bytes], length: int | None) -> None:
+        self._stream = stream
+        self._left = length
+        self.received = 0
+        self.broken = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left is not None:
+            if self._left <= 0:
+                return b""
+            size = self._left if size < 0 else min(size, self._left)
+        try:
+            data = self._stream.read(size)
+        except Exception as exc:  # each server has its own "client went away" and framing errors
+            self.broken = True
+            raise OSError(errno.ECONNABORTED, "the caller's body broke off") from exc
+        if self._left is not None:
+            if not data:
+                self.broken = True
+                raise OSError(errno.ECONNABORTED, "the caller's body ended before its Content-Length")
+            self._left -= len(data)
+        self.received += len(data)
+        return data
+
+
+def request_body(environ: Mapping[str, Any]) -> tuple[CallerBody | None, str | None]:
+    """The body to send upstream and its Content-Length (None: no body, or sent chunked); refuse bad framing.
+
+    Only Content-Length is ever set here: urllib3 sends a body without one chunked, so the two never go together.
+    """
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH") or None
+    encoding = environ.get("HTTP_TRANSFER_ENCODING")
+    if encoding is not None:
+        if length is not None:
+            raise RequestError("a request must not carry both Content-Length and Transfer-Encoding")
+        if encoding.strip().lower() != "chunked":
+            raise RequestError("only the chunked Transfer-Encoding is supported")
+        return CallerBody(stream, None), None
+    if length is None:
+        return None, None
+    if not length.isdigit() or not length.isascii():
+        raise RequestError("Content-Length must be a number", param="Content-Length")
+    if int(length) == 0:
+        return None, "0"
+    return CallerBody(stream, int(length)), str(int(length))
