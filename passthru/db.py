@@ -1,7 +1,8 @@
 """Opening the key store's database (SQLite pragmas, pools, locking) and bringing its schema up to date with Alembic.
 
 One engine per process, made after gunicorn forks; migrations run once per process tree and are safe when several
-processes or hosts start together (SQLite's write lock, PostgreSQL's advisory lock).
+processes or hosts start together (SQLite's write lock, PostgreSQL's advisory lock). Alembic is imported by the
+migration functions only: a worker whose gunicorn master migrated the store never loads it (11 MB).
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from passthru.errors import KeyStoreError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("passthru")
 
@@ -165,6 +165,8 @@ def dbapi_cursor(engine: Engine, *, atomic: bool = False) -> Iterator[Any]:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's Config built in code (no alembic.ini): the migrations folder inside the package."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -173,6 +175,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str:
     """The newest migration this code knows."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
@@ -180,6 +184,8 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         connection = connection.execution_options(**{READ_ONLY: True})
         return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
@@ -187,6 +193,8 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> str:
     """Bring the schema to the newest revision; a no-op when it is there. Safe when processes race to do it."""
+    from alembic import command
+
     url = engine.url.render_as_string(hide_password=False)
     try:
         with engine.begin() as connection:  # on SQLite: BEGIN IMMEDIATE, so one migrator at a time
