@@ -42,7 +42,8 @@ SQLITE_POOL = {"pool_size": 8, "max_overflow": 56, "pool_timeout": 10, "pool_use
 POSTGRES_POOL = {"pool_size": 5, "max_overflow": 5, "pool_timeout": 10, "pool_use_lifo": True}
 READ_ONLY = "passthru_read_only"  # execution option: a SQLite transaction that only reads takes no write lock
 
-# URLs migrated by this process or by the gunicorn master it was forked from: workers skip the check.
+# URLs migrated by this process: open_store skips the check. (A gunicorn master migrates in a child process and tells
+# its workers through the environment: store.MIGRATED_VARIABLE.)
 _migrated: set[str] = set()
 
 
@@ -211,7 +212,7 @@ def upgrade(engine: Engine) -> str:
 
 
 def migrate(url: str) -> str:
-    """Open the store, bring it to the newest revision, close it again (the gunicorn master, `passthru db upgrade`).
+    """Open the store, bring it to the newest revision, close it again (`passthru db upgrade`, store.migrate_in_child).
 
     The master must hold no connection when it forks: workers open their own.
     """
@@ -223,7 +224,7 @@ def migrate(url: str) -> str:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Migrate unless this process, or the gunicorn master it was forked from, already did for this database."""
+    """Migrate unless this process already did for this database."""
     if engine.url.render_as_string(hide_password=False) not in _migrated:
         upgrade(engine)
 
