@@ -1,7 +1,7 @@
 """The key store of a server process, opened by the first call that needs it, and migrated by the gunicorn master in
 a short-lived child process.
 
-Its driver (SQLAlchemy, and Alembic when it migrates) costs a process about 25 MB and a third of a second to import,
+Its driver (SQLAlchemy, and Alembic when it migrates) costs a process about 25 MB and 0.4 s to import,
 so it loads only there: not in the master, whose memory every worker starts with, and in a worker only once a call
 needs the store. A worker that serves the master key and open routes never pays for it.
 """
@@ -143,9 +143,11 @@ def _migrate_and_exit(url: str, writer: int) -> NoReturn:
 def _read_all(fd: int, deadline: float) -> bytes | None:
     """Everything written to the pipe until its writer exits; None if that takes past `deadline`."""
     chunks: list[bytes] = []
+    poller = select.poll()  # not select.select, which cannot watch a descriptor numbered 1024 or more
+    poller.register(fd, select.POLLIN)
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not poller.poll(remaining * 1000):
             return None
         chunk = os.read(fd, 4096)
         if not chunk:
