@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -90,7 +91,8 @@ def post_request(worker, req, environ, resp):
 
 @pytest.mark.parametrize("conf", ["deploy/gunicorn.conf.py", "deploy/gunicorn.gevent.conf.py"])
 def test_workers_of_a_migrating_master_never_import_alembic(tmp_path: Path, upstream: Upstream, conf: str) -> None:
-    """The master migrates (in a child) and tells its workers: they open the store without loading Alembic."""
+    """The master migrates (in a child, at start and on reload) and tells its workers: they open the store without
+    loading Alembic."""
     if conf.endswith("gevent.conf.py"):
         pytest.importorskip("gevent")
     probe = tmp_path / "probe.conf.py"
@@ -98,6 +100,8 @@ def test_workers_of_a_migrating_master_never_import_alembic(tmp_path: Path, upst
     config = write_config(tmp_path, entries(upstream), master_key=MASTER)
     server = start_gunicorn(config, tmp_path / "gunicorn.log", conf=str(probe))
     try:
+        server.process.send_signal(signal.SIGHUP)  # the workers that answer below are forked after the reload
+        assert wait_until(lambda: server.output().count("probe master:") == 2, 10), server.output()
         made = requests.post(f"{server.url}/key/generate", json={}, headers=ADMIN, timeout=15)
         assert made.status_code == 200, made.text
         virtual = {"Authorization": f"Bearer {made.json()['key']}"}
@@ -107,7 +111,7 @@ def test_workers_of_a_migrating_master_never_import_alembic(tmp_path: Path, upst
     finally:
         server.stop()
     output = server.output()
-    assert re.findall(r"^probe master: (\S+)$", output, re.M) == ["none"], output
+    assert re.findall(r"^probe master: (\S+)$", output, re.M) == ["none", "none"], output
     assert re.findall(r"^probe worker: (\S+) (\S+)$", output, re.M) == [("/key/generate", "sqlalchemy"),
                                                                         ("/auth", "sqlalchemy")], output  # fmt: skip
 
