@@ -8,11 +8,11 @@ import sys
 
 from passthru import create_app
 from passthru.config import load_from_environment
-from passthru.errors import ConfigError, KeyStoreError
+from passthru.errors import ConfigError
 
 try:
     app = create_app(load_from_environment())
-except (ConfigError, KeyStoreError) as exc:
+except ConfigError as exc:
     print(f"passthru: {exc}", file=sys.stderr)
     # 3 is gunicorn's "worker failed to boot": the arbiter stops instead of restarting the worker in a loop.
     raise SystemExit(3) from None

@@ -74,18 +74,20 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Check the config and migrate the key store in the master, once, before any worker starts.
+    """Check the config and migrate the key store, once, before any worker starts.
 
-    A bad config or an unreachable store stops here with one line. Workers forked from this process know the
-    store is migrated and skip that step.
+    A bad config or an unreachable store stops here with one line. The migration runs in a child process, so this
+    master (and every worker forked from it) never imports SQLAlchemy or Alembic; workers know the store is
+    migrated and skip that step.
     """
     from passthru.config import accept_from_environment
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.store import migrate_in_child
 
     try:
         settings = accept_from_environment(os.environ)
         if settings.database_url is not None:
-            _migrate(settings.database_url)
+            migrate_in_child(settings.database_url)
     except (ConfigError, KeyStoreError) as exc:
         sys.exit(f"passthru: {exc}")
     for warning in settings.warnings:
@@ -104,6 +106,7 @@ def on_reload(server):
     """
     from passthru.config import accept_from_environment
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.store import migrate_in_child
 
     try:
         settings = accept_from_environment(os.environ)
@@ -115,17 +118,10 @@ def on_reload(server):
         server.log.warning("passthru: %s", warning)
     if settings.database_url is not None:
         try:
-            _migrate(settings.database_url)  # a new passthru version's schema, after an upgrade in place
+            # A new passthru version's schema, after an upgrade in place: the child imports the code now on disk.
+            migrate_in_child(settings.database_url)
         except KeyStoreError as exc:
-            server.log.error("passthru: %s", exc)
-
-
-def _migrate(database_url):
-    """Bring the key store to this version's schema. Alembic is imported only here: a config without a master
-    key never loads it, and the workers forked from this master do not need it."""
-    from passthru.db import migrate
-
-    migrate(database_url)
+            server.log.error("passthru: %s; the new workers will migrate it on first use", exc)
 
 
 def post_worker_init(worker):

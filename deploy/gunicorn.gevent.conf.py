@@ -23,6 +23,8 @@ worker_class = "gevent"
 # extra upstream connections are opened per call instead of pooled (forward.POOL_SIZE).
 worker_connections = 1000
 threads = 1  # a gthread setting; gevent workers have no thread pool
+# The prefix of the variables the default hooks set for workers (see _in_child).
+_PRIVATE = "_PASSTHRU_"
 
 
 def on_starting(server):
@@ -40,10 +42,11 @@ def on_reload(server):
 
 
 def _in_child(hook, server):
-    """Run a hook of the default config in a forked child and bring back the config it accepted for workers.
+    """Run a hook of the default config in a forked child and bring back what it set for workers.
 
-    The hook sets private variables naming the accepted config (passthru.config.accept_from_environment); they
-    come back over a pipe as JSON, since the child's environment dies with it.
+    The hook sets private variables naming the accepted config (passthru.config.accept_from_environment) and the
+    migrated store (passthru.store.MIGRATED_VARIABLE), or drops the latter; they come back over a pipe as JSON,
+    since the child's environment dies with it.
     """
     reader, writer = os.pipe()
     pid = os.fork()
@@ -52,7 +55,7 @@ def _in_child(hook, server):
         code = 1
         try:
             hook(server)
-            accepted = {name: value for name, value in os.environ.items() if name.startswith("_PASSTHRU_ACCEPTED_")}
+            accepted = {name: value for name, value in os.environ.items() if name.startswith(_PRIVATE)}
             with os.fdopen(writer, "wb") as pipe:
                 pipe.write(json.dumps(accepted).encode())
             code = 0
@@ -69,4 +72,6 @@ def _in_child(hook, server):
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(1)
+    for name in [name for name in os.environ if name.startswith(_PRIVATE)]:
+        del os.environ[name]  # the child's set is the whole truth: a failed migration drops its variable
     os.environ.update(json.loads(message))

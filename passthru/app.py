@@ -13,9 +13,8 @@ from passthru.config import ACCEPTED_TEXT, Settings, load_from_environment, load
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
 from passthru.key_api import build_key_api
-from passthru.keys import open_store
 from passthru.logs import AccessLog, configure_logging, log
-from passthru.spend import SpendWriter
+from passthru.store import LazyStore
 from passthru.upstream_request import proxy_trust
 
 
@@ -24,8 +23,9 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
 
     The default is $PASSTHRU_CONFIG_YAML (the YAML itself), else the file $PASSTHRU_CONFIG, else config.yaml.
 
-    Call it in the process that serves (after gunicorn forks): it creates this process's connection pools, the
-    upstream one and, when master_key is set, the key store's (migrating it first unless the gunicorn master did).
+    Call it in the process that serves (after gunicorn forks): it creates this process's upstream connection pool.
+    The key store (when master_key is set) is opened by the first call that needs it (see store.py), and migrated
+    then unless the gunicorn master did.
     """
     if isinstance(config, Settings):
         settings = config
@@ -37,13 +37,11 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     key_check: KeyCheck | None = None
     store = None
     if settings.master_key is not None and settings.database_url is not None:
-        store = open_store(settings.database_url)
-        spend = SpendWriter(store)
+        store = LazyStore(settings.database_url)
         app.extensions["passthru.key_store"] = store
-        app.extensions["passthru.spend_writer"] = spend
-        key_check = virtual_key_check(settings.master_key, store, spend)
+        key_check = virtual_key_check(settings.master_key, store)
         app.register_blueprint(build_key_api(store, settings.master_key))
-        log.debug("key store: %s", settings.database_shown)
+        log.debug("key store: %s, opened on first use", settings.database_shown)
     # The same variable and default as gunicorn's forwarded_allow_ips: one list of trusted fronts for both.
     trusted_proxy = proxy_trust(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
     app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check, trusted_proxy))

@@ -6,12 +6,14 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, PassthruError, RateLimited
-from passthru.keys import KeyInfo, KeyStore, Refusal
-from passthru.spend import SpendWriter
+
+if TYPE_CHECKING:  # the store's modules load with the store (store.py), not with this one
+    from passthru.keys import KeyInfo, KeyStore, Refusal
+    from passthru.store import LazyStore
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -96,10 +98,13 @@ def master_key_check(master_key: str) -> KeyCheck:
     return check
 
 
-def virtual_key_check(master_key: str, store: KeyStore, spend: SpendWriter) -> KeyCheck:
-    """The master key passes without touching the store; a virtual key is admitted by the store, call by call."""
+def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
+    """The master key passes without touching the store; a virtual key is admitted by the store, call by call.
+
+    Any other key opens the store (in this worker, the first time), since only the store knows whether it is one.
+    """
     expected = digest(master_key)
-    recent = RecentKeys(store)
+    recent = RecentKeys()
 
     def check(key: str | None, endpoint: Endpoint) -> Finish | None:
         if key is None:
@@ -107,17 +112,18 @@ def virtual_key_check(master_key: str, store: KeyStore, spend: SpendWriter) -> K
         key_digest = digest(key)
         if hmac.compare_digest(key_digest, expected):
             return None
+        opened = store.open()
         token = key_digest.hex()
-        info = recent.get(token)
+        info = recent.get(opened.keys, token)
         if info is None:
             raise AuthError("Authentication Error, invalid proxy key.")
         if not route_allowed(info.allowed_routes, endpoint.path):
             raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
-        refusal = store.admit(token, endpoint.cost_per_request)
+        refusal = opened.keys.admit(token, endpoint.cost_per_request)
         if refusal is not None:
             raise refused(refusal)
         route, cost = endpoint.path, endpoint.cost_per_request
-        return lambda status, seconds: spend.add(token, route, status, cost, seconds)
+        return lambda status, seconds: opened.spend.add(token, route, status, cost, seconds)
 
     return check
 
@@ -150,19 +156,18 @@ def refused(refusal: Refusal) -> PassthruError:
 class RecentKeys:
     """The keys this worker read in the last CACHE_SECONDS: the route check costs no query on the hot path."""
 
-    def __init__(self, store: KeyStore, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE) -> None:
-        self.store = store
+    def __init__(self, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE) -> None:
         self.seconds = seconds
         self.size = size
         self._entries: dict[str, tuple[float, KeyInfo]] = {}  # token → (good until, monotonic clock; info)
 
-    def get(self, token: str) -> KeyInfo | None:
+    def get(self, store: KeyStore, token: str) -> KeyInfo | None:
         """The key's stored fields, at most `seconds` old; None when the store has no such key."""
         now = time.monotonic()
         entry = self._entries.get(token)
         if entry is not None and entry[0] > now:
             return entry[1]
-        info = self.store.find(token)
+        info = store.find(token)
         if info is None:
             self._entries.pop(token, None)
             return None

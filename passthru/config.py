@@ -14,11 +14,9 @@ import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
 from passthru.errors import ConfigError
 
@@ -50,6 +48,28 @@ KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/k
 # The key store when master_key is set and neither database_url nor DATABASE_URL names one: a file in the working
 # directory, as LiteLLM users expect one `passthru` on one host to work without a database server.
 DEFAULT_DATABASE_URL = "sqlite:///passthru.db"
+# A database URL as SQLAlchemy reads one (the pattern of sqlalchemy.engine.url._parse_url), so that what passes here is
+# what the key store's engine opens. Not make_url itself: importing SQLAlchemy would cost the gunicorn master, which
+# checks the config, and every worker forked from it 14 MB and 0.15 s.
+DATABASE_URL = re.compile(
+    r"""
+        (?P<name>[\w\+]+)://
+        (?:
+            (?P<username>[^:/]*)
+            (?::(?P<password>[^@]*))?
+        @)?
+        (?:
+            (?:
+                \[(?P<ipv6host>[^/\?]+)\] |
+                (?P<ipv4host>[^/:\?]+)
+            )?
+            (?::(?P<port>[^/\?]*))?
+        )?
+        (?:/(?P<database>[^\?]*))?
+        (?:\?(?P<query>.*))?
+    """,
+    re.X,
+)
 
 
 @dataclass(frozen=True)
@@ -241,30 +261,36 @@ def _database_url(reader: _Reader, value: Any, environ: Mapping[str, str]) -> tu
         reader.secrets.add(text)
     else:
         return DEFAULT_DATABASE_URL, DEFAULT_DATABASE_URL
-    try:
-        url = make_url(text)
-    except ArgumentError as exc:
-        raise reader.error(field, "is not a database URL such as postgresql://user:pass@host/db") from exc
-    if url.password:
-        reader.secrets.add(str(url.password))
-    url = _normalised(reader, field, url)
-    return url.render_as_string(hide_password=False), url.render_as_string(hide_password=True)
+    url = DATABASE_URL.match(text)
+    port = url.group("port") if url else None
+    if url is None or (port is not None and not re.fullmatch("[0-9]+", port)):
+        raise reader.error(field, "is not a database URL such as postgresql://user:pass@host/db")
+    password = url.group("password")
+    if password:
+        reader.secrets.add(unquote(password))
+    scheme = _scheme(reader, field, url.group("name"), url.group("database"))
+    start, end = url.span("password")  # (-1, -1) without one; shown as *** like SQLAlchemy's hide_password
+    shown = text if start < 0 else text[:start] + "***" + text[end:]
+    # Only the scheme changes; the rest stays as written, for SQLAlchemy to read where the store is opened.
+    return scheme + text[url.end("name") :], scheme + shown[url.end("name") :]
 
 
-def _normalised(reader: _Reader, field: str, url: URL) -> URL:
-    backend, driver = url.get_backend_name(), url.drivername.partition("+")[2]
+def _scheme(reader: _Reader, field: str, name: str, database: str | None) -> str:
+    """The SQLAlchemy scheme (dialect+driver) the store is opened with."""
+    backend, _, driver = name.partition("+")
     if backend in ("postgresql", "postgres"):
         # LiteLLM's DATABASE_URL is Prisma's postgresql://; psycopg 3 is the driver passthru ships with.
         if driver not in ("", "psycopg"):
             raise reader.error(field, f"uses the driver {driver!r}; passthru ships psycopg (postgresql+psycopg://)")
-        return url.set(drivername="postgresql+psycopg")
+        return "postgresql+psycopg"
     if backend == "sqlite":
         if driver not in ("", "pysqlite"):
             raise reader.error(field, f"uses the driver {driver!r}; write sqlite:///path/to/file.db")
-        if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+        database = unquote(database or "")
+        if not database or database == ":memory:" or database.startswith("file:"):
             # Every worker and every pooled connection must see the same keys: only a file is shared.
             raise reader.error(field, "must name a file (sqlite:///passthru.db), not an in-memory database")
-        return url
+        return name
     raise reader.error(field, f"uses {backend!r}; passthru stores keys in sqlite:///file.db or postgresql://")
 
 

@@ -1,7 +1,8 @@
 """Opening the key store's database (SQLite pragmas, pools, locking) and bringing its schema up to date with Alembic.
 
 One engine per process, made after gunicorn forks; migrations run once per process tree and are safe when several
-processes or hosts start together (SQLite's write lock, PostgreSQL's advisory lock).
+processes or hosts start together (SQLite's write lock, PostgreSQL's advisory lock). Alembic is imported by the
+migration functions only: a worker whose gunicorn master migrated the store never loads it (11 MB).
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from passthru.errors import KeyStoreError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("passthru")
 
@@ -44,7 +44,8 @@ SQLITE_POOL = {"pool_size": 8, "max_overflow": 56, "pool_timeout": 10, "pool_use
 POSTGRES_POOL = {"pool_size": 8, "max_overflow": 0, "pool_timeout": 10, "pool_use_lifo": True}
 READ_ONLY = "passthru_read_only"  # execution option: a SQLite transaction that only reads takes no write lock
 
-# URLs migrated by this process or by the gunicorn master it was forked from: workers skip the check.
+# URLs migrated by this process: open_store skips the check. (A gunicorn master migrates in a child process and tells
+# its workers through the environment: store.MIGRATED_VARIABLE.)
 _migrated: set[str] = set()
 
 
@@ -167,6 +168,8 @@ def dbapi_cursor(engine: Engine, *, atomic: bool = False) -> Iterator[Any]:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's Config built in code (no alembic.ini): the migrations folder inside the package."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -175,6 +178,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str:
     """The newest migration this code knows."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
@@ -182,6 +187,8 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         connection = connection.execution_options(**{READ_ONLY: True})
         return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
@@ -189,6 +196,8 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> str:
     """Bring the schema to the newest revision; a no-op when it is there. Safe when processes race to do it."""
+    from alembic import command
+
     url = engine.url.render_as_string(hide_password=False)
     try:
         with engine.begin() as connection:  # on SQLite: BEGIN IMMEDIATE, so one migrator at a time
@@ -205,7 +214,7 @@ def upgrade(engine: Engine) -> str:
 
 
 def migrate(url: str) -> str:
-    """Open the store, bring it to the newest revision, close it again (the gunicorn master, `passthru db upgrade`).
+    """Open the store, bring it to the newest revision, close it again (`passthru db upgrade`, store.migrate_in_child).
 
     The master must hold no connection when it forks: workers open their own.
     """
@@ -217,7 +226,7 @@ def migrate(url: str) -> str:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Migrate unless this process, or the gunicorn master it was forked from, already did for this database."""
+    """Migrate unless this process already did for this database."""
     if engine.url.render_as_string(hide_password=False) not in _migrated:
         upgrade(engine)
 

@@ -6,13 +6,14 @@ from flask import Blueprint, Response, jsonify
 
 from passthru.config import Settings
 from passthru.errors import KeyStoreError
-from passthru.keys import KeyStore
+from passthru.store import LazyStore
 
 
-def build_blueprint(settings: Settings, version: str, store: KeyStore | None) -> Blueprint:
+def build_blueprint(settings: Settings, version: str, store: LazyStore | None) -> Blueprint:
     """/health/liveliness, and /health/readiness (also /health): route count, version, and the key store's state.
 
-    Not ready (503) when a configured key store cannot be reached: virtual keys would all be refused.
+    Not ready (503) when a configured key store cannot be reached: virtual keys would all be refused. So readiness
+    opens the store, as the first virtual key would; liveliness never does.
     """
     blueprint = Blueprint("health", __name__)
     facts = {"routes": len(settings.endpoints), "version": version}
@@ -27,7 +28,7 @@ def build_blueprint(settings: Settings, version: str, store: KeyStore | None) ->
         if store is None:
             return jsonify({"status": "healthy", "db": "not configured", **facts})
         try:
-            store.ping()
+            store.open().keys.ping()
         except KeyStoreError:
             return jsonify({"status": "unhealthy", "db": "unreachable", **facts}), 503
         return jsonify({"status": "healthy", "db": "connected", **facts})

@@ -14,17 +14,20 @@ import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, request
 
 from passthru.auth import digest, read_key
 from passthru.config import KEY_API_PATHS
 from passthru.errors import AccessDenied, AuthError, NotFound, RequestError
-from passthru.keys import KeyInfo, KeyStore, NewKey, SpendEntry
+
+if TYPE_CHECKING:  # the store's modules load with the store (store.py), not with the app's routes
+    from passthru.keys import KeyInfo, KeyStore, SpendEntry
+    from passthru.store import LazyStore
 
 Fields = Mapping[str, Any]
-Operation = Callable[[KeyStore, Fields], Any]
+Operation = Callable[["KeyStore", Fields], Any]
 
 # LiteLLM's duration strings ("30s", "10m", "1h", "7d", "2w", "1mo").
 DURATION = re.compile(r"^([0-9]+)(s|m|h|d|w|mo)$")
@@ -118,6 +121,8 @@ def shown(info: KeyInfo) -> dict[str, Any]:
 
 def generate_key(store: KeyStore, body: Fields, *, master_key: str | None = None) -> dict[str, Any]:
     """POST /key/generate: the only answer that ever carries the key itself."""
+    from passthru.keys import NewKey  # loaded already: `store` is open
+
     fields = _fields(body, NEW_KEY_FIELDS)
     key = fields.get("key")
     if key is None:
@@ -253,25 +258,27 @@ def _entry(entry: SpendEntry) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def build_key_api(store: KeyStore, master_key: str) -> Blueprint:
-    """A fresh Blueprint serving KEY_API_PATHS; every call must carry the master key."""
+def build_key_api(store: LazyStore, master_key: str) -> Blueprint:
+    """A fresh Blueprint serving KEY_API_PATHS; every call must carry the master key. A call with a key opens the
+    store (in this worker, the first time): the master key's to serve it, any other to tell 403 from 401."""
     blueprint = Blueprint("keys", __name__)
     master = digest(master_key)
 
-    def admit() -> None:
+    def admit() -> KeyStore:
         found = read_key(request.environ)
         if found is None:
             raise AuthError("Authentication Error, no api key passed in.")
         key_digest = digest(found[0])
+        keys = store.open().keys
         if hmac.compare_digest(key_digest, master):
-            return
-        if store.find(key_digest.hex()) is not None:
+            return keys
+        if keys.find(key_digest.hex()) is not None:
             raise AccessDenied("only the master key may manage keys and read spend logs")
         raise AuthError("Authentication Error, invalid proxy key.")
 
     def bind(operation: Operation, from_body: bool) -> Callable[[], Response]:
         def view() -> Response:
-            admit()
+            keys = admit()
             if from_body:
                 body = request.get_json(force=True, silent=True)
                 if not isinstance(body, dict):
@@ -279,7 +286,7 @@ def build_key_api(store: KeyStore, master_key: str) -> Blueprint:
                 fields: Fields = body
             else:
                 fields = request.args.to_dict()
-            return Response(json.dumps(operation(store, fields)), mimetype="application/json")
+            return Response(json.dumps(operation(keys, fields)), mimetype="application/json")
 
         return view
 

@@ -158,7 +158,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
             server.shutdown()
             server.server_close()
             if "passthru.key_store" in app.extensions:
-                app.extensions["passthru.spend_writer"].close()
                 app.extensions["passthru.key_store"].close()
 
 

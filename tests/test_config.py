@@ -6,6 +6,7 @@ import base64
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from passthru import create_app
 from passthru.config import ALL_METHODS, load_from_environment, load_settings, parse_settings
@@ -349,6 +350,25 @@ def test_database_url_forms(value: str, url: str, shown: str) -> None:
         assert "pw-secret-1" in settings.secrets  # masked alone too, wherever a driver message quotes it
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["postgresql://u:p%40ss:w0rd@db.example:5432/litellm?sslmode=require&application_name=passthru",
+     "postgres://u@[::1]:5433/db", "postgresql://u:@h/db", "postgresql+psycopg://h/d%20b?options=-csearch_path%3Ds",
+     "sqlite:///relative/keys.db", "sqlite+pysqlite:////abs/keys.db?timeout=3"],
+)  # fmt: skip
+def test_database_url_reads_as_sqlalchemy_reads_it(value: str) -> None:
+    """config.py checks the URL without SQLAlchemy (the master never imports it): both must read it the same."""
+    settings = settings_of([], master_key="sk-1", database_url=value)
+    assert settings.database_url is not None and settings.database_shown is not None
+    ours, theirs = make_url(settings.database_url), make_url(value)
+    assert ours == theirs.set(drivername=ours.drivername)
+    assert ours.get_backend_name() in ("postgresql", "sqlite")
+    hidden = ours if ours.password is None else ours.set(password="***")
+    assert make_url(settings.database_shown) == hidden
+    if theirs.password:
+        assert theirs.password in settings.secrets
+
+
 def test_database_url_from_the_environment_and_litellms_variable() -> None:
     environ = {**ENV, "DB": "postgresql://u:pw-2@h/db", "DATABASE_URL": "postgresql://u:pw-3@h2/db"}
     from_config = settings_of([], environ, master_key="sk-1", database_url="os.environ/DB")
@@ -373,6 +393,9 @@ def test_database_url_without_master_key_is_unused_and_said_so() -> None:
         pytest.param("sqlite:///:memory:", "must name a file", id="sqlite-memory-explicit"),
         pytest.param("postgresql+psycopg2://u@h/db", "uses the driver 'psycopg2'", id="psycopg2"),
         pytest.param("not a url", "is not a database URL", id="garbage"),
+        pytest.param("postgresql://u@h:54x/db", "is not a database URL", id="port-not-a-number"),
+        pytest.param("postgresql://u@h:/db", "is not a database URL", id="port-empty"),
+        pytest.param("sqlite:///%3Amemory%3A", "must name a file", id="sqlite-memory-escaped"),
         pytest.param(["x"], "must be a string", id="list"),
     ],
 )

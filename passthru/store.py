@@ -1,0 +1,160 @@
+"""The key store of a server process, opened by the first call that needs it, and migrated by the gunicorn master in
+a short-lived child process.
+
+Its driver (SQLAlchemy, and Alembic when it migrates) costs a process about 25 MB and 0.4 s to import,
+so it loads only there: not in the master, whose memory every worker starts with, and in a worker only once a call
+needs the store. A worker that serves the master key and open routes never pays for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import select
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+from passthru.errors import KeyStoreError
+
+if TYPE_CHECKING:
+    from passthru.keys import KeyStore
+    from passthru.spend import SpendWriter
+
+log = logging.getLogger("passthru")
+
+# Set by the gunicorn master for its workers once it has migrated the store (in a child, whose memory dies with it):
+# they open the store without checking its schema, so without importing Alembic.
+MIGRATED_VARIABLE = "_PASSTHRU_MIGRATED"
+# A migration may wait for other processes' locks (SQLite's write lock, PostgreSQL's advisory lock): not forever.
+MIGRATION_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class OpenedStore:
+    """The store and the writer of its spend log, made together in the process that serves."""
+
+    keys: KeyStore
+    spend: SpendWriter
+
+
+class LazyStore:
+    """The key store at `url`, opened by the first call to `open()` in this process: a virtual key, the key API, or a
+    readiness probe. Threads that ask meanwhile wait for that one opening; a failed opening is retried next call."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._opened: OpenedStore | None = None
+
+    def open(self) -> OpenedStore:
+        """The opened store; KeyStoreError (503) while it cannot be opened."""
+        opened = self._opened
+        if opened is not None:
+            return opened
+        with self._lock:
+            if self._opened is None:
+                self._opened = _open(self.url)
+            return self._opened
+
+    def close(self) -> None:
+        """Write the queued spend entries and close the connections, if the store was ever opened (tests)."""
+        with self._lock:
+            if self._opened is not None:
+                self._opened.spend.close()
+                self._opened.keys.close()
+                self._opened = None
+
+
+def _open(url: str) -> OpenedStore:
+    from passthru.db import open_engine
+    from passthru.keys import SqlKeyStore, open_store
+    from passthru.spend import SpendWriter
+
+    try:
+        if os.environ.get(MIGRATED_VARIABLE) == _marker(url):
+            store = SqlKeyStore(open_engine(url))  # the gunicorn master migrated it; connects on first query
+        else:
+            store = open_store(url)  # migrates, unless this process already did (flask run, tests)
+    except KeyStoreError as exc:
+        # The text names the store's host, which is for the log, not for a caller.
+        log.warning("%s", exc)
+        raise KeyStoreError("the key store is unavailable; try again shortly") from exc
+    return OpenedStore(store, SpendWriter(store))
+
+
+def migrate_in_child(url: str, timeout: float = MIGRATION_TIMEOUT) -> None:
+    """Bring the store to this version's schema in a forked child, and tell the workers forked later that it is done.
+
+    For the gunicorn master, at start and on reload: migrating in the master itself would leave SQLAlchemy and
+    Alembic in it, and so in every worker. Raises KeyStoreError with one line when the child fails or takes longer
+    than `timeout` seconds (it is killed then); the workers will then check the schema themselves.
+    """
+    os.environ.pop(MIGRATED_VARIABLE, None)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        _migrate_and_exit(url, writer)
+    os.close(writer)
+    try:
+        said = _read_all(reader, time.monotonic() + timeout)
+    finally:
+        os.close(reader)
+    if said is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise KeyStoreError(f"migrating the key store took more than {timeout:g} s and was stopped; is another "
+                            "process holding the database's lock?")  # fmt: skip
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise KeyStoreError(said.decode(errors="replace") or f"migrating the key store failed (exit status {code})")
+    os.environ[MIGRATED_VARIABLE] = _marker(url)
+
+
+def _migrate_and_exit(url: str, writer: int) -> NoReturn:
+    """The child: migrate, write why if that failed, and exit without ever returning into the parent's code."""
+    code, said = 1, ""
+    try:
+        # gunicorn's handlers would only queue a signal in this copy of the master: a stop must stop the child too.
+        for number in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_DFL)
+        from passthru.db import migrate
+
+        migrate(url)
+        code = 0
+    except KeyStoreError as exc:
+        said = str(exc)
+    except BaseException as exc:
+        traceback.print_exc()
+        said = f"migrating the key store failed: {type(exc).__name__}: {exc}"
+    finally:
+        try:
+            os.write(writer, said.encode())
+        finally:
+            os._exit(code)
+
+
+def _read_all(fd: int, deadline: float) -> bytes | None:
+    """Everything written to the pipe until its writer exits; None if that takes past `deadline`."""
+    chunks: list[bytes] = []
+    poller = select.poll()  # not select.select, which cannot watch a descriptor numbered 1024 or more
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _marker(url: str) -> str:
+    """What MIGRATED_VARIABLE holds for a store: a digest of its URL, which itself may carry a password."""
+    return hashlib.sha256(url.encode()).hexdigest()
