@@ -22,8 +22,9 @@ _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name 
 
 # Called once the answer's body is done, with its status and the seconds since the request came in.
 Finish = Callable[[int, float], None]
-# How long a worker trusts what it read of a key's allowed_routes. Blocking, deleting, expiry, budget and rpm are
-# decided by the store on every call; only a change of allowed_routes can take this long to reach every worker.
+# How long a worker trusts what it read of a key: a change of allowed_routes, and the blocking or deleting of a key
+# with no rpm_limit, max_budget or expiry, take at most this long to reach every worker. A key with any of those
+# three is decided by the store on every call (KeyInfo.counted), so blocking or deleting it counts at once.
 CACHE_SECONDS = 1.0
 CACHE_SIZE = 10_000  # keys remembered per worker; past that the memory starts over
 
@@ -99,7 +100,8 @@ def master_key_check(master_key: str) -> KeyCheck:
 
 
 def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
-    """The master key passes without touching the store; a virtual key is admitted by the store, call by call.
+    """The master key passes without touching the store; a virtual key is admitted by the store, call by call, when
+    it has limits or an expiry, and otherwise from what this worker read of it (KeyInfo.counted says why).
 
     Any other key opens the store (in this worker, the first time), since only the store knows whether it is one.
     """
@@ -119,11 +121,14 @@ def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
             raise AuthError("Authentication Error, invalid proxy key.")
         if not route_allowed(info.allowed_routes, endpoint.path):
             raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
-        refusal = opened.keys.admit(token, endpoint.cost_per_request)
-        if refusal is not None:
-            raise refused(refusal)
-        route, cost = endpoint.path, endpoint.cost_per_request
-        return lambda status, seconds: opened.spend.add(token, route, status, cost, seconds)
+        if info.counted:
+            refusal = opened.keys.admit(token, endpoint.cost_per_request)
+            if refusal is not None:
+                raise refused(refusal)
+        elif info.blocked:
+            raise key_refused("blocked")
+        route, cost, charge = endpoint.path, endpoint.cost_per_request, not info.counted
+        return lambda status, seconds: opened.spend.add(token, route, status, cost, seconds, charge=charge)
 
     return check
 
@@ -149,29 +154,37 @@ def refused(refusal: Refusal) -> PassthruError:
             f"Rate limit exceeded: this key's rpm_limit is reached; retry in {refusal.retry_after}s",
             retry_after=refusal.retry_after,
         )
-    problem = {"blocked": "this key is blocked", "expired": "this key has expired"}.get(refusal.reason)
+    return key_refused(refusal.reason)
+
+
+def key_refused(reason: str) -> AuthError:
+    """The 401 for a key that is blocked, expired or unknown."""
+    problem = {"blocked": "this key is blocked", "expired": "this key has expired"}.get(reason)
     return AuthError(f"Authentication Error, {problem or 'invalid proxy key'}.")
 
 
 class RecentKeys:
-    """The keys this worker read in the last CACHE_SECONDS: the route check costs no query on the hot path."""
+    """The keys this worker read in the last CACHE_SECONDS, forgotten as soon as this worker changes any key: the
+    route check, and a key without limits, cost no query on the hot path."""
 
     def __init__(self, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE) -> None:
         self.seconds = seconds
         self.size = size
-        self._entries: dict[str, tuple[float, KeyInfo]] = {}  # token → (good until, monotonic clock; info)
+        # token → (good until, on the monotonic clock; the store's edits when read; info)
+        self._entries: dict[str, tuple[float, int, KeyInfo]] = {}
 
     def get(self, store: KeyStore, token: str) -> KeyInfo | None:
         """The key's stored fields, at most `seconds` old; None when the store has no such key."""
         now = time.monotonic()
         entry = self._entries.get(token)
-        if entry is not None and entry[0] > now:
-            return entry[1]
+        if entry is not None and entry[0] > now and entry[1] == store.edits:
+            return entry[2]
+        edits = store.edits  # before reading: an edit made meanwhile leaves this entry out of date, as it should
         info = store.find(token)
         if info is None:
             self._entries.pop(token, None)
             return None
         if len(self._entries) >= self.size:
             self._entries.clear()  # dict operations are atomic under the GIL: threads need no lock here
-        self._entries[token] = (now + self.seconds, info)
+        self._entries[token] = (now + self.seconds, edits, info)
         return info

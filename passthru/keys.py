@@ -1,7 +1,8 @@
 """The key store: the few queries on virtual keys and their spend log (tables in schema.py), behind a Protocol.
 
-What a call is decided on (blocked, expiry, budget, the rpm window) is checked and counted by one atomic
-UPDATE on the store's own clock, so every worker and every host sharing the store counts together.
+For a key with limits or an expiry, what a call is decided on (blocked, expiry, budget, the rpm window) is checked
+and counted by one atomic UPDATE on the store's own clock, so every worker and every host sharing the store counts
+together; a key without any is not counted per call (KeyInfo.counted).
 
 The per-call statements are each one SQLite step with the GIL released: SQLite's write lock is never held while
 the thread waits to get the GIL back behind other busy threads (up to 5 ms each time). A RETURNING clause, or a
@@ -47,6 +48,17 @@ class KeyInfo:
     rpm_limit: int | None
     allowed_routes: tuple[str, ...] | None  # None: every route
     metadata: Mapping[str, Any]
+
+    @property
+    def counted(self) -> bool:
+        """Whether each call must be decided and charged by the store, there and then (admit).
+
+        A key with an rpm_limit, a max_budget or an expiry has something for the store to decide on every call, on
+        its own clock. A key with none of them has only `blocked`, which a worker may know up to a second late
+        anyway (auth.CACHE_SECONDS): its calls skip the per-call write, and their cost reaches its spend with the
+        spend log entries (SpendWriter), within about a tenth of a second.
+        """
+        return self.rpm_limit is not None or self.max_budget is not None or self.expires is not None
 
 
 @dataclass(frozen=True)
@@ -94,11 +106,15 @@ UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limi
 class KeyStore(Protocol):
     """What passthru needs from a key store: the per-call check and log, and the /key/* operations."""
 
+    # How many key changes (update, block, delete) this process made through the store: what a worker remembers of
+    # keys (auth.RecentKeys) is out of date once it moves, so a change is seen at once by the worker that made it.
+    edits: int
+
     def find(self, token: str) -> KeyInfo | None: ...
 
     def admit(self, token: str, cost: float) -> Refusal | None: ...
 
-    def record(self, entries: Sequence[SpendEntry]) -> None: ...
+    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None: ...
 
     def create(self, new: NewKey) -> KeyInfo: ...
 
@@ -131,6 +147,7 @@ class SqlKeyStore:
     def __init__(self, engine: Engine, window: float = WINDOW_SECONDS) -> None:
         self.engine = engine
         self.window = window
+        self.edits = 0
         self._reads = engine.execution_options(**{READ_ONLY: True})
         c, now = keys.c, store_now()
         fresh = c.window_start + window <= now  # the key's last window is over: this call opens a new one
@@ -154,7 +171,10 @@ class SqlKeyStore:
         ).where(c.token == sa.bindparam("t"))
         record = sa.insert(spend_logs).values({column.name: sa.bindparam(column.name, type_=column.type)
                                                for column in spend_logs.c})  # fmt: skip
-        self._admit, self._why, self._record = (Statement(engine, s) for s in (admit, why, record))
+        charge = sa.update(keys).where(c.token == sa.bindparam("t")).values(spend=c.spend + sa.bindparam("amount"))
+        self._admit, self._why, self._record, self._charge = (
+            Statement(engine, s) for s in (admit, why, record, charge)
+        )
         self._sqlite = engine.dialect.name == "sqlite"
         self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
 
@@ -200,22 +220,28 @@ class SqlKeyStore:
             return Refusal("rpm", retry_after=max(1, math.ceil(window_start + self.window - now)))
         return None
 
-    def record(self, entries: Sequence[SpendEntry]) -> None:
-        """Write spend log entries (spend.SpendWriter batches them).
+    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None:
+        """Write spend log entries (spend.SpendWriter batches them), and add `charges` (token → amount) to the spend
+        of keys whose calls were not charged at admission (KeyInfo.counted), all in one transaction.
 
-        On SQLite, as multi-row INSERTs of RECORD_ROWS entries, each one statement (see the module docstring);
-        on PostgreSQL, in one transaction that psycopg pipelines into one round trip.
+        On SQLite the entries go as multi-row INSERTs of RECORD_ROWS each, one statement each (see the module
+        docstring); on PostgreSQL psycopg pipelines the statements into one round trip.
         """
         rows = [self._record.args(vars(entry)) for entry in entries]
-        if not self._sqlite:
-            with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=True) as cursor:
+        charged = [self._charge.args({"t": token, "amount": amount}) for token, amount in (charges or {}).items()]
+        # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
+        atomic = not self._sqlite or bool(charged)
+        with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
+            if self._sqlite:
+                into, _, one_row = self._record.sql.partition(" VALUES ")
+                for start in range(0, len(rows), RECORD_ROWS):
+                    chunk = rows[start : start + RECORD_ROWS]
+                    values = ", ".join([one_row] * len(chunk))
+                    cursor.execute(f"{into} VALUES {values}", [value for row in chunk for value in row])
+            else:
                 cursor.executemany(self._record.sql, rows)
-            return
-        into, _, one_row = self._record.sql.partition(" VALUES ")
-        with _guard("writing spend log entries"), dbapi_cursor(self.engine) as cursor:
-            for start in range(0, len(rows), RECORD_ROWS):
-                chunk = rows[start : start + RECORD_ROWS]
-                cursor.execute(f"{into} VALUES {', '.join([one_row] * len(chunk))}", [v for row in chunk for v in row])
+            if charged:
+                cursor.executemany(self._charge.sql, charged)
 
     # --- administration ---------------------------------------------------------------------------------------
 
@@ -267,6 +293,7 @@ class SqlKeyStore:
                 row = conn.execute(stmt).first()
             except IntegrityError as exc:
                 raise RequestError("key_alias is already used by another key", param="key_alias") from exc
+        self.edits += 1
         return None if row is None else _info(row)
 
     def delete(self, tokens: Sequence[str]) -> list[str]:
@@ -276,6 +303,7 @@ class SqlKeyStore:
             missing = [token for token in tokens if token not in found]
             if not missing:
                 conn.execute(sa.delete(keys).where(keys.c.token.in_(tokens)))
+        self.edits += 1
         return missing
 
     def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]:

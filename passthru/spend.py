@@ -30,7 +30,8 @@ class SpendWriter:
 
     def __init__(self, store: KeyStore) -> None:
         self.store = store
-        self._pending: deque[SpendEntry] = deque()  # append and popleft are atomic: no lock on the hot path
+        # Each entry with whether its cost is still to be added to its key's spend (not charged at admission).
+        self._pending: deque[tuple[SpendEntry, bool]] = deque()  # append and popleft are atomic: no lock needed
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -39,14 +40,15 @@ class SpendWriter:
         self._dropped = 0
         self._closed = False
 
-    def add(self, token: str, route: str, status: int, cost: float, seconds: float) -> None:
-        """Queue the entry of a call that just finished (`seconds` after it started)."""
+    def add(self, token: str, route: str, status: int, cost: float, seconds: float, *, charge: bool = False) -> None:
+        """Queue the entry of a call that just finished (`seconds` after it started); with `charge`, its cost is
+        added to the key's spend when the entry is written (the store did not charge it at admission)."""
         now = time.time()
         # uuid4's os.urandom would let go of the GIL on every call; random is reseeded in each forked worker.
         entry_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
         entry = SpendEntry(entry_id, token, route, status, cost, now - seconds, seconds)
         self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
-        self._pending.append(entry)
+        self._pending.append((entry, charge))
         if len(self._pending) > BACKLOG:
             self._pending.popleft()
             self._dropped += 1
@@ -71,8 +73,12 @@ class SpendWriter:
     def _write(self) -> None:
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            charges: dict[str, float] = {}
+            for entry, charge in batch:
+                if charge and entry.spend:
+                    charges[entry.token] = charges.get(entry.token, 0.0) + entry.spend
             try:
-                self.store.record(batch)
+                self.store.record([entry for entry, _ in batch], charges)
             except KeyStoreError:
                 # Already logged by the store; keep the entries (in order) and try again next round.
                 self._pending.extendleft(reversed(batch))

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ import pytest
 import requests
 from conftest import PROXY_VARIABLES, ROOT, Gunicorn, free_port, wait_for_port, write_config
 from upstream import Upstream, wait_until
+
+from passthru.auth import CACHE_SECONDS
 
 MASTER = "sk-master-key-for-processes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -68,16 +71,24 @@ def test_several_workers_share_one_sqlite_file(gunicorn: Callable[..., Gunicorn]
     # Concurrent writers on one file: every call admitted, charged and logged, and not one "database is locked".
     statuses = burst([lambda: call(base, free)] * 200, threads=16)
     assert statuses == {200: 200}, statuses
-    info = requests.get(f"{base}/key/info", params={"key": free}, headers=ADMIN, timeout=15).json()["info"]
-    assert info["spend"] == 100.0
 
     def logged() -> int:
         response = requests.get(f"{base}/spend/logs", params={"key": free, "limit": 1000}, headers=ADMIN, timeout=15)
         return len(response.json())
 
+    # A key without limits is charged with its spend log entries, in the same transaction.
     assert wait_until(lambda: logged() == 200, 10)
-    # Blocked on one worker (the one that answers /key/block) is refused by all of them at once.
-    admin(base, "/key/block", key=free)  # decided by the store on every call: no wait at all
+    info = requests.get(f"{base}/key/info", params={"key": free}, headers=ADMIN, timeout=15).json()["info"]
+    assert info["spend"] == 100.0
+    # Blocked on one worker (the one that answers /key/block): a key with an expiry is decided by the store on
+    # every call, so every worker refuses it at once; one without limits, once the workers' memory of it is over.
+    expiring = admin(base, "/key/generate", duration="1h")["key"]
+    assert burst([lambda: call(base, expiring)] * 8) == {200: 8}
+    admin(base, "/key/block", key=expiring)
+    admin(base, "/key/block", key=free)
+    statuses = burst([lambda: call(base, expiring)] * 40)
+    assert statuses == {401: 40}, statuses
+    time.sleep(CACHE_SECONDS)
     statuses = burst([lambda: call(base, free)] * 40)
     assert statuses == {401: 40}, statuses
     output = server.output()
@@ -159,6 +170,7 @@ def test_no_plain_key_in_the_store_or_any_log_line(database_url: str, gunicorn: 
         assert requests.get(f"{base}/key/info", params={"key": key}, headers=ADMIN, timeout=15).status_code == 200
         admin(base, "/key/update", key=key, rpm_limit=100)
         admin(base, "/key/block", key=key)
+        time.sleep(CACHE_SECONDS)  # the other worker may still know the key as it was before the update
         assert call(base, key) == 401
         admin(base, "/key/unblock", key=key)
         response = requests.get(f"{base}/spend/logs", params={"key": key}, headers=ADMIN, timeout=15)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ class FlakyStore:
         self.batches: list[list[SpendEntry]] = []
         self.lock = threading.Lock()
 
-    def record(self, entries: Sequence[SpendEntry]) -> None:
+    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None:
         with self.lock:
             if self.failures:
                 self.failures -= 1
@@ -46,6 +46,26 @@ def test_entries_reach_a_real_store_in_batches(tmp_path: Path) -> None:
         entries = store.spend_logs(token, None, None, 5000)
         assert len(entries) == 1200 and len({e.request_id for e in entries}) == 1200
         assert {e.spend for e in entries} == {0.5} and all(e.duration == 0.01 for e in entries)
+        assert store.find(token).spend == 0.0  # charged at admission (not here) unless the entry says otherwise
+    finally:
+        writer.close()
+
+
+def test_uncharged_costs_reach_the_key_with_the_entries(tmp_path: Path) -> None:
+    """A key without limits is not charged at admission: its calls' costs are added with their entries, summed per
+    key, in the transaction that writes the entries."""
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    writer = SpendWriter(store)
+    try:
+        one = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
+        two = store.create(NewKey(token="b" * 64, key_name="sk-...bbbb")).token
+        for n in range(700):  # more than one batch
+            writer.add(one, f"/r{n}", 200, 0.25, 0.01, charge=True)
+            writer.add(two, f"/r{n}", 200, 1.0, 0.01, charge=n % 2 == 0)  # odd ones were charged at admission
+        assert writer.flush(10)
+        assert store.find(one).spend == pytest.approx(175.0)
+        assert store.find(two).spend == pytest.approx(350.0)
+        assert len(store.spend_logs(None, None, None, 5000)) == 1400
     finally:
         writer.close()
         store.close()

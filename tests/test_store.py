@@ -195,6 +195,15 @@ def test_spend_log_entries(store: SqlKeyStore) -> None:
     assert len(store.spend_logs(None, None, None, 1)) == 1
 
 
+def test_entries_and_charges_are_written_together(store: SqlKeyStore) -> None:
+    """The costs of calls not charged at admission (keys without limits) reach the keys with their entries."""
+    one, two = store.create(new_key(1)).token, store.create(new_key(2)).token
+    store.record([entry(one, "/a", 200), entry(two, "/b", 200)], {one: 1.5, two: 0.25})
+    store.record([entry(one, "/a", 200)], {one: 1.0, "f" * 64: 9.0})  # a key deleted meanwhile: nothing to charge
+    assert (store.find(one).spend, store.find(two).spend) == (2.5, 0.25)  # type: ignore[union-attr]
+    assert len(store.spend_logs(None, None, None, 100)) == 3
+
+
 # --- administration ------------------------------------------------------------------------------------------
 
 
