@@ -866,12 +866,16 @@ def run(args: argparse.Namespace) -> str:
              Load("passthru", passthru.port, "/small", None, passthru.workers),
              Load("passthru auth", passthru.port, "/small-auth", MASTER_KEY, passthru.workers),
              Load("passthru virtual key", passthru.port, "/small-auth", make_virtual_key(passthru.port),
-                  passthru.workers)]  # fmt: skip
+                  passthru.workers),
+             Load("passthru virtual key with limits", passthru.port, "/small-auth",
+                  make_virtual_key(passthru.port, limits=True), passthru.workers)]  # fmt: skip
     if passthru_pg is not None and pg_db is not None:
         pg_readings = functools.partial(pg_cpu, pg_db)
         loads += [Load("passthru-pg", passthru_pg.port, "/small", None, passthru_pg.workers, pg_readings),
                   Load("passthru-pg virtual key", passthru_pg.port, "/small-auth", make_virtual_key(passthru_pg.port),
-                       passthru_pg.workers, pg_readings)]  # fmt: skip
+                       passthru_pg.workers, pg_readings),
+                  Load("passthru-pg virtual key with limits", passthru_pg.port, "/small-auth",
+                       make_virtual_key(passthru_pg.port, limits=True), passthru_pg.workers, pg_readings)]  # fmt: skip
     for load in loads:  # warm-up: pools filled, code paths hot
         wrk(tools["wrk"], load.port, load.path, 32, 2, 1, load.key)
     download(nginx.upstream_port, "/big.bin", plan.transfer_bytes)  # the file's pages into the page cache
@@ -962,11 +966,17 @@ def check_answers(nginx: Nginx, ceiling: Gunicorn, passthru: Gunicorn, py: PyUps
     sse_stream(passthru.port, "/py/sse?n=2&gap=0.01", 2)
 
 
-def make_virtual_key(port: int) -> str:
-    """A virtual key from passthru's /key/generate (in that instance's store), checked to pass the auth route."""
+def make_virtual_key(port: int, *, limits: bool = False) -> str:
+    """A virtual key from passthru's /key/generate (in that instance's store), checked to pass the auth route.
+
+    Without limits (LiteLLM's default key), a call is admitted from the worker's memory of the key and charged with
+    its spend log entry. With `limits` (an rpm_limit and a max_budget it never reaches), every call is admitted,
+    counted and charged by the store: the costly case.
+    """
     admin = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
-    # Limits it never reaches, so every call is checked against both and counted in the store: the costly case.
-    fields = {"key_alias": "bench", "rpm_limit": 1_000_000_000, "max_budget": 1e12}
+    fields: dict[str, object] = {"key_alias": f"bench-{'limits' if limits else 'plain'}"}
+    if limits:
+        fields.update(rpm_limit=1_000_000_000, max_budget=1e12)
     status, answer = request(port, "POST", "/key/generate", json.dumps(fields).encode(), admin)
     if status != 200:
         raise RuntimeError(f"/key/generate answered {status} {answer[:200]!r}")
@@ -1093,14 +1103,16 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
     rows.append(("`auth: true` (master key) / no auth, throughput", f"{tp['passthru auth'] / tp['passthru']:.2f}",
                  f"{tp['passthru auth']:.0f} vs {tp['passthru']:.0f} req/s; CPU {cpu['passthru auth']:.0f} vs "
                  f"{cpu['passthru']:.0f} µs/request", "—", "info"))  # fmt: skip
-    rows += virtual_key_rows("SQLite", "passthru", tp, cpu, store_cpu, lat50)
+    for kind in ("", " with limits"):
+        rows += virtual_key_rows("SQLite", "passthru", kind, tp, cpu, store_cpu, lat50)
     if res.pg_skipped:
         rows.append(("`auth: true` (virtual key, PostgreSQL): CPU per request over no auth", "—",
                      f"not run: {res.pg_skipped}", "< +25 %", "SKIPPED"))  # fmt: skip
     else:
         others = res.pg_other_sessions
         caveat = f"; {others} sessions in other databases meanwhile, whose CPU may be in it" if others else ""
-        rows += virtual_key_rows("PostgreSQL", "passthru-pg", tp, cpu, store_cpu, lat50, caveat)
+        for kind in ("", " with limits"):
+            rows += virtual_key_rows("PostgreSQL", "passthru-pg", kind, tp, cpu, store_cpu, lat50, caveat)
 
     out = ["# passthru benchmark", "", *machine(args, tools, res), ""]
     out += [f"{plan.rounds} interleaved rounds, medians; {res.workers} gunicorn workers per app "
@@ -1122,8 +1134,10 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
             "(nginx's workers serve both the upstream and the proxy, so `nginx proxy` counts both; `passthru-pg` "
             "is a second passthru whose key store is PostgreSQL, and its CPU counts that server's work for it: the "
             "backends connected to its database and the ones that ended, as SQLite's work is counted in the "
-            "workers). The virtual-key routes use a key with an rpm_limit and a max_budget it never reaches, on a "
-            "route with a cost_per_request: every call is admitted against both and its spend written.",
+            "workers). The virtual-key route has a cost_per_request. `virtual key` is a key without limits (LiteLLM's "
+            "default): admitted from the worker's memory of it, its cost charged with its spend log entry. `virtual "
+            "key with limits` has an rpm_limit and a max_budget it never reaches: every call is admitted, counted "
+            "and charged by the store.",
             ""]  # fmt: skip
     out += [f"## SSE ({plan.sse_events} events, {gap_nominal:.0f} ms apart, tests/upstream.py in its own process; "
             f"new connection per stream)", "", "| path | first event p50 | first event max | gap p50 | gap p99 |",
@@ -1165,11 +1179,13 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
     return "\n".join(out) + "\n"
 
 
-def virtual_key_rows(store: str, base: str, tp: dict[str, float], cpu: dict[str, float], store_cpu: dict[str, float],
-                     lat50: dict[str, float], caveat: str = "") -> list[tuple[str, str, str, str, str]]:  # fmt: skip
-    """The virtual key against the no-auth route of the same passthru instance: throughput, CPU (the issue's
-    25 % budget) and p50 latency added. `caveat` ends the CPU row's reference."""
-    keyed = f"{base} virtual key"
+def virtual_key_rows(store: str, base: str, kind: str, tp: dict[str, float], cpu: dict[str, float],
+                     store_cpu: dict[str, float], lat50: dict[str, float],
+                     caveat: str = "") -> list[tuple[str, str, str, str, str]]:  # fmt: skip
+    """A virtual key (`kind`: "" or " with limits") against the no-auth route of the same passthru instance:
+    throughput, CPU (the issue's 25 % budget) and p50 latency added. `caveat` ends the CPU row's reference."""
+    keyed = f"{base} virtual key{kind}"
+    store = f"{store}{kind.replace(' with', ',')}"
     over = cpu[keyed] / cpu[base] - 1
     split = (f" (PostgreSQL {store_cpu[keyed]:.0f} vs {store_cpu[base]:.0f} µs of it)"
              if store_cpu[keyed] or store_cpu[base] else "")  # fmt: skip
