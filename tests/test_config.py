@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from passthru import create_app
-from passthru.config import ALL_METHODS, load_from_environment, load_settings, parse_settings
+from passthru.config import ALL_METHODS, load_settings, parse_settings
 from passthru.errors import ConfigError
+from passthru.server_config import load_from_environment
 
 SEED_RERANK = """
 general_settings:
