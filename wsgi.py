@@ -1,14 +1,14 @@
 """The WSGI entry point: `gunicorn -c deploy/gunicorn.conf.py wsgi:app`, `flask --app wsgi run`.
 
 The config is the YAML in PASSTHRU_CONFIG_YAML when that is set, else the file PASSTHRU_CONFIG (default:
-config.yaml in the working directory); see passthru.config.load_from_environment.
+config.yaml in the working directory); see passthru.server_config.load_from_environment.
 """
 
 import sys
 
 from passthru import create_app
-from passthru.config import load_from_environment
 from passthru.errors import ConfigError
+from passthru.server_config import load_from_environment
 
 try:
     app = create_app(load_from_environment())

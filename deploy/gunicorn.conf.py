@@ -80,8 +80,8 @@ def on_starting(server):
     master (and every worker forked from it) never imports SQLAlchemy or Alembic; workers know the store is
     migrated and skip that step.
     """
-    from passthru.config import accept_from_environment
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.server_config import accept_from_environment
     from passthru.store import migrate_in_child
 
     try:
@@ -104,8 +104,8 @@ def on_reload(server):
 
     The new workers run whatever the master last accepted, so on a refusal they keep the previous config.
     """
-    from passthru.config import accept_from_environment
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.server_config import accept_from_environment
     from passthru.store import migrate_in_child
 
     try:

@@ -9,11 +9,12 @@ from flask import Flask
 
 from passthru import __version__, health, metrics, routes
 from passthru.auth import KeyCheck, virtual_key_check
-from passthru.config import ACCEPTED_TEXT, Settings, load_from_environment, load_settings
+from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
 from passthru.key_api import build_key_api
 from passthru.logs import AccessLog, configure_logging, log
+from passthru.server_config import ACCEPTED_TEXT, load_from_environment
 from passthru.store import LazyStore
 from passthru.upstream_request import proxy_trust
 

@@ -6,14 +6,12 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, PassthruError, RateLimited
-
-if TYPE_CHECKING:  # the store's modules load with the store (store.py), not with this one
-    from passthru.keys import KeyInfo, KeyStore, Refusal
-    from passthru.store import LazyStore
+from passthru.key_records import KeyInfo, KeyStore, Refusal
+from passthru.store import LazyStore
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")

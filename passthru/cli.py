@@ -122,7 +122,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         from passthru.app import create_app
-        from passthru.config import load_from_environment
+        from passthru.server_config import load_from_environment
 
         # What the master accepted last (at start, or at a reload with kill -HUP).
         return create_app(load_from_environment(), detailed_debug=self.detailed_debug)

@@ -2,7 +2,8 @@
 
 Field names are LiteLLM's own (`general_settings.pass_through_endpoints[i].include_subpath`), so one file runs in
 both. Unlike LiteLLM, nothing is skipped or defaulted silently: a problem raises ConfigError naming the file, the
-entry and the field, and never quotes a secret.
+entry and the field, and never quotes a secret. Here: the document, general_settings and each endpoint entry; one field
+at a time in config_fields.py, the key store's URL in database_url.py, the server's environment in server_config.py.
 """
 
 from __future__ import annotations
@@ -11,30 +12,24 @@ import base64
 import difflib
 import os
 import re
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
 
+from passthru.config_fields import FieldReader, kind
+from passthru.database_url import read_database_url
 from passthru.errors import ConfigError
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
-ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
 # RFC 9110 token characters: a header name that is anything else cannot be sent.
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
 LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
-# Where a server finds its config (load_from_environment): the YAML itself wins over a file path.
-CONFIG_YAML_VARIABLE = "PASSTHRU_CONFIG_YAML"
-CONFIG_FILE_VARIABLE = "PASSTHRU_CONFIG"
-# Set by the gunicorn master for its workers (accept_from_environment): the config text it last accepted.
-ACCEPTED_TEXT = "_PASSTHRU_ACCEPTED_CONFIG"
-ACCEPTED_SOURCE = "_PASSTHRU_ACCEPTED_SOURCE"
-
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
     "default_query_params", "cost_per_request",
@@ -45,31 +40,6 @@ BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metric
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
 KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/key/list", "/key/block",
                  "/key/unblock", "/spend/logs")  # fmt: skip
-# The key store when master_key is set and neither database_url nor DATABASE_URL names one: a file in the working
-# directory, as LiteLLM users expect one `passthru` on one host to work without a database server.
-DEFAULT_DATABASE_URL = "sqlite:///passthru.db"
-# A database URL as SQLAlchemy reads one (the pattern of sqlalchemy.engine.url._parse_url), so that what passes here is
-# what the key store's engine opens. Not make_url itself: importing SQLAlchemy would cost the gunicorn master, which
-# checks the config, and every worker forked from it 14 MB and 0.15 s.
-DATABASE_URL = re.compile(
-    r"""
-        (?P<name>[\w\+]+)://
-        (?:
-            (?P<username>[^:/]*)
-            (?::(?P<password>[^@]*))?
-        @)?
-        (?:
-            (?:
-                \[(?P<ipv6host>[^/\?]+)\] |
-                (?P<ipv4host>[^/:\?]+)
-            )?
-            (?::(?P<port>[^/\?]*))?
-        )?
-        (?:/(?P<database>[^\?]*))?
-        (?:\?(?P<query>.*))?
-    """,
-    re.X,
-)
 
 
 @dataclass(frozen=True)
@@ -105,42 +75,15 @@ class Settings:
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
 
 
-def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
-    """The config a server process runs: the one its gunicorn master accepted, else read from the environment.
-
-    Reading: $PASSTHRU_CONFIG_YAML's text if set (for platforms without a writable disk; errors then name
-    `$PASSTHRU_CONFIG_YAML` where they would name the file), else the file $PASSTHRU_CONFIG, else config.yaml.
-    """
+def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a config file; raise ConfigError naming the file, the entry and the field."""
+    source = os.fspath(path)
     environ = os.environ if environ is None else environ
-    if ACCEPTED_TEXT in environ:
-        source = environ.get(ACCEPTED_SOURCE, "config")
-        return parse_settings(_parse_yaml(environ[ACCEPTED_TEXT], source), source, environ)
-    return _parse_source(*_read_source(environ), environ)
+    return parse_settings(parse_yaml(read_file(source), source), source, environ)
 
 
-def accept_from_environment(environ: MutableMapping[str, str]) -> Settings:
-    """For the gunicorn master, at start and on each reload: read and check the config, then hand it to workers.
-
-    Workers load what was accepted (through two private variables they inherit), so a config broken by an edit
-    is refused at reload and the previous one keeps serving; a valid one is what every new worker runs.
-    """
-    source, text = _read_source(environ)
-    settings = _parse_source(source, text, environ)
-    environ[ACCEPTED_SOURCE] = source
-    environ[ACCEPTED_TEXT] = text
-    return settings
-
-
-def _read_source(environ: Mapping[str, str]) -> tuple[str, str]:
-    """(name for messages, YAML text) of the config the environment points at."""
-    text = environ.get(CONFIG_YAML_VARIABLE, "")
-    if text.strip():  # set to "" (or blanks) reads as unset: some platforms cannot delete a variable
-        return f"${CONFIG_YAML_VARIABLE}", text
-    path = environ.get(CONFIG_FILE_VARIABLE) or "config.yaml"
-    return path, _read_file(path)
-
-
-def _read_file(path: str) -> str:
+def read_file(path: str) -> str:
+    """The config file's text; ConfigError naming the file when it cannot be read as UTF-8."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -150,22 +93,8 @@ def _read_file(path: str) -> str:
         raise ConfigError(f"{path}: the config file is not UTF-8 text") from exc
 
 
-def _parse_source(source: str, text: str, environ: Mapping[str, str]) -> Settings:
-    settings = parse_settings(_parse_yaml(text, source), source, environ)
-    if source.startswith("$") and environ.get(CONFIG_FILE_VARIABLE):
-        ignored = f"{source} is set, so ${CONFIG_FILE_VARIABLE} ({environ[CONFIG_FILE_VARIABLE]}) is not read"
-        settings = replace(settings, warnings=(ignored, *settings.warnings))
-    return settings
-
-
-def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate a config file; raise ConfigError naming the file, the entry and the field."""
-    source = os.fspath(path)
-    environ = os.environ if environ is None else environ
-    return _parse_source(source, _read_file(source), environ)
-
-
-def _parse_yaml(document: str | IO[str], source: str) -> Any:
+def parse_yaml(document: str | IO[str], source: str) -> Any:
+    """The YAML document as Python data; ConfigError naming the line and column of a syntax error."""
     try:
         return yaml.safe_load(document)
     except yaml.YAMLError as exc:
@@ -177,7 +106,7 @@ def _parse_yaml(document: str | IO[str], source: str) -> Any:
 
 def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Settings:
     """Validate an already-parsed config document (the part of load_settings that needs no file)."""
-    reader = _Reader(source, environ)
+    reader = FieldReader(source, environ)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -227,7 +156,7 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     ]
     database_url = database_shown = None
     if master_key is not None:
-        database_url, database_shown = _database_url(reader, general.get("database_url"), environ)
+        database_url, database_shown = read_database_url(reader, general.get("database_url"), environ)
     elif general.get("database_url") is not None:
         warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
                         "only used for virtual keys, which need the master key")  # fmt: skip
@@ -250,137 +179,14 @@ def _serves(endpoint: Endpoint, path: str) -> bool:
     return endpoint.include_subpath and path.startswith(endpoint.path.rstrip("/") + "/")
 
 
-def _database_url(reader: _Reader, value: Any, environ: Mapping[str, str]) -> tuple[str, str]:
-    """The store's URL from general_settings.database_url, else $DATABASE_URL (LiteLLM's), else ./passthru.db."""
-    if value is not None:
-        field = "general_settings.database_url"
-        text = reader.string(value, field, secret=True)
-    elif environ.get("DATABASE_URL"):
-        field = "DATABASE_URL (environment)"
-        text = environ["DATABASE_URL"]
-        reader.secrets.add(text)
-    else:
-        return DEFAULT_DATABASE_URL, DEFAULT_DATABASE_URL
-    url = DATABASE_URL.match(text)
-    port = url.group("port") if url else None
-    if url is None or (port is not None and not re.fullmatch("[0-9]+", port)):
-        raise reader.error(field, "is not a database URL such as postgresql://user:pass@host/db")
-    password = url.group("password")
-    if password:
-        reader.secrets.add(unquote(password))
-    scheme = _scheme(reader, field, url.group("name"), url.group("database"))
-    start, end = url.span("password")  # (-1, -1) without one; shown as *** like SQLAlchemy's hide_password
-    shown = text if start < 0 else text[:start] + "***" + text[end:]
-    # Only the scheme changes; the rest stays as written, for SQLAlchemy to read where the store is opened.
-    return scheme + text[url.end("name") :], scheme + shown[url.end("name") :]
-
-
-def _scheme(reader: _Reader, field: str, name: str, database: str | None) -> str:
-    """The SQLAlchemy scheme (dialect+driver) the store is opened with."""
-    backend, _, driver = name.partition("+")
-    if backend in ("postgresql", "postgres"):
-        # LiteLLM's DATABASE_URL is Prisma's postgresql://; psycopg 3 is the driver passthru ships with.
-        if driver not in ("", "psycopg"):
-            raise reader.error(field, f"uses the driver {driver!r}; passthru ships psycopg (postgresql+psycopg://)")
-        return "postgresql+psycopg"
-    if backend == "sqlite":
-        if driver not in ("", "pysqlite"):
-            raise reader.error(field, f"uses the driver {driver!r}; write sqlite:///path/to/file.db")
-        database = unquote(database or "")
-        if not database or database == ":memory:" or database.startswith("file:"):
-            # Every worker and every pooled connection must see the same keys: only a file is shared.
-            raise reader.error(field, "must name a file (sqlite:///passthru.db), not an in-memory database")
-        return name
-    raise reader.error(field, f"uses {backend!r}; passthru stores keys in sqlite:///file.db or postgresql://")
-
-
 def _where(index: int, path: str | None) -> str:
     label = f"general_settings.pass_through_endpoints[{index}]"
     return f"{label} ({path})" if path else label
 
 
-class _Reader:
-    """Field checks that know the file name (for messages) and collect every secret they resolve."""
-
-    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
-        self.source = source
-        self.environ = environ
-        self.secrets: set[str] = set()
-        self.from_environment: set[str] = set()  # whole values that an os.environ/ reference went into
-
-    def error(self, field: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {field}: {problem}" if field else f"{self.source}: {problem}")
-
-    def string(self, value: Any, field: str, *, secret: bool = False) -> str:
-        """A string with os.environ/NAME resolved; `secret` marks the whole value as one to mask."""
-        return self.resolve(value, field, secret=secret)[0]
-
-    def resolve(self, value: Any, field: str, *, secret: bool = False) -> tuple[str, str]:
-        """(value, shown): the string with os.environ/NAME resolved, and with each resolved part masked."""
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.error(field, f"must be a string, not {_kind(value)}")
-        text = str(value)
-        missing = [name for name in ENV_REF.findall(text) if name not in self.environ]
-        if missing:
-            raise self.error(field, f"environment variable {missing[0]} is not set")
-
-        def sub(match: re.Match[str]) -> str:
-            resolved = self.environ[match.group(1)]
-            if resolved:
-                self.secrets.add(resolved)
-            return resolved
-
-        resolved = ENV_REF.sub(sub, text)
-        if resolved != text:
-            self.from_environment.add(resolved)
-        # A literal value is masked too when it is long enough to be a credential; masking a short one such as
-        # "1" would mangle every log line, and header values are never logged in the first place.
-        if secret and (resolved != text or len(resolved) >= 8):
-            self.secrets.add(resolved)
-        return resolved, ENV_REF.sub("***", text)
-
-    def boolean(self, entry: Mapping[str, Any], key: str, where: str) -> bool:
-        value = entry.get(key, False)
-        if not isinstance(value, bool):
-            hint = " (write true or false without quotes)" if isinstance(value, str) else ""
-            raise self.error(f"{where}.{key}", f"must be true or false, not {_kind(value)}{hint}")
-        return value
-
-    def mapping(self, entry: dict[str, Any], key: str, where: str, *, secret: bool) -> list[tuple[str, str]]:
-        value = entry.get(key) or {}
-        if not isinstance(value, dict):
-            raise self.error(f"{where}.{key}", f"must be a mapping of names to values, not {_kind(value)}")
-        pairs = []
-        for name, item in value.items():
-            field = f"{where}.{key}.{name}"
-            if not isinstance(name, str) or not name:
-                raise self.error(f"{where}.{key}", f"has a name that is not a string: {name!r}")
-            text = self.string(item, field, secret=secret)
-            if "\r" in text or "\n" in text or "\0" in text:
-                raise self.error(field, "must not contain line breaks or NUL")
-            pairs.append((name, text))
-        return pairs
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "empty"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return f"the string {value!r}" if len(value) <= 20 else "a string"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
-
-
-def _endpoint(reader: _Reader, index: int, entry: Any) -> Endpoint:
+def _endpoint(reader: FieldReader, index: int, entry: Any) -> Endpoint:
     if not isinstance(entry, dict):
-        raise reader.error(_where(index, None), f"must be a mapping with path and target, not {_kind(entry)}")
+        raise reader.error(_where(index, None), f"must be a mapping with path and target, not {kind(entry)}")
     raw_path = entry.get("path")
     where = _where(index, raw_path if isinstance(raw_path, str) else None)
     for key in entry:
@@ -411,9 +217,9 @@ def _endpoint(reader: _Reader, index: int, entry: Any) -> Endpoint:
     )
 
 
-def _route_path(reader: _Reader, value: Any, field: str) -> str:
+def _route_path(reader: FieldReader, value: Any, field: str) -> str:
     if not isinstance(value, str):
-        raise reader.error(field, f"must be a string starting with /, not {_kind(value)}")
+        raise reader.error(field, f"must be a string starting with /, not {kind(value)}")
     if not value.startswith("/"):
         raise reader.error(field, "must start with /")
     if "//" in value or not ROUTE_PATH.match(value):
@@ -423,7 +229,7 @@ def _route_path(reader: _Reader, value: Any, field: str) -> str:
     return value.rstrip("/") or "/"
 
 
-def _target(reader: _Reader, value: Any, field: str) -> tuple[str, str]:
+def _target(reader: FieldReader, value: Any, field: str) -> tuple[str, str]:
     target, shown = reader.resolve(value, field)
     try:
         parts = urlsplit(target)
@@ -441,7 +247,7 @@ def _target(reader: _Reader, value: Any, field: str) -> tuple[str, str]:
     return target, shown
 
 
-def _headers(reader: _Reader, entry: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+def _headers(reader: FieldReader, entry: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
     pairs = reader.mapping(entry, "headers", where, secret=True)
     seen: set[str] = set()
     for name, _ in pairs:
@@ -466,11 +272,11 @@ def _headers(reader: _Reader, entry: dict[str, Any], where: str) -> tuple[tuple[
     return (*kept, ("Authorization", f"Basic {token}"))
 
 
-def _methods(reader: _Reader, value: Any, field: str) -> tuple[str, ...]:
+def _methods(reader: FieldReader, value: Any, field: str) -> tuple[str, ...]:
     if value is None:
         return ALL_METHODS
     if not isinstance(value, list) or not value:
-        raise reader.error(field, f"must be a non-empty list such as [GET, POST], not {_kind(value)}")
+        raise reader.error(field, f"must be a non-empty list such as [GET, POST], not {kind(value)}")
     methods = []
     for item in value:
         if not isinstance(item, str) or item.upper() not in ALL_METHODS:
@@ -480,9 +286,9 @@ def _methods(reader: _Reader, value: Any, field: str) -> tuple[str, ...]:
     return tuple(methods)
 
 
-def _number(reader: _Reader, value: Any, field: str, *, positive: bool = False) -> float:
+def _number(reader: FieldReader, value: Any, field: str, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise reader.error(field, f"must be a number, not {_kind(value)}")
+        raise reader.error(field, f"must be a number, not {kind(value)}")
     if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
         raise reader.error(field, "must be a positive number" if positive else "must be zero or more")
     return float(value)

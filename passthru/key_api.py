@@ -14,20 +14,18 @@ import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, Response, request
 
 from passthru.auth import digest, read_key
 from passthru.config import KEY_API_PATHS
 from passthru.errors import AccessDenied, AuthError, NotFound, RequestError
-
-if TYPE_CHECKING:  # the store's modules load with the store (store.py), not with the app's routes
-    from passthru.keys import KeyInfo, KeyStore, SpendEntry
-    from passthru.store import LazyStore
+from passthru.key_records import KeyInfo, KeyStore, NewKey, SpendEntry
+from passthru.store import LazyStore
 
 Fields = Mapping[str, Any]
-Operation = Callable[["KeyStore", Fields], Any]
+Operation = Callable[[KeyStore, Fields], Any]
 
 # LiteLLM's duration strings ("30s", "10m", "1h", "7d", "2w", "1mo").
 DURATION = re.compile(r"^([0-9]+)(s|m|h|d|w|mo)$")
@@ -121,8 +119,6 @@ def shown(info: KeyInfo) -> dict[str, Any]:
 
 def generate_key(store: KeyStore, body: Fields, *, master_key: str | None = None) -> dict[str, Any]:
     """POST /key/generate: the only answer that ever carries the key itself."""
-    from passthru.keys import NewKey  # loaded already: `store` is open
-
     fields = _fields(body, NEW_KEY_FIELDS)
     key = fields.get("key")
     if key is None:

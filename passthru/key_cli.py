@@ -14,7 +14,8 @@ from passthru import key_api
 from passthru.config import Settings, load_settings
 from passthru.db import migrate
 from passthru.errors import ConfigError, PassthruError
-from passthru.keys import KeyStore, open_store
+from passthru.key_records import KeyStore
+from passthru.keys import open_store
 from passthru.logs import configure_logging
 
 

@@ -1,4 +1,5 @@
-"""The key store: the few queries on virtual keys and their spend log (tables in schema.py), behind a Protocol.
+"""The key store on SQLAlchemy: the few queries on virtual keys and their spend log (tables in schema.py), behind the
+KeyStore Protocol (key_records.py, with the records it takes and returns).
 
 For a key with limits or an expiry, what a call is decided on (blocked, expiry, budget, the rpm window) is checked
 and counted by one atomic UPDATE on the store's own clock, so every worker and every host sharing the store counts
@@ -16,8 +17,7 @@ import math
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from passthru.db import READ_ONLY, Statement, dbapi_cursor, describe, ensure_schema, open_engine
 from passthru.errors import KeyStoreError, RequestError
+from passthru.key_records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry
 from passthru.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
@@ -32,104 +33,6 @@ log = logging.getLogger("passthru")
 # Spend log rows per SQLite INSERT: 7 values each stays under 999, the oldest SQLite's limit on parameters.
 RECORD_ROWS = 100
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    """A key as stored, which is everything but the key itself."""
-
-    token: str
-    key_name: str
-    key_alias: str | None
-    created_at: float
-    expires: float | None
-    blocked: bool
-    max_budget: float | None
-    spend: float
-    rpm_limit: int | None
-    allowed_routes: tuple[str, ...] | None  # None: every route
-    metadata: Mapping[str, Any]
-
-    @property
-    def counted(self) -> bool:
-        """Whether each call must be decided and charged by the store, there and then (admit).
-
-        A key with an rpm_limit, a max_budget or an expiry has something for the store to decide on every call, on
-        its own clock. A key with none of them has only `blocked`, which a worker may know up to a second late
-        anyway (auth.CACHE_SECONDS): its calls skip the per-call write, and their cost reaches its spend with the
-        spend log entries (SpendWriter), within about a tenth of a second.
-        """
-        return self.rpm_limit is not None or self.max_budget is not None or self.expires is not None
-
-
-@dataclass(frozen=True)
-class NewKey:
-    """A key to create, already validated; `duration` is seconds from now on the store's clock (None: never ends)."""
-
-    token: str
-    key_name: str
-    key_alias: str | None = None
-    duration: float | None = None
-    max_budget: float | None = None
-    rpm_limit: int | None = None
-    allowed_routes: tuple[str, ...] | None = None
-    metadata: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class SpendEntry:
-    """One pass-through call made with a virtual key."""
-
-    request_id: str
-    token: str
-    route: str
-    status: int
-    spend: float
-    start_time: float
-    duration: float
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why the store refused a call; auth.py turns it into LiteLLM's error."""
-
-    reason: Literal["unknown", "blocked", "expired", "budget", "rpm"]
-    retry_after: int = 0  # rpm: seconds until the key's window ends
-    spend: float = 0.0
-    max_budget: float | None = None
-
-
-# Fields /key/update may change; "duration" sets a new expiry counted from now.
-UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes", "metadata",
-                       "blocked"})  # fmt: skip
-
-
-class KeyStore(Protocol):
-    """What passthru needs from a key store: the per-call check and log, and the /key/* operations."""
-
-    # How many key changes (update, block, delete) this process made through the store: what a worker remembers of
-    # keys (auth.RecentKeys) is out of date once it moves, so a change is seen at once by the worker that made it.
-    edits: int
-
-    def find(self, token: str) -> KeyInfo | None: ...
-
-    def admit(self, token: str, cost: float) -> Refusal | None: ...
-
-    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None: ...
-
-    def create(self, new: NewKey) -> KeyInfo: ...
-
-    def update(self, token: str, changes: Mapping[str, Any]) -> KeyInfo | None: ...
-
-    def delete(self, tokens: Sequence[str]) -> list[str]: ...
-
-    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]: ...
-
-    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
-
-    def ping(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 
 from passthru.errors import KeyStoreError
-from passthru.keys import KeyStore, SpendEntry
+from passthru.key_records import KeyStore, SpendEntry
 
 log = logging.getLogger("passthru")
 

@@ -17,13 +17,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from passthru.errors import KeyStoreError
-
-if TYPE_CHECKING:
-    from passthru.keys import KeyStore
-    from passthru.spend import SpendWriter
+from passthru.key_records import KeyStore
+from passthru.spend import SpendWriter
 
 log = logging.getLogger("passthru")
 
@@ -73,7 +71,6 @@ class LazyStore:
 def _open(url: str) -> OpenedStore:
     from passthru.db import open_engine
     from passthru.keys import SqlKeyStore, open_store
-    from passthru.spend import SpendWriter
 
     try:
         if os.environ.get(MIGRATED_VARIABLE) == _marker(url):

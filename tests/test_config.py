@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from passthru import create_app
-from passthru.config import ALL_METHODS, load_from_environment, load_settings, parse_settings
+from passthru.config import ALL_METHODS, load_settings, parse_settings
 from passthru.errors import ConfigError
+from passthru.server_config import load_from_environment
 
 SEED_RERANK = """
 general_settings:
@@ -357,7 +358,7 @@ def test_database_url_forms(value: str, url: str, shown: str) -> None:
      "sqlite:///relative/keys.db", "sqlite+pysqlite:////abs/keys.db?timeout=3"],
 )  # fmt: skip
 def test_database_url_reads_as_sqlalchemy_reads_it(value: str) -> None:
-    """config.py checks the URL without SQLAlchemy (the master never imports it): both must read it the same."""
+    """database_url.py checks the URL without SQLAlchemy (the master never imports it): both must read it the same."""
     settings = settings_of([], master_key="sk-1", database_url=value)
     assert settings.database_url is not None and settings.database_shown is not None
     ours, theirs = make_url(settings.database_url), make_url(value)

@@ -11,7 +11,8 @@ from upstream import wait_until
 
 from passthru import spend
 from passthru.errors import KeyStoreError
-from passthru.keys import NewKey, SpendEntry, open_store
+from passthru.key_records import NewKey, SpendEntry
+from passthru.keys import open_store
 from passthru.spend import SpendWriter
 
 

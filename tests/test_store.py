@@ -17,7 +17,8 @@ from alembic.runtime.migration import MigrationContext
 
 from passthru.db import SQLITE_BUSY_MS, VERSION_TABLE, current_revision, head_revision, migrate, open_engine, upgrade
 from passthru.errors import KeyStoreError, RequestError
-from passthru.keys import NewKey, SpendEntry, SqlKeyStore, open_store
+from passthru.key_records import NewKey, SpendEntry
+from passthru.keys import SqlKeyStore, open_store
 from passthru.schema import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
