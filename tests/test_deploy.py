@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import ROOT, Gunicorn, free_port, start_gunicorn, wait_for_port
-from upstream import Upstream, pattern_sha256
+from upstream import Upstream, pattern_sha256, wait_until
 
 ON_CI = os.environ.get("CI") == "true"
 MIB = 1 << 20
@@ -220,9 +220,15 @@ def processes() -> Iterator[tuple[int, str, int, int]]:
 
 
 def worker_pid(app: Gunicorn) -> int:
-    """The one worker of a gunicorn started with workers=1: the master's only child."""
-    children = [pid for pid, _, ppid, _ in processes() if ppid == app.process.pid]
-    assert len(children) == 1, f"expected one gunicorn worker, found {children}"
+    """The one worker of a gunicorn started with workers=1: the master's only child. Its listening socket accepts
+    before the master has forked the worker, so this waits for it (bounded)."""
+    children: list[int] = []
+
+    def forked() -> bool:
+        children[:] = [pid for pid, _, ppid, _ in processes() if ppid == app.process.pid]
+        return len(children) == 1
+
+    assert wait_until(forked, 10), f"expected one gunicorn worker, found {children}"
     return children[0]
 
 

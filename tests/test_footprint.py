@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ROOT, Gunicorn, start_gunicorn, write_config
-from test_deploy import processes
+from test_deploy import worker_pid
 from upstream import Upstream, wait_until
 
 from passthru import db, keys, store
@@ -36,12 +36,6 @@ def maps_sqlalchemy(pid: int) -> bool:
     return "/site-packages/sqlalchemy/" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def only_worker(server: Gunicorn) -> int:
-    children = [pid for pid, _, ppid, _ in processes() if ppid == server.process.pid]
-    assert len(children) == 1, f"expected one gunicorn worker, found {children}"
-    return children[0]
-
-
 def test_master_key_and_open_routes_never_load_the_store(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
     server = gunicorn(entries(upstream), master_key=MASTER)
     for _ in range(3):
@@ -49,7 +43,7 @@ def test_master_key_and_open_routes_never_load_the_store(gunicorn: Callable[...,
         assert requests.post(f"{server.url}/open", json={}, timeout=10).status_code == 200
         assert requests.post(f"{server.url}/auth", json={}, timeout=10).status_code == 401  # no key: no store either
         assert requests.get(f"{server.url}/health/liveliness", timeout=10).status_code == 200
-    worker = only_worker(server)
+    worker = worker_pid(server)
     assert not maps_sqlalchemy(server.process.pid), "the gunicorn master imported SQLAlchemy"
     assert not maps_sqlalchemy(worker), "a worker that served only the master key imported SQLAlchemy"
 
@@ -66,7 +60,7 @@ def test_master_key_and_open_routes_never_load_the_store(gunicorn: Callable[...,
 def test_first_use_opens_the_store_once_per_worker(gunicorn: Callable[..., Gunicorn], upstream: Upstream,
                                                    first_use: str) -> None:  # fmt: skip
     server = gunicorn(entries(upstream), master_key=MASTER)
-    worker = only_worker(server)
+    worker = worker_pid(server)
     if first_use == "readiness":
         answer = requests.get(f"{server.url}/health/readiness", timeout=15)
         assert (answer.status_code, answer.json()["db"]) == (200, "connected")
