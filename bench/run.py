@@ -858,6 +858,13 @@ def run(args: argparse.Namespace) -> str:
         settled_workers(passthru_pg)
         log(f"passthru-pg: keys in PostgreSQL database {pg_db.name}")
 
+    # The same passthru under the gevent config, for its latency and key-path rows (only with gevent installed).
+    passthru_gevent = None
+    if gevent_installed():
+        passthru_gevent = start_gunicorn("passthru-gevent", "wsgi:app", GEVENT_CONF, config, tmp, "/small",
+                                         f"sqlite:///{tmp / 'keys-gevent.db'}")  # fmt: skip
+        settled_workers(passthru_gevent)
+
     check_answers(nginx, ceiling, passthru, py, BODY)
     nginx_workers = nginx.child.proc.pid
     loads = [Load("nginx direct", nginx.upstream_port, "/small", None, lambda: children_of(nginx_workers)),
@@ -876,6 +883,12 @@ def run(args: argparse.Namespace) -> str:
                        passthru_pg.workers, pg_readings),
                   Load("passthru-pg virtual key with limits", passthru_pg.port, "/small-auth",
                        make_virtual_key(passthru_pg.port, limits=True), passthru_pg.workers, pg_readings)]  # fmt: skip
+    if passthru_gevent is not None:
+        loads += [Load("passthru-gevent", passthru_gevent.port, "/small", None, passthru_gevent.workers),
+                  Load("passthru-gevent virtual key", passthru_gevent.port, "/small-auth",
+                       make_virtual_key(passthru_gevent.port), passthru_gevent.workers),
+                  Load("passthru-gevent virtual key with limits", passthru_gevent.port, "/small-auth",
+                       make_virtual_key(passthru_gevent.port, limits=True), passthru_gevent.workers)]  # fmt: skip
     for load in loads:  # warm-up: pools filled, code paths hot
         wrk(tools["wrk"], load.port, load.path, 32, 2, 1, load.key)
     download(nginx.upstream_port, "/big.bin", plan.transfer_bytes)  # the file's pages into the page cache
@@ -929,6 +942,8 @@ def run(args: argparse.Namespace) -> str:
     CHILDREN.stop(passthru.child)
     if passthru_pg is not None:
         CHILDREN.stop(passthru_pg.child)  # its database is dropped at exit (create_pg_database's atexit)
+    if passthru_gevent is not None:
+        CHILDREN.stop(passthru_gevent.child)
 
     # Slow streams last: their upstream handlers sleep out a long gap. A fresh passthru per gunicorn config.
     gap = plan.slow_window + 30
@@ -1113,6 +1128,16 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         caveat = f"; {others} sessions in other databases meanwhile, whose CPU may be in it" if others else ""
         for kind in ("", " with limits"):
             rows += virtual_key_rows("PostgreSQL", "passthru-pg", kind, tp, cpu, store_cpu, lat50, caveat)
+    if "passthru-gevent" in tp:  # the same passthru under GEVENT_CONF: what the worker class changes
+        added = lat50["passthru-gevent"] - lat50["nginx direct"]
+        rows.append((f"latency added at 1 conn, p50, under `{GEVENT_CONF}`", f"{added:.3f} ms",
+                     f"{lat50['passthru-gevent']:.3f} vs {lat50['nginx direct']:.3f} ms; throughput "
+                     f"{tp['passthru-gevent']:.0f} req/s", "—", "info"))  # fmt: skip
+        for kind in ("", " with limits"):
+            rows += [
+                (f"{row[0]}, gevent", *row[1:4], "info")
+                for row in virtual_key_rows("SQLite", "passthru-gevent", kind, tp, cpu, store_cpu, lat50)
+            ]
 
     out = ["# passthru benchmark", "", *machine(args, tools, res), ""]
     out += [f"{plan.rounds} interleaved rounds, medians; {res.workers} gunicorn workers per app "
@@ -1134,7 +1159,8 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
             "(nginx's workers serve both the upstream and the proxy, so `nginx proxy` counts both; `passthru-pg` "
             "is a second passthru whose key store is PostgreSQL, and its CPU counts that server's work for it: the "
             "backends connected to its database and the ones that ended, as SQLite's work is counted in the "
-            "workers). The virtual-key route has a cost_per_request. `virtual key` is a key without limits (LiteLLM's "
+            "workers; `passthru-gevent` is a third, under the gevent config). The virtual-key route has a "
+            "cost_per_request. `virtual key` is a key without limits (LiteLLM's "
             "default): admitted from the worker's memory of it, its cost charged with its spend log entry. `virtual "
             "key with limits` has an rpm_limit and a max_budget it never reaches: every call is admitted, counted "
             "and charged by the store.",
