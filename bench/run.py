@@ -492,7 +492,8 @@ def pg_cpu(db: PgDatabase) -> dict[int, float]:
         rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                             "AND pid <> pg_backend_pid()").fetchall()  # fmt: skip
         own = conn.execute("SELECT pg_backend_pid()").fetchone()
-    postmaster = int(proc_stat(int(own[0]))[1])  # the parent of every backend, this one included
+        # Read while connected: once the connection closes, its backend exits and its /proc entry goes.
+        postmaster = int(proc_stat(int(own[0]))[1])  # the parent of every backend, this one included
     return {**cpu_seconds(int(row[0]) for row in rows), **cpu_seconds([postmaster], reaped=True)}
 
 
