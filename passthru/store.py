@@ -13,11 +13,13 @@ import logging
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import NoReturn
+from urllib.parse import unquote, urlsplit
 
 from passthru.errors import KeyStoreError
 from passthru.key_records import KeyStore
@@ -128,13 +130,23 @@ def _migrate_and_exit(url: str, writer: int) -> NoReturn:
     except KeyStoreError as exc:
         said = str(exc)
     except BaseException as exc:
-        traceback.print_exc()
-        said = f"migrating the key store failed: {type(exc).__name__}: {exc}"
+        # Neither the traceback (the master's stderr, which passthru's log filter does not see) nor the one-line
+        # reason may quote the store's password, should the error's text carry the URL.
+        said = _unquoted(url, f"migrating the key store failed: {type(exc).__name__}: {exc}")
+        sys.stderr.write(_unquoted(url, traceback.format_exc()))
     finally:
         try:
             os.write(writer, said.encode())
         finally:
             os._exit(code)
+
+
+def _unquoted(url: str, text: str) -> str:
+    """`text` without the URL's password, as written in the URL and decoded."""
+    password = urlsplit(url).password
+    for form in {password, unquote(password)} if password else ():
+        text = text.replace(form, "***")
+    return text
 
 
 def _read_all(fd: int, deadline: float) -> bytes | None:

@@ -186,6 +186,19 @@ def test_migration_child_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch, m
     assert store.MIGRATED_VARIABLE not in os.environ
 
 
+def test_migration_child_never_quotes_the_password(monkeypatch: pytest.MonkeyPatch, marker: None,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    def broken(url: str) -> str:
+        raise RuntimeError(f"cannot use {url}")
+
+    monkeypatch.setattr(db, "migrate", broken)
+    with pytest.raises(KeyStoreError) as info:
+        store.migrate_in_child("postgresql+psycopg://u:pw%2Fsecret-8@127.0.0.1:1/test")
+    said = str(info.value) + capfd.readouterr().err  # the child's traceback goes to the master's stderr
+    assert "RuntimeError: cannot use postgresql+psycopg://u:***@127.0.0.1:1/test" in said
+    assert "secret-8" not in said
+
+
 def test_migration_child_with_an_unexpected_error_says_what(monkeypatch: pytest.MonkeyPatch, marker: None) -> None:
     def broken(url: str) -> str:
         raise RuntimeError("no migrations folder")
