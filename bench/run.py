@@ -680,8 +680,9 @@ def slow_streams(port: int, target: str, count: int, window: float, settle: floa
             if now - started > window or (served and now - last_new > settle):
                 break
             for key, mask in sel.select(timeout=0.2):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                fileobj = key.fileobj
+                assert isinstance(fileobj, socket.socket)
+                sock = fileobj
                 try:
                     if mask & selectors.EVENT_WRITE:
                         sock.send(request_bytes)  # a fresh socket's buffer takes these few bytes whole
@@ -919,18 +920,14 @@ def run(args: argparse.Namespace) -> str:
         log(f"round {rnd + 1} SSE first event: direct {median(res.sse_first['direct']) * 1000:.2f} ms, "
             f"passthru {median(res.sse_first['passthru']) * 1000:.2f} ms")  # fmt: skip
         size = plan.transfer_bytes
-        downloads = [("direct", nginx.upstream_port, "/big.bin"), ("passthru", passthru.port, "/big")]
-        for name, port, path in downloads if rnd % 2 == 0 else reversed(downloads):
-            t = measured(passthru, lambda p=port, q=path, n=size: download(p, q, n))
-            res.add(res.downloads, name, t)
-            log(f"round {rnd + 1} download {name}: {size / t.seconds / 1e6:.0f} MB/s, "
-                f"worker RSS +{t.rss_growth_kb / 1024:.1f} MB (peak +{t.peak_growth_kb / 1024:.1f} MB)")  # fmt: skip
-        uploads = [("direct", nginx.upstream_port, "/sink"), ("passthru", passthru.port, "/sink")]
-        for name, port, path in uploads if rnd % 2 == 0 else reversed(uploads):
-            t = measured(passthru, lambda p=port, q=path, n=size: upload(p, q, n))
-            res.add(res.uploads, name, t)
-            log(f"round {rnd + 1} upload {name}: {size / t.seconds / 1e6:.0f} MB/s, "
-                f"worker RSS +{t.rss_growth_kb / 1024:.1f} MB (peak +{t.peak_growth_kb / 1024:.1f} MB)")  # fmt: skip
+        for kind, move, table, direct, through in (("download", download, res.downloads, "/big.bin", "/big"),
+                                                   ("upload", upload, res.uploads, "/sink", "/sink")):  # fmt: skip
+            pair = [("direct", nginx.upstream_port, direct), ("passthru", passthru.port, through)]
+            for name, port, path in pair if rnd % 2 == 0 else reversed(pair):
+                t = measured(passthru, functools.partial(move, port, path, size))
+                res.add(table, name, t)
+                log(f"round {rnd + 1} {kind} {name}: {size / t.seconds / 1e6:.0f} MB/s, worker RSS "
+                    f"+{t.rss_growth_kb / 1024:.1f} MB (peak +{t.peak_growth_kb / 1024:.1f} MB)")  # fmt: skip
 
     time.sleep(1.0)  # also lets the server's statistics of sessions catch up (flushed at most once a second)
     if pg_db:

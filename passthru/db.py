@@ -104,7 +104,7 @@ def _postgres_begin(connection: Connection) -> None:
 class Statement:
     """A Core statement compiled once for an engine, to run on a pooled DBAPI cursor from `dbapi_cursor`.
 
-    The per-call statements (the admission UPDATE, the spend INSERT) skip Core's per-execution machinery (events,
+    The per-call statements (the admission UPDATE, the spend charge) skip Core's per-execution machinery (events,
     autobegin, result metadata), which costs several times SQLite's own work. Only types that need no bind or
     result processing (strings, numbers) may be bound or returned.
     """

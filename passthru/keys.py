@@ -30,7 +30,7 @@ from passthru.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
 
-# Spend log rows per SQLite INSERT: 7 values each stays under 999, the oldest SQLite's limit on parameters.
+# Spend log rows per INSERT: 7 values each stays under 999, the oldest SQLite's limit on parameters.
 RECORD_ROWS = 100
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
 
