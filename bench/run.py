@@ -984,7 +984,8 @@ def make_virtual_key(port: int, *, limits: bool = False) -> str:
 
     Without limits (LiteLLM's default key), a call is admitted from the worker's memory of the key and charged with
     its spend log entry. With `limits` (an rpm_limit and a max_budget it never reaches), every call is admitted,
-    counted and charged by the store: the costly case.
+    counted and charged by the store, a lease of up to leases.MOST calls at a time (a key near its limits is asked
+    for call by call: tests/test_leases.py, and the earlier runs in RESULTS.md, measure that case).
     """
     admin = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
     fields: dict[str, object] = {"key_alias": f"bench-{'limits' if limits else 'plain'}"}
@@ -1161,7 +1162,8 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
             "cost_per_request. `virtual key` is a key without limits (LiteLLM's "
             "default): admitted from the worker's memory of it, its cost charged with its spend log entry. `virtual "
             "key with limits` has an rpm_limit and a max_budget it never reaches: every call is admitted, counted "
-            "and charged by the store.",
+            "and charged by the store, in leases of up to 64 calls (leases.py; a key near its limits is decided "
+            "call by call).",
             ""]  # fmt: skip
     out += [f"## SSE ({plan.sse_events} events, {gap_nominal:.0f} ms apart, tests/upstream.py in its own process; "
             f"new connection per stream)", "", "| path | first event p50 | first event max | gap p50 | gap p99 |",

@@ -22,7 +22,8 @@ _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name 
 Finish = Callable[[int, float], None]
 # How long a worker trusts what it read of a key: a change of allowed_routes, and the blocking or deleting of a key
 # with no rpm_limit, max_budget or expiry, take at most this long to reach every worker. A key with any of those
-# three is decided by the store on every call (KeyInfo.counted), so blocking or deleting it counts at once.
+# three is decided by the store (KeyInfo.counted), a few calls at a time for a busy key: they take at most
+# leases.HOLD, the same second.
 CACHE_SECONDS = 1.0
 CACHE_SIZE = 10_000  # keys remembered per worker; past that the memory starts over
 
@@ -98,8 +99,9 @@ def master_key_check(master_key: str) -> KeyCheck:
 
 
 def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
-    """The master key passes without touching the store; a virtual key is admitted by the store, call by call, when
-    it has limits or an expiry, and otherwise from what this worker read of it (KeyInfo.counted says why).
+    """The master key passes without touching the store; a virtual key is admitted by the store when it has limits
+    or an expiry (call by call, or a few at a time: leases.py), and otherwise from what this worker read of it
+    (KeyInfo.counted says why).
 
     Any other key opens the store (in this worker, the first time), since only the store knows whether it is one.
     """
@@ -120,7 +122,7 @@ def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
         if not route_allowed(info.allowed_routes, endpoint.path):
             raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
         if info.counted:
-            refusal = opened.keys.admit(token, endpoint.cost_per_request)
+            refusal = opened.leases.admit(info, endpoint.cost_per_request)
             if refusal is not None:
                 raise refused(refusal)
         elif info.blocked:

@@ -27,12 +27,13 @@ class KeyInfo:
 
     @property
     def counted(self) -> bool:
-        """Whether each call must be decided and charged by the store, there and then (admit).
+        """Whether each call must be decided and charged by the store before it is made (admit, or a lease).
 
         A key with an rpm_limit, a max_budget or an expiry has something for the store to decide on every call, on
-        its own clock. A key with none of them has only `blocked`, which a worker may know up to a second late
-        anyway (auth.CACHE_SECONDS): its calls skip the per-call write, and their cost reaches its spend with the
-        spend log entries (SpendWriter), within about a tenth of a second.
+        its own clock (leases.py lets a worker ask for a busy key's calls a few at a time). A key with none of them
+        has only `blocked`, which a worker may know up to a second late anyway (auth.CACHE_SECONDS): its calls skip
+        the per-call write, and their cost reaches its spend with the spend log entries (SpendWriter), within about
+        a tenth of a second.
         """
         return self.rpm_limit is not None or self.max_budget is not None or self.expires is not None
 
@@ -74,6 +75,16 @@ class Refusal:
     max_budget: float | None = None
 
 
+@dataclass(frozen=True)
+class Unused:
+    """Calls of a key that a worker leased (leases.py) and did not use, to give back to the key."""
+
+    token: str
+    calls: int
+    amount: float  # what they were charged
+    window_start: float  # the rpm window they were counted in: the count goes back only while it lasts
+
+
 # Fields /key/update may change; "duration" sets a new expiry counted from now.
 UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes", "metadata",
                        "blocked"})  # fmt: skip
@@ -90,7 +101,11 @@ class KeyStore(Protocol):
 
     def admit(self, token: str, cost: float) -> Refusal | None: ...
 
-    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None: ...
+    def lease(self, token: str, cost: float, calls: int, room: int, hold: float) -> float | None: ...
+
+    def record(
+        self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
+    ) -> None: ...
 
     def create(self, new: NewKey) -> KeyInfo: ...
 

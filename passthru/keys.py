@@ -3,7 +3,8 @@ KeyStore Protocol (key_records.py, with the records it takes and returns).
 
 For a key with limits or an expiry, what a call is decided on (blocked, expiry, budget, the rpm window) is checked
 and counted by one atomic UPDATE on the store's own clock, so every worker and every host sharing the store counts
-together; a key without any is not counted per call (KeyInfo.counted).
+together: one call at a time, or a lease of several (leases.py). A key without any is not counted per call
+(KeyInfo.counted).
 
 The per-call statements are each one SQLite step with the GIL released: SQLite's write lock is never held while
 the thread waits to get the GIL back behind other busy threads (up to 5 ms each time). A RETURNING clause, or a
@@ -25,7 +26,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from passthru.db import READ_ONLY, Statement, dbapi_cursor, describe, ensure_schema, open_engine
 from passthru.errors import KeyStoreError, RequestError
-from passthru.key_records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry
+from passthru.key_records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry, Unused
 from passthru.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
@@ -55,26 +56,50 @@ class SqlKeyStore:
         self._reads = engine.execution_options(**{READ_ONLY: True})
         c, now = keys.c, store_now()
         fresh = c.window_start + window <= now  # the key's last window is over: this call opens a new one
+        calls, room = sa.bindparam("calls", type_=sa.Integer), sa.bindparam("room", type_=sa.Integer)
+        cost, hold = sa.bindparam("cost", type_=sa.Double), sa.bindparam("hold", type_=sa.Double)
+        # Counts and charges `calls` calls, if `room` calls made one by one would all be admitted, and the key's
+        # expiry and rpm window last `hold` seconds more. One call (calls = room = 1, hold = 0) is admit; more is
+        # a lease (leases.py).
         admit = (
             sa.update(keys)
             .where(
                 c.token == sa.bindparam("t"),
                 sa.not_(c.blocked),
-                sa.or_(c.expires.is_(None), c.expires > now),
-                sa.or_(c.max_budget.is_(None), c.spend < c.max_budget),
-                sa.or_(c.rpm_limit.is_(None), fresh, c.window_count < c.rpm_limit),
+                sa.or_(c.expires.is_(None), c.expires > now + hold),
+                sa.or_(c.max_budget.is_(None), c.spend + (room - 1) * cost < c.max_budget),
+                sa.or_(
+                    c.rpm_limit.is_(None),
+                    sa.and_(fresh, room <= c.rpm_limit),
+                    sa.and_(c.window_start + window > now + hold, c.window_count + room <= c.rpm_limit),
+                ),
             )
             .values(
                 window_start=sa.case((fresh, now), else_=c.window_start),
-                window_count=sa.case((fresh, 1), else_=c.window_count + 1),
-                spend=c.spend + sa.bindparam("cost", type_=sa.Double),
+                window_count=sa.case((fresh, calls), else_=c.window_count + calls),
+                spend=c.spend + calls * cost,
             )
         )
         why = sa.select(
             c.blocked, c.expires, c.max_budget, c.spend, c.rpm_limit, c.window_start, c.window_count, now
         ).where(c.token == sa.bindparam("t"))
         charge = sa.update(keys).where(c.token == sa.bindparam("t")).values(spend=c.spend + sa.bindparam("amount"))
-        self._admit, self._why, self._charge = (Statement(engine, s) for s in (admit, why, charge))
+        # Leased calls not used: their cost back, and their count too while their window lasts.
+        give_back = (
+            sa.update(keys)
+            .where(c.token == sa.bindparam("t"))
+            .values(
+                spend=c.spend - sa.bindparam("amount", type_=sa.Double),
+                window_count=sa.case(
+                    (c.window_start == sa.bindparam("window_start", type_=sa.Double), c.window_count - calls),
+                    else_=c.window_count,
+                ),
+            )
+        )
+        window_of = sa.select(c.window_start).where(c.token == sa.bindparam("t"))
+        self._admit, self._why, self._charge, self._give_back, self._window_of = (
+            Statement(engine, s) for s in (admit, why, charge, give_back, window_of)
+        )
         self._sqlite = engine.dialect.name == "sqlite"
         # Spend log rows go RECORD_ROWS to a statement (see record): the driver's own placeholder, in column order.
         mark = "?" if self._sqlite else "%s"
@@ -98,9 +123,10 @@ class SqlKeyStore:
 
     def admit(self, token: str, cost: float) -> Refusal | None:
         """Count one call against the key and add its cost, atomically; or say why the key may not call now."""
+        one = self._admit.args({"t": token, "cost": cost, "calls": 1, "room": 1, "hold": 0.0})
         for _ in range(3):
             with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
-                cursor.execute(self._admit.sql, self._admit.args({"t": token, "cost": cost}))
+                cursor.execute(self._admit.sql, one)
                 if cursor.rowcount == 1:  # the key was admissible, and is now counted
                     return None
                 cursor.execute(self._why.sql, self._why.args({"t": token}))
@@ -110,6 +136,19 @@ class SqlKeyStore:
                 return refusal
             # Refused, yet the row shows no reason: it changed in between (a window ended, a budget was raised).
         return Refusal("rpm", retry_after=1)
+
+    def lease(self, token: str, cost: float, calls: int, room: int, hold: float) -> float | None:
+        """Count and charge `calls` calls at once, if `room` calls one by one would all be admitted and the key's
+        expiry and rpm window last `hold` seconds more: the start of the window they count in, or None if not."""
+        args = self._admit.args({"t": token, "cost": cost, "calls": calls, "room": room, "hold": hold})
+        with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
+            cursor.execute(self._admit.sql, args)
+            if cursor.rowcount != 1:
+                return None
+            # Read after, not RETURNING (see the module docstring). It cannot have moved: the window lasts `hold`.
+            cursor.execute(self._window_of.sql, self._window_of.args({"t": token}))
+            row = cursor.fetchone()
+        return None if row is None else float(row[0])
 
     def _refusal(self, row: Sequence[Any] | None) -> Refusal | None:
         if row is None:
@@ -125,17 +164,24 @@ class SqlKeyStore:
             return Refusal("rpm", retry_after=max(1, math.ceil(window_start + self.window - now)))
         return None
 
-    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None:
-        """Write spend log entries (spend.SpendWriter batches them), and add `charges` (token → amount) to the spend
-        of keys whose calls were not charged at admission (KeyInfo.counted), all in one transaction.
+    def record(
+        self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
+    ) -> None:
+        """Write spend log entries (spend.SpendWriter batches them), add `charges` (token → amount) to the spend of
+        keys whose calls were not charged at admission (KeyInfo.counted), and give back leased calls not used
+        (leases.py): all in one transaction.
 
         The entries go as multi-row INSERTs of RECORD_ROWS each: on SQLite one step each (see the module docstring),
         on PostgreSQL one query each, where a pipelined executemany spent more Python per row than the rest of the
         writer together.
         """
         charged = [self._charge.args({"t": token, "amount": amount}) for token, amount in (charges or {}).items()]
+        given_back = [
+            self._give_back.args({"t": u.token, "calls": u.calls, "amount": u.amount, "window_start": u.window_start})
+            for u in unused
+        ]
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
-        atomic = not self._sqlite or bool(charged)
+        atomic = not self._sqlite or bool(charged) or bool(given_back)
         with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
             for start in range(0, len(entries), RECORD_ROWS):
                 chunk = entries[start : start + RECORD_ROWS]
@@ -143,6 +189,8 @@ class SqlKeyStore:
                 cursor.execute(self._record_into + ", ".join([self._record_row] * len(chunk)), values)
             if charged:
                 cursor.executemany(self._charge.sql, charged)
+            if given_back:
+                cursor.executemany(self._give_back.sql, given_back)
 
     # --- administration ---------------------------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 from passthru.errors import KeyStoreError
-from passthru.key_records import KeyStore, SpendEntry
+from passthru.key_records import KeyStore, SpendEntry, Unused
 
 log = logging.getLogger("passthru")
 
@@ -28,8 +29,12 @@ BACKLOG = 100_000  # entries kept while the store is down; past that the oldest 
 class SpendWriter:
     """Queues entries from any thread; a daemon thread, started on first use (after gunicorn forks), writes them."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStore, unused: Callable[[bool], list[Unused]] | None = None) -> None:
         self.store = store
+        # Leased calls to give back (Leases.unused): asked each round, written with the entries.
+        self._unused_source = unused
+        self._unused: list[Unused] = []  # asked for, not yet written (only the writing thread touches it)
+        self._ending = False  # the worker is exiting: every lease ends and gives back what is left
         # Each entry with whether its cost is still to be added to its key's spend (not charged at admission).
         self._pending: deque[tuple[SpendEntry, bool]] = deque()  # append and popleft are atomic: no lock needed
         self._wake = threading.Event()
@@ -60,9 +65,10 @@ class SpendWriter:
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="passthru-spend-log", daemon=True)
-                self._thread.start()
-                atexit.register(self.flush)  # a worker that exits cleanly writes what it still holds
+                thread = threading.Thread(target=self._run, name="passthru-spend-log", daemon=True)
+                thread.start()
+                self._thread = thread  # once started: close() may join it from another thread
+                atexit.register(self._end)  # a worker that exits cleanly writes what it still holds
 
     def _run(self) -> None:
         while not self._closed:
@@ -71,24 +77,27 @@ class SpendWriter:
             self._write()
 
     def _write(self) -> None:
-        while self._pending:
+        if self._unused_source is not None:
+            self._unused.extend(self._unused_source(self._ending))
+        while self._pending or self._unused:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
             charges: dict[str, float] = {}
             for entry, charge in batch:
                 if charge and entry.spend:
                     charges[entry.token] = charges.get(entry.token, 0.0) + entry.spend
             try:
-                self.store.record([entry for entry, _ in batch], charges)
+                self.store.record([entry for entry, _ in batch], charges, self._unused)
             except KeyStoreError:
                 # Already logged by the store; keep the entries (in order) and try again next round.
                 self._pending.extendleft(reversed(batch))
                 return
             except Exception:
                 log.exception("spend log entries dropped: %d", len(batch))
+            self._unused = []
         if self._dropped:
             log.warning("spend log: %d entries dropped while the key store was unavailable", self._dropped)
             self._dropped = 0
-        if not self._pending:
+        if not self._pending and not self._unused:
             self._idle.set()
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -105,10 +114,16 @@ class SpendWriter:
                 time.sleep(0.001)
         return self._idle.is_set() and not self._pending
 
+    def _end(self, timeout: float = 5.0) -> bool:
+        """Flush, every lease ended and given back first: the process is exiting."""
+        self._ending = True
+        self._idle.clear()  # a round must run, to end the leases, even with no entry queued
+        return self.flush(timeout)
+
     def close(self, timeout: float = 5.0) -> bool:
         """Flush, then stop the thread: the store can be closed after this (an app thrown away, tests, reload)."""
-        atexit.unregister(self.flush)
-        done = self.flush(timeout)
+        atexit.unregister(self._end)
+        done = self._end(timeout)
         self._closed = True
         self._wake.set()
         if self._thread is not None:

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from passthru.errors import KeyStoreError
 from passthru.key_records import KeyStore
+from passthru.leases import Leases
 from passthru.spend import SpendWriter
 
 log = logging.getLogger("passthru")
@@ -40,6 +41,7 @@ class OpenedStore:
 
     keys: KeyStore
     spend: SpendWriter
+    leases: Leases
 
 
 class LazyStore:
@@ -83,7 +85,8 @@ def _open(url: str) -> OpenedStore:
         # The text names the store's host, which is for the log, not for a caller.
         log.warning("%s", exc)
         raise KeyStoreError("the key store is unavailable; try again shortly") from exc
-    return OpenedStore(store, SpendWriter(store))
+    leases = Leases(store)
+    return OpenedStore(store, SpendWriter(store, leases.unused), leases)
 
 
 def migrate_in_child(url: str, timeout: float = MIGRATION_TIMEOUT) -> None:

@@ -293,23 +293,27 @@ def test_a_key_without_limits_is_not_counted_per_call_but_charged_with_its_entri
     proxy: Proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No rpm_limit, max_budget or expiry: nothing for the store to decide per call, so no per-call write; the cost
-    reaches the key's spend with the spend log entries. A key with any of the three is admitted by the store."""
-    admitted: list[str] = []
-    admit = SqlKeyStore.admit
-    monkeypatch.setattr(
-        SqlKeyStore, "admit", lambda self, token, cost: admitted.append(token) or admit(self, token, cost)
-    )
+    reaches the key's spend with the spend log entries. A key with any of the three is admitted by the store (one
+    call at a time, or leased a few at a time, whose unused calls go back)."""
+    asked: list[str] = []
+    admit, lease = SqlKeyStore.admit, SqlKeyStore.lease
+    monkeypatch.setattr(SqlKeyStore, "admit", lambda self, token, *a: asked.append(token) or admit(self, token, *a))
+    monkeypatch.setattr(SqlKeyStore, "lease", lambda self, token, *a: asked.append(token) or lease(self, token, *a))
     free, limited, expiring = proxy.generate()["key"], proxy.generate(rpm_limit=1000)["key"], proxy.generate(
         duration="1h")["key"]  # fmt: skip
     for key in (free, limited, expiring):
         assert [proxy.call(key).status_code for _ in range(4)] == [200] * 4
     tokens = [hashlib.sha256(key.encode()).hexdigest() for key in (free, limited, expiring)]
-    assert admitted == [tokens[1]] * 4 + [tokens[2]] * 4
+    # One call admitted, then leases of 2 and 4: three questions for four calls.
+    assert asked == [tokens[1]] * 3 + [tokens[2]] * 3
     assert wait_until(lambda: len(proxy.spend_logs()) == 12, 5)
-    assert [proxy.info(key)["spend"] for key in (free, limited, expiring)] == [1.0, 1.0, 1.0]
+    # Each key pays for its four calls: the leased calls not used are given back within leases.HOLD.
+    assert wait_until(lambda: [proxy.info(key)["spend"] for key in (free, limited, expiring)] == [1.0] * 3, 5)
     # Blocked through this worker: refused by it at once (the other workers within CACHE_SECONDS).
     proxy.admin("POST", "/key/block", json={"key": free})
     assert proxy.call(free).status_code == 401
+    proxy.admin("POST", "/key/block", json={"key": limited})
+    assert proxy.call(limited).status_code == 401
 
 
 def test_allowed_routes(proxy: Proxy, upstream: Upstream) -> None:

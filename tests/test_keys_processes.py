@@ -23,6 +23,7 @@ from conftest import PROXY_VARIABLES, ROOT, Gunicorn, free_port, wait_for_port, 
 from upstream import Upstream, wait_until
 
 from passthru.auth import CACHE_SECONDS
+from passthru.leases import HOLD, SHARE
 
 MASTER = "sk-master-key-for-processes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -80,17 +81,21 @@ def test_several_workers_share_one_sqlite_file(gunicorn: Callable[..., Gunicorn]
     assert wait_until(lambda: logged() == 200, 10)
     info = requests.get(f"{base}/key/info", params={"key": free}, headers=ADMIN, timeout=15).json()["info"]
     assert info["spend"] == 100.0
-    # Blocked on one worker (the one that answers /key/block): a key with an expiry is decided by the store on
-    # every call, so every worker refuses it at once; one without limits, once the workers' memory of it is over.
-    expiring = admin(base, "/key/generate", duration="1h")["key"]
-    assert burst([lambda: call(base, expiring)] * 8) == {200: 8}
-    admin(base, "/key/block", key=expiring)
-    admin(base, "/key/block", key=free)
-    statuses = burst([lambda: call(base, expiring)] * 40)
+    # Blocked on one worker (the one that answers /key/block): a key with a small rpm_limit is decided by the store
+    # on every call, so every worker refuses it at once; a key without limits, or one whose calls a worker may
+    # lease a few at a time (leases.py), once the workers' memory of it or their lease is over.
+    small, expiring = (
+        admin(base, "/key/generate", rpm_limit=100)["key"],
+        admin(base, "/key/generate", duration="1h")["key"],
+    )
+    assert burst([lambda: call(base, small)] * 8 + [lambda: call(base, expiring)] * 8) == {200: 16}
+    for key in (small, expiring, free):
+        admin(base, "/key/block", key=key)
+    statuses = burst([lambda: call(base, small)] * 40)
     assert statuses == {401: 40}, statuses
     time.sleep(CACHE_SECONDS)
-    statuses = burst([lambda: call(base, free)] * 40)
-    assert statuses == {401: 40}, statuses
+    statuses = burst([lambda: call(base, free)] * 40 + [lambda: call(base, expiring)] * 40)
+    assert statuses == {401: 80}, statuses
     output = server.output()
     assert len(access_pids(output)) >= 2, "the calls should have been spread over several workers"
     assert "database is locked" not in output and "Traceback" not in output
@@ -138,6 +143,17 @@ def test_two_hosts_share_limits_and_blocks_through_postgres(postgres_url: str, h
     # 90 concurrent calls, alternating between the hosts: 30 in all get through, not 30 per host.
     statuses = burst([lambda i=i: call((one, two)[i % 2].url, key) for i in range(90)])  # type: ignore[misc]
     assert statuses == {200: 30, 429: 60}, statuses
+
+    # A limit with room for leases (leases.py): each host takes a few calls at a time, and the two never pass the
+    # limit together. What a host leased and did not use goes back within HOLD, and is admitted then.
+    busy = admin(one.url, "/key/generate", rpm_limit=4 * SHARE)["key"]
+    statuses = burst([lambda i=i: call((one, two)[i % 2].url, busy) for i in range(6 * SHARE)], threads=16)  # type: ignore[misc]
+    assert statuses[200] <= 4 * SHARE and statuses[200] + statuses[429] == 6 * SHARE, statuses
+    time.sleep(HOLD + 0.5)  # the leases' time, and a round of the spend log writer
+    more = 0
+    while call((one, two)[more % 2].url, busy) == 200 and more <= 4 * SHARE:
+        more += 1
+    assert statuses[200] + more == 4 * SHARE, (statuses, more)
 
     other = admin(two.url, "/key/generate")["key"]
     assert call(one.url, other) == 200  # made on one host, usable on the other at once

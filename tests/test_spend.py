@@ -11,7 +11,7 @@ from upstream import wait_until
 
 from passthru import spend
 from passthru.errors import KeyStoreError
-from passthru.key_records import NewKey, SpendEntry
+from passthru.key_records import NewKey, SpendEntry, Unused
 from passthru.keys import open_store
 from passthru.spend import SpendWriter
 
@@ -24,7 +24,9 @@ class FlakyStore:
         self.batches: list[list[SpendEntry]] = []
         self.lock = threading.Lock()
 
-    def record(self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None) -> None:
+    def record(
+        self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
+    ) -> None:
         with self.lock:
             if self.failures:
                 self.failures -= 1
