@@ -85,6 +85,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def store(database_url: str) -> Iterator[Any]:
+    """The key store itself (keys.SqlKeyStore), migrated, on each backend."""
+    from passthru.keys import open_store  # here: the test process loads SQLAlchemy only for the tests that use it
+
+    opened = open_store(database_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
 def postgres_url(postgres: str) -> Iterator[str]:
     """A fresh PostgreSQL schema's URL, for the tests that are about PostgreSQL only."""
     yield from _fresh_schema(postgres)

@@ -24,15 +24,6 @@ from passthru.spend import SpendWriter
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[SqlKeyStore]:
-    opened = open_store(database_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
-@pytest.fixture
 def other_host(database_url: str, store: SqlKeyStore) -> Iterator[SqlKeyStore]:
     """A second store on the same database, as another host (or worker) would have."""
     other = SqlKeyStore(open_engine(database_url))

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def new_key(n: int, **fields: object) -> NewKey:
     return NewKey(token=f"{n:064x}", key_name=f"sk-...{n:04d}", **fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[SqlKeyStore]:
-    opened = open_store(database_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 # --- migrations ----------------------------------------------------------------------------------------------
