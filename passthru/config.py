@@ -114,6 +114,10 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     general = raw.get("general_settings") or {}
     if not isinstance(general, dict):
         raise reader.error("general_settings", "must be a mapping")
+    # A passthru field one level too high would be ignored with every other top-level key: no routes, no key.
+    for key in raw:
+        if key in GENERAL_FIELDS:
+            raise reader.error(str(key), "belongs under general_settings (as in LiteLLM's config.yaml)")
     # Other LiteLLM sections (model_list, litellm_settings, ...) and general_settings keys are LiteLLM's business:
     # the same file runs in both, so passthru reads only the keys it serves.
     for key in general:

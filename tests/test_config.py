@@ -209,6 +209,14 @@ def test_start_up_errors_name_file_entry_and_field(entries: list, general: dict,
         assert secret not in message
 
 
+def test_a_passthru_field_at_the_top_level_is_an_error_not_ignored() -> None:
+    """Other top-level sections are LiteLLM's and ignored; pass_through_endpoints there would leave no route."""
+    for key, value in (("pass_through_endpoints", [{"path": "/x", "target": "http://a"}]), ("master_key", "sk-1")):
+        with pytest.raises(ConfigError, match=rf"^cfg.yaml: {key}: belongs under general_settings"):
+            parse_settings({key: value, "model_list": []}, "cfg.yaml", {})
+    assert parse_settings({"model_list": [], "litellm_settings": {}}, "cfg.yaml", {}).endpoints == ()
+
+
 def test_pass_through_endpoints_must_be_a_list() -> None:
     with pytest.raises(ConfigError, match=r"general_settings.pass_through_endpoints: must be a list"):
         parse_settings({"general_settings": {"pass_through_endpoints": {"path": "/x"}}}, "cfg.yaml", {})
