@@ -92,7 +92,11 @@ class SpendWriter:
                 self._pending.extendleft(reversed(batch))
                 return
             except Exception:
-                log.exception("spend log entries dropped: %d", len(batch))
+                log.exception(
+                    "spend log entries dropped: %d; unused leased calls not given back: %d",
+                    len(batch),
+                    len(self._unused),
+                )
             self._unused = []
         if self._dropped:
             log.warning("spend log: %d entries dropped while the key store was unavailable", self._dropped)
