@@ -41,13 +41,14 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
         store = LazyStore(settings.database_url)
         app.extensions["passthru.key_store"] = store
         key_check = virtual_key_check(settings.master_key, store)
-        app.register_blueprint(build_key_api(store, settings.master_key))
+        app.register_blueprint(metrics.labelled(build_key_api(store, settings.master_key)))
         log.debug("key store: %s, opened on first use", settings.database_shown)
     # The same variable and default as gunicorn's forwarded_allow_ips: one list of trusted fronts for both.
     trusted_proxy = proxy_trust(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
     app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check, trusted_proxy))
-    app.register_blueprint(health.build_blueprint(settings, __version__, store))
-    app.register_blueprint(metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None))
+    app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store)))
+    metrics_blueprint = metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None)
+    app.register_blueprint(metrics.labelled(metrics_blueprint))
     register_error_handlers(app)
     app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.

@@ -175,6 +175,26 @@ def test_metric_labels_stay_bounded(serve: Serve, upstream: Upstream) -> None:
     assert 'method="BREW"' not in text and "nowhere" not in text
 
 
+def test_built_in_paths_are_counted_under_their_own_path(serve: Serve, upstream: Upstream, tmp_path: Path) -> None:
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}], master_key="sk-m",
+                 database_url=f"sqlite:///{tmp_path / 'keys.db'}")  # fmt: skip
+    # One process's registry, shared by every app the tests build: the counts are compared, not read.
+    series = {"/health/liveliness": "2xx", "/key/info": "4xx", "(none)": "2xx"}
+    before = scrape(base)
+    requests.get(f"{base}/health/liveliness")
+    requests.get(f"{base}/key/info")  # 401 without the master key: still the key API's request
+
+    def counted(text: str, route: str) -> float:
+        return metric(text, "passthru_requests_total", route=route, status=series[route], method="GET")
+
+    assert wait_until(lambda: counted(scrape(base), "/key/info") == counted(before, "/key/info") + 1, 5)
+    after = scrape(base)
+    assert counted(after, "/health/liveliness") == counted(before, "/health/liveliness") + 1
+    assert counted(after, "(none)") == counted(before, "(none)")  # the scrapes are /metrics's own
+    assert metric(after, "passthru_requests_total", route="/metrics") > metric(before, "passthru_requests_total",
+                                                                               route="/metrics")  # fmt: skip
+
+
 def test_start_up_warning_is_said_once(gunicorn: Callable[..., Gunicorn], upstream: Upstream,
                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("WARN_KEY", "wk-secret-0042")
