@@ -18,6 +18,7 @@ from passthru import metrics
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
+ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s"
 # A caller's x-request-id is kept when it looks like an id; anything else (long, spaces, control) is replaced.
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
@@ -64,7 +65,22 @@ class Redact(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class TextFormatter(logging.Formatter):
+    """logging's Formatter, with the time's text made once a second rather than once a line: every request logs."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second  # one tuple, read and replaced whole: threads never see half of it
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime(self.default_time_format, self.converter(second)))
+        return f"{cached[1]},{int(record.msecs):03d}"  # as logging.Formatter.default_msec_format does
+
+
+class JsonFormatter(TextFormatter):
     """One JSON object per line: time, level, pid, logger, request_id, message, and the access fields."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -99,7 +115,7 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 def formatter() -> logging.Formatter:
     """The formatter for every passthru log line: text by default, JSON with JSON_LOGS=true."""
-    return JsonFormatter() if json_logs() else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if json_logs() else TextFormatter(TEXT_FORMAT)
 
 
 def configure_logging(secrets: Iterable[str], debug: bool) -> None:
@@ -208,10 +224,12 @@ class _Counted:
             "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
             "complete": self.finished,
         }  # fmt: skip
-        log.info(
-            "%s %s %s %dB %.1fms upstream=%s%s",
+        if not log.isEnabledFor(logging.INFO):
+            return
+        args = (
             method, fields["path"], status or "-", self.sent, seconds * 1000,
-            f"{upstream * 1000:.1f}ms" if upstream is not None else "-",
-            "" if self.finished else " incomplete",
-            extra={"access": fields},
+            f"{upstream * 1000:.1f}ms" if upstream is not None else "-", "" if self.finished else " incomplete",
         )  # fmt: skip
+        # Made and handled here: log.info would first search the stack for the calling line, which no one reads.
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, ACCESS_LINE, args, None, extra={"access": fields})
+        log.handle(record)

@@ -21,7 +21,7 @@ from passthru.auth import digest, headers_carrying, read_key, route_allowed
 from passthru.config import parse_settings
 from passthru.errors import ConfigError, RequestError
 from passthru.forward import new_session
-from passthru.logs import Redact
+from passthru.logs import Redact, TextFormatter
 from passthru.upstream_request import (
     CallerBody,
     clean_subpath,
@@ -232,6 +232,15 @@ def test_redact_masks_message_args_and_traceback() -> None:
     redact.filter(record)
     assert record.getMessage() == "key=***"
     assert "s3cr3t" not in (record.exc_text or "") and "boom ***" in (record.exc_text or "")
+
+
+def test_log_time_made_once_a_second_reads_as_loggings_own() -> None:
+    ours, theirs = TextFormatter("%(asctime)s"), logging.Formatter("%(asctime)s")
+    for created in (1_700_000_000.25, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_061.5, 1_700_000_000.5):
+        record = logging.LogRecord("passthru", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        assert ours.formatTime(record) == theirs.formatTime(record)
+        assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
 
 
 @pytest.mark.parametrize(
