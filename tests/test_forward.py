@@ -16,7 +16,7 @@ import pytest
 import urllib3
 from conftest import write_config
 
-from passthru import create_app
+from passthru import create_app, heap
 from passthru.auth import digest, headers_carrying, read_key, route_allowed
 from passthru.config import parse_settings
 from passthru.errors import ConfigError, RequestError
@@ -318,3 +318,26 @@ def test_unexpected_errors_are_json_without_a_trace(client: Any, monkeypatch: py
     assert answer.status_code == 500
     assert answer.get_json()["error"]["type"] == "internal_server_error"
     assert "internal detail" not in answer.get_data(as_text=True)
+
+
+def test_heap_trimmed_once_per_trim_every_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "_trim", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(heap, "_since_trim", 0)
+    heap.relayed(heap.TRIM_EVERY - 1)
+    assert calls == []
+    heap.relayed(1)  # the transfer that crosses the mark trims, and the count starts again
+    assert calls == [0]
+    heap.relayed(heap.TRIM_EVERY // 2)
+    heap.relayed(0)
+    assert calls == [0]
+
+
+def test_heap_trim_is_a_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unknown(name: str) -> str:
+        raise ValueError(f"unrecognized configuration name: {name}")
+
+    monkeypatch.setattr(heap.os, "confstr", unknown)
+    assert heap._load_trim() is None
+    monkeypatch.setattr(heap, "_trim", None)
+    heap.relayed(heap.TRIM_EVERY * 2)  # nothing to call, nothing raised
