@@ -1,14 +1,8 @@
-"""The C heap's free pages handed back to the system as bodies stream through (glibc; elsewhere nothing is done).
+"""The C heap's free pages handed back to the system as large bodies stream through (glibc; elsewhere a no-op).
 
-Without this a worker's RSS grew by ~6 MB with every 1 GiB download + 1 GiB upload and never came back (60 →
-245 MB after 31 pairs). Each 1 MiB piece is a bytes object that CPython allocates whole and then shrinks to what
-recv() returned (BufferedReader.read1 for answers, socket.recv in gunicorn's body reader for uploads). On loopback
-recv returns 16 segments, 848 bytes short of 1 MiB, and glibc keeps such a small cut-off tail in the thread's
-tcache, marked in use: when the piece is freed it cannot merge past that tail, and the ~1 MiB hole it leaves is a
-little too small for the next 1 MiB piece, which comes from fresh heap instead. Every hole in the grown heap was
-found pinned by a tcache chunk (GLIBC_TUNABLES=glibc.malloc.tcache_count=0 kept RSS flat). malloc_trim(0) returns
-the holes' pages in 0.4-0.9 ms. Trimming every TRIM_EVERY bytes, the same 21 pairs after a 32-connection load
-(36 threads) ended at 94 MB, flat from the 10th pair on, where they ended at 237 MB and climbing without it.
+Each ~1 MiB piece is allocated whole, then shrunk to what recv() returned; glibc's tcache keeps the small cut-off
+tail in use, so a freed piece leaves a hole the next one cannot reuse: a worker grew ~3 MB per GiB relayed, without
+end. malloc_trim(0) returns those holes' pages (bench/RESULTS.md, "Memory across many transfers").
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-from upstream import GZIP_TEXT, RERANK_RESPONSE, Upstream
+from upstream import GZIP_TEXT, RERANK_RESPONSE, Upstream, wait_until
+
+from passthru import heap
 
 SEED_QUERY = {
     "model": "rerank-english-v3.0",
@@ -328,6 +330,18 @@ def test_upload_streams_byte_for_byte(serve: Serve, upstream: Upstream, chunked:
     assert (seen.body_len, seen.body_sha256) == (1_000_000, expected)
     assert (seen.header("Transfer-Encoding") == "chunked") is chunked
     assert (seen.header("Content-Length") is None) is chunked
+
+
+def test_bytes_both_ways_count_towards_the_heap_trim(
+    serve: Serve, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[int] = []
+    monkeypatch.setattr(heap, "relayed", counted.append)
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
+    response = requests.post(f"{base}/e", data=b"x" * 1_000_000)
+    assert response.status_code == 200
+    # Counted when the server closes the answer, just after the caller has read it.
+    assert wait_until(lambda: counted == [1_000_000 + len(response.content)], 5), counted
 
 
 @pytest.mark.parametrize(
