@@ -71,14 +71,15 @@ class Plan:
     slow_streams: int  # SSE streams opened at once against a fresh passthru (gthread: --conf and --slow-conf)
     gevent_streams: int  # the same under deploy/gunicorn.gevent.conf.py, which is meant to hold thousands
     slow_window: float  # seconds allowed for them all to get their first event
+    repeat_pairs: int  # downloads + uploads of transfer_bytes, one after another, through a fresh one-worker passthru
     watchdog: int  # the whole run is cut after this many seconds
 
 
 FULL = Plan(rounds=3, throughput_seconds=10, latency_seconds=5, transfer_bytes=GIB, sse_streams=10, sse_events=11,
-            sse_gap=0.02, startups=3, slow_streams=300, gevent_streams=1000, slow_window=15.0,
+            sse_gap=0.02, startups=3, slow_streams=300, gevent_streams=1000, slow_window=15.0, repeat_pairs=8,
             watchdog=1200)  # fmt: skip
 QUICK = Plan(rounds=3, throughput_seconds=3, latency_seconds=2, transfer_bytes=256 * MIB, sse_streams=4, sse_events=11,
-             sse_gap=0.02, startups=2, slow_streams=300, gevent_streams=1000, slow_window=10.0,
+             sse_gap=0.02, startups=2, slow_streams=300, gevent_streams=1000, slow_window=10.0, repeat_pairs=4,
              watchdog=480)  # fmt: skip
 
 
@@ -386,15 +387,15 @@ class Gunicorn:
 
 
 def start_gunicorn(name: str, app: str, conf: str, config: Path, tmp: Path, probe: str,
-                   database_url: str | None = None) -> Gunicorn:  # fmt: skip
+                   database_url: str | None = None, **env: str) -> Gunicorn:  # fmt: skip
     """`gunicorn -c <conf> <app>` from the repo root on a free port; returns once `probe` answered 200.
 
     The key store (made for the master key) is `database_url`, by default SQLite in the run's temp dir rather than
-    the repo's working directory.
+    the repo's working directory. Other keyword arguments are more environment variables (WEB_CONCURRENCY="1").
     """
     port = free_port()
     env = clean_env(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1",
-                    DATABASE_URL=database_url or f"sqlite:///{tmp / 'keys.db'}")  # fmt: skip
+                    DATABASE_URL=database_url or f"sqlite:///{tmp / 'keys.db'}", **env)  # fmt: skip
     log = tmp / f"{name}-{port}.log"
     spawned = time.monotonic()
     child = CHILDREN.spawn(name, [sys.executable, "-m", "gunicorn", "-c", conf, app], log=log, env=env,
@@ -784,6 +785,7 @@ class Results:
     startup: dict[str, list[float]] = field(default_factory=dict)
     idle_rss_kb: dict[str, list[int]] = field(default_factory=dict)
     slow: dict[SlowCase, tuple[int, int, float]] = field(default_factory=dict)
+    repeated_rss_kb: list[int] = field(default_factory=list)  # one worker: settled, then after each pair
     workers: int = 0
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pg_skipped: str = ""  # why the PostgreSQL rows were not run, when they were not
@@ -958,6 +960,22 @@ def run(args: argparse.Namespace) -> str:
     if passthru_gevent is not None:
         CHILDREN.stop(passthru_gevent.child)
 
+    # Many transfers through one worker: memory a worker never gives back grows with each, which the per-transfer
+    # rows above cannot show (bench/RESULTS.md, "Memory across many transfers").
+    server = start_gunicorn("passthru-repeat", "wsgi:app", DEFAULT_CONF, config, tmp, "/small", WEB_CONCURRENCY="1")
+    try:
+        settled_workers(server)
+        res.repeated_rss_kb = [max(memory_kb(pid)[0] for pid in server.workers())]
+        for _ in range(plan.repeat_pairs):
+            warm(nginx.big_file)
+            download(server.port, "/big", plan.transfer_bytes)
+            upload(server.port, "/sink", plan.transfer_bytes)
+            time.sleep(0.2)  # the upstream release and the access line come after the last byte
+            res.repeated_rss_kb.append(max(memory_kb(pid)[0] for pid in server.workers()))
+    finally:
+        CHILDREN.stop(server.child, grace=2.0)
+    log(f"{plan.repeat_pairs} pairs through one worker: RSS {[kb // 1024 for kb in res.repeated_rss_kb]} MB")
+
     # Slow streams last: their upstream handlers sleep out a long gap. A fresh passthru per gunicorn config.
     gap = plan.slow_window + 30
     for case in cases:
@@ -1114,6 +1132,10 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
          f"peak +{peak['download']:.1f} MB", "≤ 10 MB", verdict(growth["download"] <= 10)),
         (f"worker RSS growth, {size_label} upload", f"{growth['upload']:.1f} MB", f"peak +{peak['upload']:.1f} MB",
          "≤ 10 MB", verdict(growth["upload"] <= 10)),
+        (f"worker RSS growth, {plan.repeat_pairs} × {size_label} down + up through one fresh worker",
+         f"{(res.repeated_rss_kb[-1] - res.repeated_rss_kb[0]) / 1024:.1f} MB",
+         f"{res.repeated_rss_kb[0] / 1024:.1f} MB → " + ", ".join(f"{kb / 1024:.1f}" for kb in res.repeated_rss_kb[1:])
+         + " MB", "—", "info"),
         ("idle RSS per worker, fresh (largest worker)", f"{idle['passthru fresh']:.1f} MB",
          f"ceiling {idle['ceiling fresh']:.1f} MB", "≤ 40 MB", verdict(idle["passthru fresh"] <= 40)),
         ("idle RSS per worker, after the run (largest worker)", f"{idle['passthru after run']:.1f} MB",
