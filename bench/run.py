@@ -387,15 +387,15 @@ class Gunicorn:
 
 
 def start_gunicorn(name: str, app: str, conf: str, config: Path, tmp: Path, probe: str,
-                   database_url: str | None = None, **env: str) -> Gunicorn:  # fmt: skip
+                   database_url: str | None = None, **extra_env: str) -> Gunicorn:  # fmt: skip
     """`gunicorn -c <conf> <app>` from the repo root on a free port; returns once `probe` answered 200.
 
     The key store (made for the master key) is `database_url`, by default SQLite in the run's temp dir rather than
-    the repo's working directory. Other keyword arguments are more environment variables (WEB_CONCURRENCY="1").
+    the repo's working directory. `extra_env` are more environment variables (WEB_CONCURRENCY="1").
     """
     port = free_port()
     env = clean_env(PASSTHRU_CONFIG=str(config), PORT=str(port), HOST="127.0.0.1",
-                    DATABASE_URL=database_url or f"sqlite:///{tmp / 'keys.db'}", **env)  # fmt: skip
+                    DATABASE_URL=database_url or f"sqlite:///{tmp / 'keys.db'}", **extra_env)  # fmt: skip
     log = tmp / f"{name}-{port}.log"
     spawned = time.monotonic()
     child = CHILDREN.spawn(name, [sys.executable, "-m", "gunicorn", "-c", conf, app], log=log, env=env,

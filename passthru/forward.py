@@ -18,7 +18,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from werkzeug.wrappers import Response
 
-from passthru import heap, metrics
+from passthru import metrics
 from passthru.errors import PassthruError, RequestError, UpstreamError, UpstreamTimeout
 from passthru.upstream_request import (
     HOP_BY_HOP,
@@ -66,12 +66,10 @@ def new_session(upstream_hosts: int) -> requests.Session:
 class UpstreamBody:
     """The upstream's body relayed piece by piece as it arrives; closing it frees the upstream connection."""
 
-    def __init__(self, raw: urllib3.BaseHTTPResponse, bodiless: bool, route: str, sent: CallerBody | None) -> None:
+    def __init__(self, raw: urllib3.BaseHTTPResponse, bodiless: bool, route: str) -> None:
         self._raw = raw
         self._bodiless = bodiless
         self._route = route
-        self._sent = sent  # the caller's body, already sent upstream: its size counts for heap.relayed
-        self._relayed = 0
         self._done = False
         self._closed = False
         metrics.in_flight(route).inc()
@@ -84,7 +82,6 @@ class UpstreamBody:
                 chunk = read1(CHUNK_SIZE, decode_content=False)
                 if not chunk:
                     break
-                self._relayed += len(chunk)
                 yield chunk
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             kind = "timeout" if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)) else "reset"
@@ -110,7 +107,6 @@ class UpstreamBody:
         elif not self._done:
             self._raw.close()  # half-read: this connection cannot carry another request
         self._raw.release_conn()
-        heap.relayed(self._relayed + (self._sent.received if self._sent is not None else 0))
 
 
 class UpstreamResponse(Response):
@@ -165,7 +161,7 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
         metrics.UPSTREAM_ERRORS.labels(path, "malformed").inc()
         log.warning("upstream on %s answered with a header that cannot be relayed", path)
         raise
-    relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path, body)
+    relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path)
     response = UpstreamResponse(relay, status=status, headers=relayed, direct_passthrough=True)
     # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
     response.call_on_close(relay.close)
