@@ -26,6 +26,21 @@ BATCH = 500  # entries per transaction at most
 BACKLOG = 100_000  # entries kept while the store is down; past that the oldest are dropped (and said so)
 
 
+def entry_id(now: float) -> str:
+    """A spend log entry's id: a UUIDv7 (RFC 9562), the time in milliseconds and then random bits.
+
+    Time-ordered, so the log's primary key grows at its end. Random (v4) ids land all over an index that outgrows
+    SQLite's page cache: 2.6 times the CPU per entry by 350,000 entries, 2.9 by 1.5 million, where v7 stays flat
+    (bench/spend_log_ids.py).
+    Its random bits come from `random`, not os.urandom, which would let go of the GIL on every call (random is
+    reseeded in each forked worker).
+    """
+    value = (int(now * 1000) << 80) | random.getrandbits(80)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # the RFC's variant
+    return str(uuid.UUID(int=value))
+
+
 class SpendWriter:
     """Queues entries from any thread; a daemon thread, started on first use (after gunicorn forks), writes them."""
 
@@ -49,9 +64,7 @@ class SpendWriter:
         """Queue the entry of a call that just finished (`seconds` after it started); with `charge`, its cost is
         added to the key's spend when the entry is written (the store did not charge it at admission)."""
         now = time.time()
-        # uuid4's os.urandom would let go of the GIL on every call; random is reseeded in each forked worker.
-        entry_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
-        entry = SpendEntry(entry_id, token, route, status, cost, now - seconds, seconds)
+        entry = SpendEntry(entry_id(now), token, route, status, cost, now - seconds, seconds)
         self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
         self._pending.append((entry, charge))
         if len(self._pending) > BACKLOG:

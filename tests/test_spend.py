@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def test_entries_reach_a_real_store_in_batches(tmp_path: Path) -> None:
         assert store.find(token).spend == 0.0  # charged at admission (not here) unless the entry says otherwise
     finally:
         writer.close()
+
+
+def test_entry_ids_are_uuid7_in_time_order() -> None:
+    """Ids made later sort later (the log's primary key grows at its end); each is a valid UUIDv7 carrying its
+    millisecond, and ids of the same millisecond still differ."""
+    start = 1_764_000_000.0
+    times = [start + n * 0.0004 for n in range(5000)]  # 2.5 ids a millisecond
+    ids = [spend.entry_id(t) for t in times]
+    assert len(set(ids)) == len(ids)
+    # As text, the way the database's index orders them: every id of a millisecond before those of the next.
+    assert [uuid.UUID(ident).int >> 80 for ident in sorted(ids)] == [int(t * 1000) for t in times]
+    for ident, t in zip(ids[:50], times, strict=False):
+        parsed = uuid.UUID(ident)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == ident
+        assert parsed.int >> 80 == int(t * 1000)
 
 
 def test_uncharged_costs_reach_the_key_with_the_entries(tmp_path: Path) -> None:
