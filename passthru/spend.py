@@ -32,6 +32,7 @@ def entry_id(now: float) -> str:
     Time-ordered, so the log's primary key grows at its end. Random (v4) ids land all over an index that outgrows
     SQLite's page cache: 2.6 times the CPU per entry by 350,000 entries, 2.9 by 1.5 million, where v7 stays flat
     (bench/spend_log_ids.py).
+
     Its random bits come from `random`, not os.urandom, which would let go of the GIL on every call (random is
     reseeded in each forked worker).
     """
