@@ -99,6 +99,33 @@ def test_entries_are_kept_in_order_while_the_store_is_down() -> None:
     writer.close()
 
 
+def test_callers_arriving_together_start_one_writer_thread() -> None:
+    """The first entries of a worker come from many request threads at once: exactly one writer thread starts, and
+    every entry is written once."""
+    store = FlakyStore()
+    writer = SpendWriter(store)  # type: ignore[arg-type]
+    callers = 32
+    barrier = threading.Barrier(callers)
+
+    def call(n: int) -> None:
+        barrier.wait(5)
+        writer.add("t" * 64, f"/{n}", 200, 0.0, 0.0)
+
+    before = set(threading.enumerate())
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    try:
+        started = [t for t in threading.enumerate() if t.name == "passthru-spend-log" and t not in before]
+        assert len(started) == 1
+        assert writer.flush(5)
+        assert sorted(store.written()) == sorted(f"/{n}" for n in range(callers))
+    finally:
+        writer.close()
+
+
 def test_flush_gives_up_after_its_timeout() -> None:
     store = FlakyStore(failures=10**6)
     writer = SpendWriter(store)  # type: ignore[arg-type]
