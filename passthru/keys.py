@@ -31,8 +31,9 @@ from passthru.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
 
-# Spend log rows per INSERT: 7 values each stays under 999, the oldest SQLite's limit on parameters.
-RECORD_ROWS = 100
+# Spend log rows per INSERT at most: 7 values each stays under 999, the oldest SQLite's limit on parameters. A power
+# of two, so that every INSERT has one of eight sizes (see record).
+RECORD_ROWS = 128
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
 
 
@@ -101,10 +102,15 @@ class SqlKeyStore:
             Statement(engine, s) for s in (admit, why, charge, give_back, window_of)
         )
         self._sqlite = engine.dialect.name == "sqlite"
-        # Spend log rows go RECORD_ROWS to a statement (see record): the driver's own placeholder, in column order.
+        # The spend log's INSERTs of 1, 2, 4 ... RECORD_ROWS rows (see record), with the driver's own placeholder.
         mark = "?" if self._sqlite else "%s"
-        self._record_into = f"INSERT INTO {spend_logs.name} ({', '.join(spend_logs.c.keys())}) VALUES "
-        self._record_row = f"({', '.join([mark] * len(spend_logs.c))})"
+        into = f"INSERT INTO {spend_logs.name} ({', '.join(spend_logs.c.keys())}) VALUES "
+        row = f"({', '.join([mark] * len(spend_logs.c))})"
+        # An entry already written is skipped, not an error: a batch that failed midway is retried whole (record).
+        self._record_sql = {
+            1 << n: f"{into}{', '.join([row] * (1 << n))} ON CONFLICT (request_id) DO NOTHING"
+            for n in range(RECORD_ROWS.bit_length())
+        }
         self._record_values = operator.attrgetter(*spend_logs.c.keys())  # SpendEntry's fields, named as the columns
         self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
 
@@ -171,9 +177,14 @@ class SqlKeyStore:
         keys whose calls were not charged at admission (KeyInfo.counted), and give back leased calls not used
         (leases.py): all in one transaction.
 
-        The entries go as multi-row INSERTs of RECORD_ROWS each: on SQLite one step each (see the module docstring),
-        on PostgreSQL one query each, where a pipelined executemany spent more Python per row than the rest of the
-        writer together.
+        The entries go as multi-row INSERTs: on SQLite one step each (see the module docstring), on PostgreSQL one
+        query each, where a pipelined executemany spent more Python per row than the rest of the writer together.
+        Each has a power of two of rows, RECORD_ROWS at most: 300 entries are 128 + 128 + 32 + 8 + 4. The driver
+        keeps every statement it has seen prepared, per connection (sqlite3 up to 128, psycopg up to 100, on the
+        server too): with one size per batch length, that was up to 4 MB of SQLite's memory per pooled connection.
+
+        On SQLite, entries alone are written without a transaction, one INSERT at a time: when one fails, those
+        before it are written, and SpendWriter retries the whole batch. Their ids make the retry skip them.
         """
         charged = [self._charge.args({"t": token, "amount": amount}) for token, amount in (charges or {}).items()]
         given_back = [
@@ -183,10 +194,13 @@ class SqlKeyStore:
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
         atomic = not self._sqlite or bool(charged) or bool(given_back)
         with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
-            for start in range(0, len(entries), RECORD_ROWS):
-                chunk = entries[start : start + RECORD_ROWS]
-                values = [value for entry in chunk for value in self._record_values(entry)]
-                cursor.execute(self._record_into + ", ".join([self._record_row] * len(chunk)), values)
+            start = 0
+            while start < len(entries):
+                left = len(entries) - start
+                size = RECORD_ROWS if left >= RECORD_ROWS else 1 << (left.bit_length() - 1)
+                values = [value for entry in entries[start : start + size] for value in self._record_values(entry)]
+                cursor.execute(self._record_sql[size], values)
+                start += size
             if charged:
                 cursor.executemany(self._charge.sql, charged)
             if given_back:

@@ -7,13 +7,17 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+import passthru.keys
 from passthru.db import SQLITE_BUSY_MS, VERSION_TABLE, current_revision, head_revision, migrate, open_engine, upgrade
 from passthru.errors import KeyStoreError, RequestError
 from passthru.key_records import NewKey, SpendEntry
@@ -193,6 +197,66 @@ def test_entries_and_charges_are_written_together(store: SqlKeyStore) -> None:
     store.record([entry(one, "/a", 200)], {one: 1.0, "f" * 64: 9.0})  # a key deleted meanwhile: nothing to charge
     assert (store.find(one).spend, store.find(two).spend) == (2.5, 0.25)  # type: ignore[union-attr]
     assert len(store.spend_logs(None, None, None, 100)) == 3
+
+
+class Spy:
+    """Wraps keys.dbapi_cursor: records the SQL of every statement, and fails the `fail_at`-th one (counting from 1)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int = 0) -> None:
+        self.sql: list[str] = []
+        self.fail_at = fail_at
+        real = passthru.keys.dbapi_cursor
+
+        @contextmanager
+        def spied(engine: sa.Engine, *, atomic: bool = False) -> Iterator[Any]:
+            with real(engine, atomic=atomic) as cursor:
+                yield _SpiedCursor(self, cursor, engine.dialect.loaded_dbapi.OperationalError)
+
+        monkeypatch.setattr(passthru.keys, "dbapi_cursor", spied)
+
+
+class _SpiedCursor:
+    def __init__(self, spy: Spy, cursor: Any, error: type[Exception]) -> None:
+        self.spy, self.cursor, self.error = spy, cursor, error
+
+    def execute(self, sql: str, args: Any) -> None:
+        self.spy.sql.append(sql)
+        if len(self.spy.sql) == self.spy.fail_at:
+            raise self.error("database is locked")  # as a write lock held too long would
+        self.cursor.execute(sql, args)
+
+    def executemany(self, sql: str, args: Any) -> None:
+        self.spy.sql.append(sql)
+        self.cursor.executemany(sql, args)
+
+
+def test_spend_log_inserts_come_in_eight_sizes(store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver keeps each statement it saw prepared, per connection: one size per batch length grew SQLite's
+    memory by up to 4 MB per pooled connection."""
+    token = store.create(new_key(1)).token
+    spy = Spy(monkeypatch)
+    written = 0
+    for count in range(1, 301):
+        store.record([entry(token, "/a", 200) for _ in range(count)])
+        written += count
+    assert len(set(spy.sql)) <= 8
+    assert len(store.spend_logs(token, None, None, written + 1)) == written
+
+
+def test_a_batch_that_failed_midway_is_written_once_when_retried(
+    store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a batch of entries alone is several transactions: after a failure some are written, and SpendWriter
+    retries the whole batch. Without the retry stuck on the written ones, and none twice."""
+    token = store.create(new_key(1)).token
+    entries = [entry(token, "/a", 200) for _ in range(300)]
+    Spy(monkeypatch, fail_at=2)
+    with pytest.raises(KeyStoreError):
+        store.record(entries)
+    store.record(entries)
+    assert sorted(e.request_id for e in store.spend_logs(token, None, None, 1000)) == sorted(
+        e.request_id for e in entries
+    )
 
 
 # --- administration ------------------------------------------------------------------------------------------
