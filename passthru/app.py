@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from passthru import __version__, health, metrics, routes
+from passthru import __version__, health, heap, metrics, routes
 from passthru.auth import KeyCheck, virtual_key_check
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
@@ -33,6 +33,7 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     else:
         settings = load_settings(config) if config else load_from_environment(os.environ)
     configure_logging(settings.secrets, detailed_debug)
+    heap.limit_arenas()
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
     key_check: KeyCheck | None = None
