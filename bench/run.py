@@ -860,7 +860,13 @@ def run(args: argparse.Namespace) -> str:
                 ceiling = server
     assert passthru is not None and ceiling is not None
 
-    # The same passthru, config and gunicorn config, with its keys in PostgreSQL: started after the timed starts.
+    # The same passthru, config and gunicorn config, serving the virtual keys: its own SQLite store, then one in
+    # PostgreSQL. Apart from `passthru`, whose workers so show what one that only passes calls through weighs after
+    # the load; these show what serving virtual keys adds (the store's driver, its connections and caches).
+    passthru_keys = start_gunicorn("passthru-keys", "wsgi:app", conf, config, tmp, "/small",
+                                   f"sqlite:///{tmp / 'keys-sqlite.db'}")  # fmt: skip
+    settled_workers(passthru_keys)
+    # Started after the timed starts.
     # No server on 127.0.0.1:5432 skips its rows, not the run.
     import psycopg
 
@@ -889,10 +895,11 @@ def run(args: argparse.Namespace) -> str:
              Load("ceiling", ceiling.port, "/small", None, ceiling.workers),
              Load("passthru", passthru.port, "/small", None, passthru.workers),
              Load("passthru auth", passthru.port, "/small-auth", MASTER_KEY, passthru.workers),
-             Load("passthru virtual key", passthru.port, "/small-auth", make_virtual_key(passthru.port),
-                  passthru.workers),
-             Load("passthru virtual key with limits", passthru.port, "/small-auth",
-                  make_virtual_key(passthru.port, limits=True), passthru.workers)]  # fmt: skip
+             Load("passthru-keys", passthru_keys.port, "/small", None, passthru_keys.workers),
+             Load("passthru-keys virtual key", passthru_keys.port, "/small-auth",
+                  make_virtual_key(passthru_keys.port), passthru_keys.workers),
+             Load("passthru-keys virtual key with limits", passthru_keys.port, "/small-auth",
+                  make_virtual_key(passthru_keys.port, limits=True), passthru_keys.workers)]  # fmt: skip
     if passthru_pg is not None and pg_db is not None:
         pg_readings = functools.partial(pg_cpu, pg_db)
         loads += [Load("passthru-pg", passthru_pg.port, "/small", None, passthru_pg.workers, pg_readings),
@@ -949,12 +956,14 @@ def run(args: argparse.Namespace) -> str:
     time.sleep(1.0)  # also lets the server's statistics of sessions catch up (flushed at most once a second)
     if pg_db:
         res.pg_other_sessions = pg_other_sessions(pg_db) - other_sessions
-    for name, server in (("passthru", passthru), ("ceiling", ceiling)):
+    after = [("passthru", passthru), ("ceiling", ceiling), ("passthru-keys", passthru_keys)]
+    for name, server in after + ([("passthru-pg", passthru_pg)] if passthru_pg is not None else []):
         rss = [memory_kb(pid)[0] for pid in server.workers()]
         res.add(res.idle_rss_kb, f"{name} after run", max(rss, default=0))
         log(f"idle worker RSS after the run, {name}: {[r // 1024 for r in rss]} MB")
     CHILDREN.stop(ceiling.child)
     CHILDREN.stop(passthru.child)
+    CHILDREN.stop(passthru_keys.child)
     if passthru_pg is not None:
         CHILDREN.stop(passthru_pg.child)  # its database is dropped at exit (create_pg_database's atexit)
     if passthru_gevent is not None:
@@ -1140,6 +1149,10 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
          f"ceiling {idle['ceiling fresh']:.1f} MB", "≤ 40 MB", verdict(idle["passthru fresh"] <= 40)),
         ("idle RSS per worker, after the run (largest worker)", f"{idle['passthru after run']:.1f} MB",
          f"ceiling {idle['ceiling after run']:.1f} MB", "≤ 40 MB", verdict(idle["passthru after run"] <= 40)),
+        ("idle RSS per worker after the run, serving virtual keys (largest worker)",
+         f"{idle['passthru-keys after run']:.1f} MB",
+         "PostgreSQL " + (f"{idle['passthru-pg after run']:.1f} MB" if "passthru-pg after run" in idle else "not run")
+         + "; the key store's driver, connections and caches", "—", "info"),
         ("start-up: spawn to first forwarded answer (median)", f"{start['passthru']:.2f} s",
          f"ceiling {start['ceiling']:.2f} s", "≤ 1 s", verdict(start["passthru"] <= 1.0)),
     ]  # fmt: skip
@@ -1155,7 +1168,7 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
                  f"{tp['passthru auth']:.0f} vs {tp['passthru']:.0f} req/s; CPU {cpu['passthru auth']:.0f} vs "
                  f"{cpu['passthru']:.0f} µs/request", "—", "info"))  # fmt: skip
     for kind in ("", " with limits"):
-        rows += virtual_key_rows("SQLite", "passthru", kind, tp, cpu, store_cpu, lat50)
+        rows += virtual_key_rows("SQLite", "passthru-keys", kind, tp, cpu, store_cpu, lat50)
     if res.pg_skipped:
         rows.append(("`auth: true` (virtual key, PostgreSQL): CPU per request over no auth", "—",
                      f"not run: {res.pg_skipped}", "< +25 %", "SKIPPED"))  # fmt: skip
@@ -1192,10 +1205,11 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
     out += ["", f"Throughput: `wrk -t2 -c32 -d{plan.throughput_seconds}s`; latency: `wrk -t1 -c1 "
             f"-d{plan.latency_seconds}s` (one request at a time on one keep-alive connection). Server CPU: user + "
             "system time of the serving processes during the 32-connection run over the requests served "
-            "(nginx's workers serve both the upstream and the proxy, so `nginx proxy` counts both; `passthru-pg` "
-            "is a second passthru whose key store is PostgreSQL, and its CPU counts that server's work for it: the "
-            "backends connected to its database and the ones that ended, as SQLite's work is counted in the "
-            "workers; `passthru-gevent` is a third, under the gevent config). The virtual-key route has a "
+            "(nginx's workers serve both the upstream and the proxy, so `nginx proxy` counts both; "
+            "`passthru-keys` is a second passthru that serves the virtual keys from SQLite; `passthru-pg` a third, "
+            "whose key store is PostgreSQL, and its CPU counts that server's work for it: the backends connected to "
+            "its database and the ones that ended, as SQLite's work is counted in the workers; `passthru-gevent` "
+            "is a fourth, under the gevent config). The virtual-key route has a "
             "cost_per_request. `virtual key` is a key without limits (LiteLLM's "
             "default): admitted from the worker's memory of it, its cost charged with its spend log entry. `virtual "
             "key with limits` has an rpm_limit and a max_budget it never reaches: every call is admitted, counted "
