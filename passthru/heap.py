@@ -20,7 +20,7 @@ TRIM_EVERY = 256 * 1024 * 1024
 # keeps its top resident, up to a few MB after large transfers. One worker after rounds of 8 transfers at once:
 # 39-41 MB with 2 arenas, 44-48 with 4, 48-55 with glibc's default. Two interleaved A/Bs of single 1 GiB transfers
 # against the default: uploads -13 % and +10 %, downloads -3 % and -9 % (this host's noise); small requests' CPU
-# the same (bench/RESULTS.md, "Arenas").
+# the same (bench/RESULTS.md, "Memory after the load").
 ARENAS = 2
 M_ARENA_MAX = -8  # mallopt's parameter, from glibc's malloc.h
 

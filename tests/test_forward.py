@@ -366,7 +366,7 @@ done.set()
 
 
 @pytest.mark.skipif(heap._glibc is None, reason="glibc's arenas only")
-def test_threads_share_at_most_arenas_arenas() -> None:
+def test_threads_share_the_limited_arenas() -> None:
     """Each arena keeps a piece or two of large transfers resident: threads of their own multiplied that."""
     counts = {}
     for mode in ("limit", "default"):

@@ -247,7 +247,7 @@ def test_a_batch_that_failed_midway_is_written_once_when_retried(
     store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On SQLite a batch of entries alone is several transactions: after a failure some are written, and SpendWriter
-    retries the whole batch. Without the retry stuck on the written ones, and none twice."""
+    retries the whole batch. The retry must neither trip on the entries already written nor write any twice."""
     token = store.create(new_key(1)).token
     entries = [entry(token, "/a", 200) for _ in range(300)]
     Spy(monkeypatch, fail_at=2)
