@@ -860,14 +860,13 @@ def run(args: argparse.Namespace) -> str:
                 ceiling = server
     assert passthru is not None and ceiling is not None
 
-    # The same passthru, config and gunicorn config, serving the virtual keys: its own SQLite store, then one in
-    # PostgreSQL. Apart from `passthru`, whose workers so show what one that only passes calls through weighs after
-    # the load; these show what serving virtual keys adds (the store's driver, its connections and caches).
+    # The same passthru, config and gunicorn config, serving the virtual keys, started after the timed starts: one
+    # with its own SQLite store, one with its store in PostgreSQL. Apart from `passthru`, so that its workers show
+    # what one that only passes calls through weighs after the load, and these what the key store adds.
     passthru_keys = start_gunicorn("passthru-keys", "wsgi:app", conf, config, tmp, "/small",
                                    f"sqlite:///{tmp / 'keys-sqlite.db'}")  # fmt: skip
     settled_workers(passthru_keys)
-    # Started after the timed starts.
-    # No server on 127.0.0.1:5432 skips its rows, not the run.
+    # No server on 127.0.0.1:5432 skips the PostgreSQL rows, not the run.
     import psycopg
 
     passthru_pg = pg_db = None
