@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -12,6 +13,8 @@ from urllib.parse import urlencode
 import pytest
 from conftest import write_config
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from passthru import create_app
 from passthru.key_fields import MAX_BODY_BYTES
@@ -184,3 +187,77 @@ def test_a_stored_expiry_no_date_can_hold_still_lists(api: FlaskClient) -> None:
     store.keys.create(NewKey(token="cd" * 32, key_name="sk-...old1", duration=99999999999 * 7 * 86400.0))
     shown = {key["token"]: key for key in everything(api)["keys"]}
     assert shown["cd" * 32]["expires"] == "9999-12-31T23:59:59.999999+00:00"
+
+
+# --- any value in any field of any operation --------------------------------------------------------------------
+
+OPERATIONS = {
+    ("POST", "/key/generate"): ("key", "key_alias", "duration", "max_budget", "rpm_limit", "allowed_routes",
+                                "metadata", "models", "tpm_limit"),
+    ("POST", "/key/update"): ("key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes",
+                              "metadata", "blocked", "team_id"),
+    ("POST", "/key/delete"): ("keys",),
+    ("POST", "/key/block"): ("key",),
+    ("POST", "/key/unblock"): ("key",),
+    ("GET", "/key/info"): ("key",),
+    ("GET", "/key/list"): ("page", "size", "key_alias", "return_full_object"),
+    ("GET", "/spend/logs"): ("key", "api_key", "start_date", "end_date", "limit"),
+}  # fmt: skip
+
+ZONES = [None, UTC, timezone(timedelta(hours=14)), timezone(-timedelta(hours=14))]
+# Strings that look almost right are where the edge cases are: random text rarely spells a duration or a date.
+ALMOST = st.one_of(
+    st.builds("{}{}".format, st.integers(-1, 10**25), st.sampled_from(["s", "m", "h", "d", "w", "mo", ""])),
+    st.dates().map(str),
+    st.datetimes(timezones=st.sampled_from(ZONES)).map(lambda moment: moment.isoformat()),
+    st.sampled_from([EXISTING, "sk-", "sk-\x00", "\ud800", "a\udfff", "9999-12-31", "0001-01-01", "NaN", "1e400",
+                     "-0", "/v1/rerank", "true", "existing"]),
+    st.text(min_size=200, max_size=2000),
+    st.text(st.characters(codec="utf-8"), max_size=20).map(lambda s: "sk-" + s),
+)  # fmt: skip
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**30, max_value=2**80) | st.integers(max_value=-1),
+    st.sampled_from([10**400, 2**31 - 1, 2**31, 2**63, 1e15, 1e23, 5e-324]),
+    st.floats(),  # NaN and the infinities included
+    st.text(max_size=30),
+    ALMOST,
+)
+VALUES = st.one_of(
+    SCALARS,
+    st.recursive(
+        SCALARS,
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+        max_leaves=12,
+    ),
+)
+
+
+def fields_of(operation: tuple[str, str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Any subset of the operation's fields, each with any value."""
+    return st.fixed_dictionaries({}, optional={name: VALUES for name in OPERATIONS[operation]})
+
+
+# One run per operation, so each gets its share of examples. Derandomized: CI runs the same examples every time, and
+# no example database is kept between runs.
+@pytest.mark.parametrize("operation", sorted(OPERATIONS), ids=lambda operation: operation[1].strip("/"))
+@settings(max_examples=75, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(data=st.data())
+def test_no_value_of_any_field_gets_a_5xx(api: FlaskClient, operation: tuple[str, str], data: st.DataObject) -> None:
+    """The fields together, then each alone (the first bad field would hide the others). The store is shared by the
+    examples (the health check would say so): what one writes, the next reads."""
+    method, path = operation
+    fields = data.draw(fields_of(operation))
+    alone = [{name: value, **({"key": EXISTING} if path == "/key/update" and name != "key" else {})}
+             for name, value in fields.items()]  # fmt: skip
+    for sent in (fields, *alone):
+        response = send(api, method, path, sent)
+        assert response.status_code < 500, (sent, response.status_code, response.text)
+        assert response.mimetype == "application/json"
+        if response.status_code >= 400:
+            error_of(response)
+    everything(api)
+    assert send(api, "GET", "/spend/logs", {}).status_code == 200
