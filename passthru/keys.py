@@ -217,6 +217,7 @@ class SqlKeyStore:
                 row = conn.execute(sa.insert(keys).values(values).returning(*keys.c)).one()
             except IntegrityError as exc:  # a race with another host's insert
                 raise RequestError("a key with this value or key_alias already exists") from exc
+        self.edits += 1  # this worker may remember the key as unknown (auth.RecentKeys): not any more
         return _info(row)
 
     def _check_alias(self, conn: sa.Connection, alias: str | None, owner: str) -> None:
