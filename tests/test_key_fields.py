@@ -235,9 +235,37 @@ VALUES = st.one_of(
 )
 
 
+UNITS = st.sampled_from(["s", "m", "h", "d", "w", "mo", "", "x"])
+DIGITS = st.integers(-1, 10**25).map(str) | st.text("0123456789_ -+e", max_size=30)
+EDGES = st.sampled_from(["9999-12-31", "0001-01-01", "10000-01-01", "9999-12-31T23:59:59-14:00", "2026-02-30"])
+DATES = EDGES | st.dates().map(str) | st.datetimes(timezones=st.sampled_from(ZONES)).map(lambda m: m.isoformat())
+# Per field, values that are almost right: random JSON rarely spells a duration, a date or a page number.
+NEAR: dict[str, st.SearchStrategy[Any]] = {
+    "duration": st.sampled_from(["99999999999w", "36501d", "9" * 30 + "s", "1h\n"])
+    | st.builds("{}{}".format, st.integers(-1, 10**25), UNITS),
+    "max_budget": st.floats() | st.integers(min_value=10**14),
+    "spend": st.floats() | st.integers(min_value=10**14),
+    "rpm_limit": st.integers(min_value=2**30) | st.floats(),
+    "key_alias": st.text(st.characters(codec="utf-8"), min_size=200, max_size=300) | st.sampled_from(["a\x00", ""]),
+    "allowed_routes": st.lists(st.text(max_size=5).map(lambda text: "/" + text), max_size=120),
+    "metadata": st.recursive(st.floats() | st.text(max_size=600), lambda inner: st.dictionaries(st.text(max_size=3),
+                                                                                                inner, max_size=3)),
+    "key": st.sampled_from([EXISTING, "sk-\x00zzzzzzzzz", "sk-" + "a" * 201])
+    | st.text(max_size=80).map("sk-{}".format),
+    "keys": st.lists(st.sampled_from([EXISTING, "sk-\ud800", "f" * 64, 1]), max_size=120),
+    "page": DIGITS,
+    "size": DIGITS,
+    "limit": DIGITS,
+    "start_date": DATES,
+    "end_date": DATES,
+}  # fmt: skip
+
+
 def fields_of(operation: tuple[str, str]) -> st.SearchStrategy[dict[str, Any]]:
-    """Any subset of the operation's fields, each with any value."""
-    return st.fixed_dictionaries({}, optional={name: VALUES for name in OPERATIONS[operation]})
+    """Any subset of the operation's fields, each with any JSON value or an almost right one."""
+    return st.fixed_dictionaries(
+        {}, optional={name: VALUES | NEAR[name] if name in NEAR else VALUES for name in OPERATIONS[operation]}
+    )
 
 
 # One run per operation, so each gets its share of examples. Derandomized: CI runs the same examples every time, and
