@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import ip_address, ip_network
 from typing import IO, Any
-from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit
+from urllib.parse import quote, unquote_plus, urlencode, urlsplit
 
 import requests
 import urllib3
@@ -38,7 +38,6 @@ DEFAULT_FORWARDED = (
     ("HTTP_ACCEPT", "Accept"),
     ("HTTP_ACCEPT_ENCODING", "Accept-Encoding"),
 )
-SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segment is re-encoded with these kept
 # Characters a query may carry as they are; anything else (non-ASCII, controls, space) is percent-encoded.
 QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]^_`{|}~"
 
@@ -103,11 +102,11 @@ def proxy_trust(spec: str) -> Callable[[str], bool]:
 
 
 def upstream_target(route: Route, subpath: str | None, query_string: str) -> str:
-    """The request target upstream: the target's path + cleaned sub-path, then the target's query, the caller's
-    query as sent, and the default params the caller left out."""
+    """The request target upstream: the target's path + the sub-path (resolved and encoded by routes.py), then the
+    target's query, the caller's query as sent, and the default params the caller left out."""
     url = route.path
     if subpath is not None:
-        url = url.rstrip("/") + "/" + clean_subpath(subpath)
+        url = url.rstrip("/") + "/" + subpath
     query = encode_query(query_string)
     if route.query:
         query = f"{route.query}&{query}" if query else route.query
@@ -117,28 +116,6 @@ def upstream_target(route: Route, subpath: str | None, query_string: str) -> str
         if extra:
             query = f"{query}&{extra}" if query else extra
     return f"{url}?{query}" if query else url
-
-
-def clean_subpath(subpath: str) -> str:
-    """Resolve dot segments inside the route and re-encode each segment; refuse what could climb out of it.
-
-    The WSGI server has already percent-decoded the path once, so %2e%2e arrives here as `..` and %2F as `/`.
-    """
-    kept: list[str] = []
-    for segment in subpath.split("/"):
-        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
-            # `..;x` is a dot segment to Tomcat and Jetty (a path parameter after `;`): it would climb out.
-            raise RequestError("the path has a dot segment with parameters", param="path")
-        if segment == "..":
-            if not kept:
-                raise RequestError("the path leaves the route's prefix", param="path")
-            kept.pop()
-        elif segment != ".":
-            decoded = unquote(segment)  # a second decoding, as a careless upstream might do
-            if "\\" in decoded or "/" in decoded or decoded in (".", "..") or not decoded.isprintable():
-                raise RequestError("the path has an encoded slash, dot segment or control character", param="path")
-            kept.append(quote(segment, safe=SEGMENT_SAFE))
-    return "/".join(kept)
 
 
 def encode_query(query_string: str) -> str:
