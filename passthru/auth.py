@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -15,6 +16,8 @@ from passthru.store import LazyStore
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
+BEARER = re.compile(r"bearer\s+", re.IGNORECASE)
+WORDS = re.compile(r"[\s,]+")
 _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name in CREDENTIAL_HEADERS)
 
 
@@ -44,8 +47,9 @@ def digest(key: str) -> bytes:
 
 def _bare(name: str, value: str) -> str | None:
     value = value.strip()
-    if value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
+    bearer = BEARER.match(value)
+    if bearer:
+        return value[bearer.end() :] or None
     if name == "authorization":
         return None  # Basic and other schemes are the upstream's business, not a passthru key
     return value or None
@@ -63,12 +67,19 @@ def read_key(environ: Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 def headers_carrying(environ: Mapping[str, Any], key_digests: tuple[bytes, ...]) -> frozenset[str]:
-    """The credential headers whose value is one of these keys: forward_headers must not relay them."""
+    """The credential headers that carry one of these keys in any form an upstream might accept it in: forward_headers
+    must not relay them.
+
+    Every word of the value is compared, so a key without a scheme (`Authorization: K`), after a Bearer in any case
+    and spacing, or in one of several header lines (which the WSGI server joins with commas) is found.
+    """
     found = set()
     for name, environ_key in _ENVIRON_KEYS:
         value = environ.get(environ_key)
-        key = _bare(name, value) if value is not None else None
-        if key is not None and any(hmac.compare_digest(digest(key), d) for d in key_digests):
+        if value is None:
+            continue
+        words = [digest(word) for word in WORDS.split(value) if word]
+        if any(hmac.compare_digest(word, key) for word in words for key in key_digests):
             found.add(name)
     return frozenset(found)
 

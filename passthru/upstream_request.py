@@ -31,6 +31,10 @@ HOP_BY_HOP = frozenset(
 # was already answered by the WSGI server, and X-Forwarded-* and X-Request-Id are set by passthru.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
                              "x-forwarded-host", "x-request-id"}  # fmt: skip
+# Headers that name the client's address, as some fronts (CDNs, load balancers) set them; an upstream may trust them
+# for rate limits or logs. From a peer that is not a trusted front they are someone's claim, and never relayed.
+CLIENT_ADDRESS = frozenset({"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+                            "fastly-client-ip"})  # fmt: skip
 # Without forward_headers only these caller headers go upstream (environ key, header name).
 DEFAULT_FORWARDED = (
     ("CONTENT_TYPE", "Content-Type"),
@@ -129,8 +133,12 @@ def encode_query(query_string: str) -> str:
 def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[str]) -> CaseInsensitiveDict[str]:
     """The headers sent upstream: the caller's (all, or the default few), then the route's, then X-Forwarded-*."""
     headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    peer = environ.get("REMOTE_ADDR", "")
+    trusted = route.trusted_proxy(peer)  # a trusted front (nginx) speaks for the real client; anyone else does not
     if route.endpoint.forward_headers:
         skip = REQUEST_DROP | route.header_names | drop | connection_tokens(environ.get("HTTP_CONNECTION"))
+        if not trusted:
+            skip = skip | CLIENT_ADDRESS
         for key, value in environ.items():
             if key.startswith("HTTP_"):
                 name = key[5:].replace("_", "-").title()
@@ -149,9 +157,8 @@ def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[s
         headers[name] = value
     if "passthru.request_id" in environ:
         headers["X-Request-Id"] = environ["passthru.request_id"]
-    peer = environ.get("REMOTE_ADDR", "")
     forwarded_for, proto, host = None, None, None
-    if route.trusted_proxy(peer):  # a trusted front (nginx) speaks for the real client; anyone else does not
+    if trusted:
         forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
         proto = environ.get("HTTP_X_FORWARDED_PROTO")
         host = environ.get("HTTP_X_FORWARDED_HOST")
