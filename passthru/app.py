@@ -7,13 +7,13 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from passthru import __version__, health, heap, metrics, routes
+from passthru import __version__, exchange, health, heap, metrics, routes
 from passthru.auth import KeyCheck, virtual_key_check
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
 from passthru.key_api import build_key_api
-from passthru.logs import AccessLog, configure_logging, log
+from passthru.logs import access_line, configure_logging, log
 from passthru.server_config import ACCEPTED_TEXT, load_from_environment
 from passthru.store import LazyStore
 from passthru.upstream_request import proxy_trust
@@ -51,7 +51,9 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
     metrics_blueprint = metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None)
     app.register_blueprint(metrics.labelled(metrics_blueprint))
     register_error_handlers(app)
-    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
+    # What each owner records once an answer is done: metrics, the spend entry, the heap trim, the access line.
+    recorders = (metrics.record, exchange.charge, heap.record, access_line)
+    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
     for warning in () if ACCEPTED_TEXT in os.environ else settings.warnings:
         log.warning(warning)

@@ -6,11 +6,12 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, PassthruError, RateLimited
+from passthru.exchange import Finish
 from passthru.key_records import KeyInfo, KeyStore, Refusal
 from passthru.store import LazyStore
 
@@ -20,9 +21,6 @@ BEARER = re.compile(r"bearer\s+", re.IGNORECASE)
 WORDS = re.compile(r"[\s,]+")
 _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name in CREDENTIAL_HEADERS)
 
-
-# Called once the answer's body is done, with its status and the seconds since the request came in.
-Finish = Callable[[int, float], None]
 # How long a worker trusts what it read of a key: a change of allowed_routes, and the blocking or deleting of a key
 # with no rpm_limit, max_budget or expiry, take at most this long to reach every worker. A key with any of those
 # three is decided by the store (KeyInfo.counted), a few calls at a time for a busy key: they take at most

@@ -20,6 +20,7 @@ from werkzeug.wrappers import Response
 
 from passthru import metrics
 from passthru.errors import PassthruError, RequestError, UpstreamError, UpstreamTimeout
+from passthru.exchange import Exchange
 from passthru.upstream_request import (
     HOP_BY_HOP,
     CallerBody,
@@ -114,14 +115,16 @@ class UpstreamResponse(Response):
     default_mimetype = None
 
 
-def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: frozenset[str]) -> Response:
+def forward(
+    route: Route, subpath: str | None, exchange: Exchange, environ: dict[str, Any], drop: frozenset[str]
+) -> Response:
     """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
     body, length = request_body(environ)
-    environ["passthru.body"] = body
+    exchange.body = body
     path = route.endpoint.path
     method = environ["REQUEST_METHOD"]
     target = upstream_target(route, subpath, environ.get("QUERY_STRING", ""))
-    headers = upstream_headers(route, environ, drop)
+    headers = upstream_headers(route, environ, drop, exchange.request_id)
     if length is not None:
         headers["Content-Length"] = length
     started = time.perf_counter()
@@ -144,7 +147,7 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
         )
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise _upstream_failure(exc, body, route) from exc
-    environ["passthru.upstream_seconds"] = time.perf_counter() - started
+    exchange.upstream_seconds = time.perf_counter() - started
     status = upstream.status
     if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
         log.debug(

@@ -23,8 +23,8 @@ from prometheus_client import REGISTRY as PROCESS_REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from passthru.auth import digest, require_master_key
+from passthru.exchange import Exchange, of
 
-UNMATCHED = "(none)"  # the route label of requests that matched no route
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter("passthru_requests", "Requests answered", ["route", "method", "status"])
@@ -66,18 +66,19 @@ def in_flight(route: str) -> Any:
     return IN_FLIGHT.labels(route)
 
 
-def record(route: str, method: str, status: int, sent: int, received: int, seconds: float,
-           upstream_seconds: float | None) -> None:  # fmt: skip
-    """Count one finished request (called once, when its answer has been sent or cut off)."""
+def record(exchange: Exchange) -> None:
+    """Count one finished exchange (called once, when its answer has been sent or cut off)."""
+    method = exchange.method
     requests, duration, upstream, bytes_out, bytes_in = _series(
-        route, method if method in METHODS else "other", f"{status // 100}xx"
+        exchange.route, method if method in METHODS else "other", f"{exchange.status // 100}xx"
     )
     requests.inc()
-    duration.observe(seconds)
-    if upstream_seconds is not None:
-        upstream.observe(upstream_seconds)
-    if sent:
-        bytes_out.inc(sent)
+    duration.observe(exchange.seconds)
+    if exchange.upstream_seconds is not None:
+        upstream.observe(exchange.upstream_seconds)
+    if exchange.sent:
+        bytes_out.inc(exchange.sent)
+    received = exchange.received
     if received:
         bytes_in.inc(received)
 
@@ -88,7 +89,7 @@ def labelled(blueprint: Blueprint) -> Blueprint:
     @blueprint.before_request
     def label() -> None:
         if request.url_rule is not None:
-            request.environ["passthru.route"] = request.url_rule.rule
+            of(request.environ).route = request.url_rule.rule
 
     return blueprint
 

@@ -24,6 +24,7 @@ from werkzeug.wrappers import Response
 from passthru.auth import KeyCheck, digest, headers_carrying, read_key
 from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, Settings
 from passthru.errors import RequestError
+from passthru.exchange import of
 from passthru.forward import forward
 from passthru.upstream_request import Route, compile_route
 
@@ -230,18 +231,17 @@ def _serve(table: RouteTable, proxy_keys: tuple[bytes, ...], anything: str) -> R
     environ = request.environ
     served, subpath = table.find(resolve_path(raw_path(environ)))
     route = served.route
-    environ["passthru.route"] = route.endpoint.path
+    exchange = of(environ)
+    exchange.route = route.endpoint.path
     if environ["REQUEST_METHOD"] not in served.methods:
         # This route's 405: a method it does not serve never falls through to a broader route's sub-path.
         raise MethodNotAllowed(valid_methods=sorted(served.methods))
     drop: frozenset[str] = frozenset()
     if served.key_check is not None:
         found = read_key(environ)
-        finish = served.key_check(found[0] if found else None, route.endpoint)
-        if finish is not None:
-            environ["passthru.on_finish"] = finish  # logs.AccessLog calls it once the body is done
+        exchange.on_finish = served.key_check(found[0] if found else None, route.endpoint)
         if found:
             proxy_keys = (*proxy_keys, digest(found[0]))
     if route.endpoint.forward_headers and proxy_keys:
         drop = headers_carrying(environ, proxy_keys)
-    return forward(route, subpath, environ, drop)
+    return forward(route, subpath, exchange, environ, drop)

@@ -130,8 +130,11 @@ def encode_query(query_string: str) -> str:
     return quote(query_string.encode("latin-1"), safe=QUERY_SAFE)
 
 
-def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[str]) -> CaseInsensitiveDict[str]:
-    """The headers sent upstream: the caller's (all, or the default few), then the route's, then X-Forwarded-*."""
+def upstream_headers(
+    route: Route, environ: Mapping[str, Any], drop: frozenset[str], request_id: str | None = None
+) -> CaseInsensitiveDict[str]:
+    """The headers sent upstream: the caller's (all, or the default few), then the route's, the request id, then
+    X-Forwarded-*."""
     headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
     peer = environ.get("REMOTE_ADDR", "")
     trusted = route.trusted_proxy(peer)  # a trusted front (nginx) speaks for the real client; anyone else does not
@@ -155,8 +158,8 @@ def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[s
                 headers[name] = value
     for name, value in route.headers:
         headers[name] = value
-    if "passthru.request_id" in environ:
-        headers["X-Request-Id"] = environ["passthru.request_id"]
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     forwarded_for, proto, host = None, None, None
     if trusted:
         forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
