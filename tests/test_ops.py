@@ -76,10 +76,18 @@ def test_request_id_round_trip(serve: Serve, upstream: Upstream) -> None:
 
 
 def test_upstream_request_id_is_kept_under_its_own_name(serve: Serve, upstream: Upstream) -> None:
-    base = serve([{"path": "/s", "target": f"{upstream.url}/status/200"}])
-    response = requests.get(f"{base}/s", headers={"x-request-id": "mine"})
-    assert response.headers["x-request-id"] == "mine"
-    assert "x-upstream-request-id" not in response.headers  # the upstream echoed nothing of its own
+    base = serve([{"path": "/own", "target": f"{upstream.url}/headers?x-request-id=upstream-id-42"},
+                  {"path": "/same", "target": f"{upstream.url}/headers?x-request-id=mine"},
+                  {"path": "/none", "target": f"{upstream.url}/headers"}])  # fmt: skip
+    response = requests.get(f"{base}/own", headers={"x-request-id": "mine"})
+    assert upstream.requests[-1].header("x-request-id") == "mine"
+    assert response.headers["x-request-id"] == response.headers["x-litellm-call-id"] == "mine"
+    assert response.headers["x-upstream-request-id"] == "upstream-id-42"
+    # An upstream that echoes our id, or sends none, has nothing of its own to keep.
+    for path in ("/same", "/none"):
+        response = requests.get(f"{base}{path}", headers={"x-request-id": "mine"})
+        assert response.headers["x-request-id"] == "mine"
+        assert "x-upstream-request-id" not in response.headers, path
 
 
 def test_metrics_single_process(serve: Serve, upstream: Upstream) -> None:

@@ -8,6 +8,9 @@ import hashlib
 import json
 import socket
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -425,11 +428,50 @@ def test_gzip_passes_through_untouched(serve: Serve, upstream: Upstream) -> None
     assert upstream.requests[-1].header("Accept-Encoding") == "gzip"
 
 
+def head_fields(response: bytes) -> list[tuple[str, str]]:
+    """The header fields of a raw answer, in order, repeats kept: (lower-case name, value)."""
+    lines = response.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in lines)]
+
+
+# Connection-specific fields an upstream may send (RFC 9110 §7.6.1), one named only by the upstream's Connection
+# header, and one ordinary field that must still come through.
+HOP_BY_HOP_ANSWER = {
+    "Keep-Alive": "timeout=5, max=100",
+    "Proxy-Authenticate": "Basic realm=upstream",
+    "Proxy-Connection": "keep-alive",
+    "TE": "trailers",
+    "Trailer": "X-Checksum",
+    "Upgrade": "h2c",
+    "Connection": "keep-alive, X-Hop-Named",
+    "X-Hop-Named": "named in Connection",
+    "X-Kept": "end to end",
+}
+
+
 def test_hop_by_hop_response_headers_dropped(serve: Serve, upstream: Upstream) -> None:
-    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
-    response = requests.get(f"{base}/e")
-    assert "Keep-Alive" not in response.headers
-    assert response.headers["Content-Type"] == "application/json"
+    target = f"{upstream.url}/headers?{urlencode(HOP_BY_HOP_ANSWER)}"
+    sent = requests.get(target, timeout=5).headers  # the upstream really sends every one of them
+    assert all(sent.get(name) == value for name, value in HOP_BY_HOP_ANSWER.items()), sent
+    base = serve([{"path": "/h", "target": target}])
+    fields = head_fields(raw_request(base, b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    names = {name for name, _ in fields}
+    assert ("x-kept", "end to end") in fields
+    dropped = {"keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "upgrade", "x-hop-named"}
+    assert names & dropped == set(), fields
+    # The server writes a Connection header of its own; the upstream's is not relayed into it.
+    assert all("x-hop-named" not in value.lower() for name, value in fields if name == "connection"), fields
+
+
+def test_upstream_date_and_server_are_replaced(serve: Serve, upstream: Upstream) -> None:
+    theirs = {"Date": "Thu, 01 Jan 1970 00:00:00 GMT", "Server": "upstream-server/9.9"}
+    base = serve([{"path": "/h", "target": f"{upstream.url}/headers?{urlencode(theirs)}"}])
+    fields = head_fields(raw_request(base, b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    dates = [value for name, value in fields if name == "date"]
+    servers = [value for name, value in fields if name == "server"]
+    assert len(dates) == 1 and len(servers) == 1, fields  # the server's own, once each
+    assert abs((parsedate_to_datetime(dates[0]) - datetime.now(UTC)).total_seconds()) < 60, dates
+    assert servers != [theirs["Server"]], servers
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
