@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import Gunicorn
 from upstream import Upstream, wait_until
@@ -27,7 +31,18 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def scrape(base: str) -> str:
-    return requests.get(f"{base}/metrics").text
+    return requests.get(f"{base}/metrics", timeout=10).text
+
+
+def plant_requests(directory: Path, route: str, count: int) -> None:
+    """Write a metrics file into `directory` as a gunicorn worker would: `count` answered requests on `route`."""
+    code = (
+        "from prometheus_client import Counter\n"
+        "counter = Counter('passthru_requests', '', ['route', 'method', 'status'])\n"
+        f"counter.labels({route!r}, 'GET', '2xx').inc({count})"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=30)
 
 
 def test_metrics_single_process(serve: Serve, upstream: Upstream) -> None:
@@ -118,3 +133,17 @@ def test_built_in_paths_are_counted_under_their_own_path(serve: Serve, upstream:
     assert counted(after, "(none)") == counted(before, "(none)")  # the scrapes are /metrics's own
     assert metric(after, "passthru_requests_total", route="/metrics") > metric(before, "passthru_requests_total",
                                                                                route="/metrics")  # fmt: skip
+
+
+def test_a_scrape_while_a_worker_creates_its_file_is_answered(
+    serve: Serve, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker creates its metrics file, then sizes it: a scrape that finds it empty still answers, from the rest."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    plant_requests(directory, "/planted", 7)
+    (directory / "counter_4242.db").touch()  # created by a worker that has not sized it yet
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    response = requests.get(f"{serve([])}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    assert metric(response.text, "passthru_requests_total", route="/planted") == 7
