@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import Gunicorn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from upstream import Upstream, wait_until
 
 Serve = Callable[..., str]
@@ -86,23 +89,35 @@ def test_metrics_total_across_gunicorn_workers(gunicorn: Callable[..., Gunicorn]
     )
 
 
-def test_upstream_errors_are_counted_by_kind(serve: Serve, upstream: Upstream) -> None:
-    base = serve(
-        [
-            {"path": "/slow", "target": f"{upstream.url}/stall?phase=headers&seconds=3", "timeout": 0.3},
-            {"path": "/reset", "target": f"{upstream.url}/reset?phase=headers"},
-        ]
-    )
-    before = scrape(base)
-    assert requests.get(f"{base}/slow").status_code == 504
-    assert requests.get(f"{base}/reset").status_code == 502
-    after = scrape(base)
-    for route, kind in (("/slow", "timeout"), ("/reset", "reset")):
-        labels = {"route": route, "kind": kind}
-        assert (
-            metric(after, "passthru_upstream_errors_total", **labels)
-            == metric(before, "passthru_upstream_errors_total", **labels) + 1
+KINDS = ("refused", "timeout", "reset", "malformed")
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "status"),
+    [
+        pytest.param("refused", None, 502, id="refused"),  # None: a port bound and never listening
+        pytest.param("timeout", "/stall?phase=headers&seconds=3", 504, id="timeout"),
+        pytest.param("reset", "/reset?phase=headers", 502, id="reset"),
+        pytest.param("malformed", "/headers?X-Evil=a%01b", 502, id="malformed"),  # a header no server can write
+    ],
+)
+def test_upstream_errors_are_counted_by_kind(
+    serve: Serve, upstream: Upstream, kind: str, target: str | None, status: int
+) -> None:
+    route = f"/errors-{kind}"  # one process's registry, shared by the tests: a route of its own
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/x" if target is None else f"{upstream.url}{target}"
+        base = serve([{"path": route, "target": url, "timeout": 0.3}])
+        before = scrape(base)
+        assert requests.get(f"{base}{route}", timeout=10).status_code == status
+        after = scrape(base)
+    for each in KINDS:  # counted once, under its own kind only
+        labels = {"route": route, "kind": each}
+        delta = metric(after, "passthru_upstream_errors_total", **labels) - metric(
+            before, "passthru_upstream_errors_total", **labels
         )
+        assert delta == (1 if each == kind else 0), each
 
 
 def test_metric_labels_stay_bounded(serve: Serve, upstream: Upstream) -> None:
@@ -147,3 +162,68 @@ def test_a_scrape_while_a_worker_creates_its_file_is_answered(
     response = requests.get(f"{serve([])}/metrics", timeout=10)
     assert response.status_code == 200, response.text
     assert metric(response.text, "passthru_requests_total", route="/planted") == 7
+
+
+def test_request_duration_runs_to_the_last_byte(serve: Serve, upstream: Upstream) -> None:
+    """Three events 0.3 s apart: the headers come at once (upstream latency), the answer ends 0.6 s later."""
+    base = serve([{"path": "/timed", "target": f"{upstream.url}/sse?n=3&gap=0.3"}])
+    before = scrape(base)
+    assert requests.get(f"{base}/timed", timeout=10).text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(scrape(base), name, route="/timed", **labels) - metric(before, name, route="/timed", **labels)
+
+    # Recorded when the server closes the answer, just after the client has read it.
+    assert wait_until(lambda: delta("passthru_request_duration_seconds_count") == 1, 5)
+    assert 0.55 <= delta("passthru_request_duration_seconds_sum") < 5
+    assert delta("passthru_request_duration_seconds_bucket", le="0.5") == 0
+    assert delta("passthru_request_duration_seconds_bucket", le="1.0") == 1
+    assert delta("passthru_upstream_latency_seconds_sum") < 0.3  # the headers, not the body
+    assert delta("passthru_upstream_latency_seconds_bucket", le="0.25") == 1
+
+
+def test_response_body_bytes_are_counted_as_sent(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/sized", "target": f"{upstream.url}/bytes", "include_subpath": True}])
+    before = metric(scrape(base), "passthru_response_body_bytes_total", route="/sized")
+    assert len(requests.get(f"{base}/sized?size=12345", timeout=10).content) == 12345
+    assert len(requests.get(f"{base}/sized?size=1000&framing=chunked", timeout=10).content) == 1000
+    requests.head(f"{base}/sized?size=5000", timeout=10)  # no body: nothing sent
+
+    def counted() -> float:
+        return metric(scrape(base), "passthru_response_body_bytes_total", route="/sized") - before
+
+    assert wait_until(lambda: counted() >= 13345, 5)
+    assert counted() == 13345
+
+
+def test_streams_in_flight_while_an_answer_is_relayed(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/stream", "target": f"{upstream.url}/sse?n=5&gap=0.3"}])
+
+    def in_flight() -> float:
+        return metric(scrape(base), "passthru_streams_in_flight", route="/stream")
+
+    assert in_flight() == 0
+    with requests.get(f"{base}/stream", stream=True, timeout=10) as response:
+        events = response.iter_lines()
+        assert next(events) == b"data: 0"
+        assert in_flight() == 1  # headers sent, the body still coming
+        assert [line for line in events if line] == [b"data: 1", b"data: 2", b"data: 3", b"data: 4"]
+    assert wait_until(lambda: in_flight() == 0, 5)
+
+
+def test_counters_of_an_earlier_run_are_emptied_at_start(
+    gunicorn: Callable[..., Gunicorn], upstream: Upstream, tmp_path: Path
+) -> None:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    plant_requests(directory, "/earlier-run", 1000)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    earlier = generate_latest(registry).decode()
+    assert metric(earlier, "passthru_requests_total", route="/earlier-run") == 1000  # it would be summed in
+    server = gunicorn(
+        [{"path": "/e", "target": f"{upstream.url}/echo"}], env={"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    )
+    assert requests.get(f"{server.url}/e", timeout=10).status_code == 200
+    assert wait_until(lambda: metric(scrape(server.url), "passthru_requests_total", route="/e") == 1, 5)
+    assert "/earlier-run" not in scrape(server.url)
