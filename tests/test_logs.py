@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Callable
 
+import pytest
 import requests
 from conftest import Gunicorn
 from upstream import Upstream, wait_until
@@ -26,6 +27,33 @@ def test_request_id_round_trip(serve: Serve, upstream: Upstream) -> None:
     assert upstream.requests[-1].header("x-request-id") == fresh
     # Errors answered by passthru itself carry the id too.
     assert requests.get(f"{base}/nowhere").headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        pytest.param("a" * 128, True, id="128-characters"),
+        pytest.param("a" * 129, False, id="129-characters"),
+        pytest.param("AZaz09._:@/+=-", True, id="every-allowed-character"),
+        pytest.param("a;b", False, id="semicolon"),
+        pytest.param("a,b", False, id="comma"),
+        pytest.param("\u00e9t\u00e9", False, id="non-ascii"),
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_request_id_is_kept_only_when_it_looks_like_one(
+    serve: Serve, upstream: Upstream, sent: str, kept: bool
+) -> None:
+    """Up to 128 of A-Za-z0-9._:@/+=- (the README's bound); anything else is replaced by a new id."""
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
+    response = requests.get(f"{base}/e", headers={"x-request-id": sent}, timeout=10)
+    used = response.headers["x-request-id"]
+    if kept:
+        assert used == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", used), used
+    assert response.headers["x-litellm-call-id"] == used
+    assert upstream.requests[-1].header("x-request-id") == used
 
 
 def test_upstream_request_id_is_kept_under_its_own_name(serve: Serve, upstream: Upstream) -> None:
@@ -64,3 +92,34 @@ def test_json_logs_parse(gunicorn: Callable[..., Gunicorn], upstream: Upstream) 
     access = [e for e in entries if e.get("request_id") == "json-1"]
     assert access and access[-1]["status"] == 200 and access[-1]["path"] == "/e" and access[-1]["method"] == "GET"
     assert any(e["logger"] == "gunicorn.error" for e in entries)
+
+
+ACCESS = re.compile(r"passthru: (\S+) (\S+) (\d+|-) (\d+)B ([\d.]+)ms upstream=([\d.]+ms|-)( incomplete)?$")
+
+
+def test_access_line_gives_total_and_upstream_time(
+    serve: Serve, upstream: Upstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Upstream time runs to the upstream's headers, total time to the answer's last byte."""
+    base = serve([{"path": "/late", "target": f"{upstream.url}/stall?phase=headers&seconds=0.4"},
+                  {"path": "/events", "target": f"{upstream.url}/sse?n=3&gap=0.3"}])  # fmt: skip
+    assert requests.get(f"{base}/late", timeout=10).text == "late"
+    assert requests.get(f"{base}/events", timeout=10).status_code == 200
+    assert requests.get(f"{base}/nowhere", timeout=10).status_code == 404
+    seen = ""
+
+    def lines() -> dict[str, tuple[str, ...]]:
+        nonlocal seen
+        seen += capsys.readouterr().err
+        return {match[2]: match.groups() for match in map(ACCESS.search, seen.splitlines()) if match}
+
+    # Each line is written when the server closes the answer, just after the client has read it.
+    assert wait_until(lambda: {"/late", "/events", "/nowhere"} <= lines().keys(), 5), seen
+    found = lines()
+    method, _, status, size, total, up, incomplete = found["/late"]
+    assert (method, status, size, incomplete) == ("GET", "200", "4", None)
+    assert 400 <= float(up[:-2]) <= float(total) < 3000, found["/late"]
+    _, _, status, size, total, up, incomplete = found["/events"]
+    assert (status, size, incomplete) == ("200", str(len("data: 0\n\n") * 3), None)
+    assert float(up[:-2]) < 300 and 600 <= float(total) < 3000, found["/events"]
+    assert (found["/nowhere"][2], found["/nowhere"][5]) == ("404", "-")  # no upstream was called
