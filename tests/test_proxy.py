@@ -5,18 +5,21 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import hmac
 import json
 import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlencode
 
 import pytest
 import requests
 from upstream import GZIP_TEXT, RERANK_RESPONSE, Upstream, wait_until
 
-from passthru import heap
+from passthru import auth, heap, key_api
 
 SEED_QUERY = {
     "model": "rerank-english-v3.0",
@@ -165,6 +168,45 @@ def test_auth_refuses_missing_or_wrong_keys(auth_base: str, upstream: Upstream, 
     assert error_of(response)["type"] == "auth_error"
     assert "sk-1234" not in response.text
     assert upstream.requests == []
+
+
+def test_keys_are_compared_as_sha256_digests_in_constant_time(
+    serve: Serve, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every check of a caller's key (a route, forward_headers, /metrics, the key API) is hmac.compare_digest on two
+    32-byte sha256 digests, never on the key: neither its length nor how much of it matches shows in the time."""
+    master, wrong = "sk-ct-master-0001", "sk-ct-wrong-00002"
+    compared: list[tuple[object, object]] = []
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    for module in (auth, key_api):
+        monkeypatch.setattr(module, "hmac", SimpleNamespace(compare_digest=recording))
+    base = serve([{"path": "/secure", "target": f"{upstream.url}/echo", "auth": True},
+                  {"path": "/open", "target": f"{upstream.url}/echo", "forward_headers": True}],
+                 master_key=master, metrics_require_auth=True,
+                 database_url=f"sqlite:///{tmp_path / 'keys.db'}")  # fmt: skip
+    calls = [
+        ("POST", "/secure", master, {}, 200),
+        ("POST", "/secure", wrong, {}, 401),
+        ("GET", "/open", master, {}, 200),  # forward_headers: the master key is found, and not relayed
+        ("GET", "/metrics", master, {}, 200),
+        ("GET", "/metrics", wrong, {}, 401),
+        ("POST", "/key/generate", master, {}, 200),
+        ("POST", "/key/generate", wrong, {}, 401),
+        ("POST", "/key/generate", master, {"key": master}, 400),  # a new key may not be the master key
+    ]
+    for method, path, key, body, status in calls:
+        before = len(compared)
+        response = requests.request(method, f"{base}{path}", headers={"x-api-key": key}, json=body, timeout=10)
+        assert response.status_code == status, (path, key, response.text)
+        assert len(compared) > before, f"{method} {path} checked the key without compare_digest"
+    assert upstream.requests[-1].header("x-api-key") is None
+    sides = [side for pair in compared for side in pair]
+    assert all(isinstance(side, bytes) and len(side) == 32 for side in sides), compared
+    assert {hashlib.sha256(key.encode()).digest() for key in (master, wrong)} <= set(sides)
 
 
 # --- request: URL, query, headers, body ----------------------------------------------------------------------
