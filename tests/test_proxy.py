@@ -8,7 +8,9 @@ import hashlib
 import hmac
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -535,6 +537,32 @@ def test_upstream_timeout_is_504(serve: Serve, upstream: Upstream) -> None:
     response = requests.get(f"{base}/slow")
     assert response.status_code == 504
     assert error_of(response)["type"] == "timeout_error"
+
+
+@contextmanager
+def never_answering() -> Iterator[str]:
+    """A loopback address that never answers a connection: a listener with a backlog of 0 that never accepts, its
+    queue filled by one connection. The kernel then drops every new SYN, as a firewalled or vanished host would."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=1):  # the one connection the queue holds
+            with socket.socket() as probe, pytest.raises(TimeoutError):  # the trick holds on this machine
+                probe.settimeout(0.3)
+                probe.connect(address)
+            yield f"http://127.0.0.1:{address[1]}/x"
+
+
+def test_connect_timeout_is_504_at_the_routes_timeout(serve: Serve) -> None:
+    with never_answering() as target:
+        base = serve([{"path": "/unreachable", "target": target, "timeout": 1}])
+        started = time.monotonic()
+        response = requests.get(f"{base}/unreachable", timeout=5)
+        waited = time.monotonic() - started
+    assert response.status_code == 504
+    assert error_of(response)["type"] == "timeout_error"
+    assert 0.9 <= waited < 2, waited  # the route's 1 s, not the client's 5 s nor the kernel's minutes
 
 
 @pytest.mark.parametrize("phase", ["headers"])
