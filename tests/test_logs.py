@@ -16,17 +16,17 @@ Serve = Callable[..., str]
 
 def test_request_id_round_trip(serve: Serve, upstream: Upstream) -> None:
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
-    response = requests.get(f"{base}/e", headers={"x-request-id": "req-abc.123"})
+    response = requests.get(f"{base}/e", headers={"x-request-id": "req-abc.123"}, timeout=10)
     assert response.headers["x-request-id"] == "req-abc.123"
     assert response.headers["x-litellm-call-id"] == "req-abc.123"
     assert upstream.requests[-1].header("x-request-id") == "req-abc.123"
     # An id that does not look like one is replaced, and the new one is used everywhere.
-    response = requests.get(f"{base}/e", headers={"x-request-id": "bad id\twith spaces"})
+    response = requests.get(f"{base}/e", headers={"x-request-id": "bad id\twith spaces"}, timeout=10)
     fresh = response.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", fresh) and response.headers["x-litellm-call-id"] == fresh
     assert upstream.requests[-1].header("x-request-id") == fresh
     # Errors answered by passthru itself carry the id too.
-    assert requests.get(f"{base}/nowhere").headers["x-request-id"]
+    assert requests.get(f"{base}/nowhere", timeout=10).headers["x-request-id"]
 
 
 @pytest.mark.parametrize(
@@ -60,20 +60,20 @@ def test_upstream_request_id_is_kept_under_its_own_name(serve: Serve, upstream: 
     base = serve([{"path": "/own", "target": f"{upstream.url}/headers?x-request-id=upstream-id-42"},
                   {"path": "/same", "target": f"{upstream.url}/headers?x-request-id=mine"},
                   {"path": "/none", "target": f"{upstream.url}/headers"}])  # fmt: skip
-    response = requests.get(f"{base}/own", headers={"x-request-id": "mine"})
+    response = requests.get(f"{base}/own", headers={"x-request-id": "mine"}, timeout=10)
     assert upstream.requests[-1].header("x-request-id") == "mine"
     assert response.headers["x-request-id"] == response.headers["x-litellm-call-id"] == "mine"
     assert response.headers["x-upstream-request-id"] == "upstream-id-42"
     # An upstream that echoes our id, or sends none, has nothing of its own to keep.
     for path in ("/same", "/none"):
-        response = requests.get(f"{base}{path}", headers={"x-request-id": "mine"})
+        response = requests.get(f"{base}{path}", headers={"x-request-id": "mine"}, timeout=10)
         assert response.headers["x-request-id"] == "mine"
         assert "x-upstream-request-id" not in response.headers, path
 
 
 def test_request_id_in_every_log_line_about_the_request(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
     server = gunicorn([{"path": "/r", "target": f"{upstream.url}/reset?phase=headers"}])
-    assert requests.get(f"{server.url}/r", headers={"x-request-id": "trace-77"}).status_code == 502
+    assert requests.get(f"{server.url}/r", headers={"x-request-id": "trace-77"}, timeout=10).status_code == 502
     # The upstream's failure is logged when it happens, the access line when the answer is done.
     assert wait_until(lambda: "GET /r 502" in server.output() and "upstream reset on /r" in server.output(), 5)
     lines = [line for line in server.output().splitlines() if "GET /r 502" in line or "upstream reset on /r" in line]
@@ -83,8 +83,8 @@ def test_request_id_in_every_log_line_about_the_request(gunicorn: Callable[..., 
 
 def test_json_logs_parse(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
     server = gunicorn([{"path": "/e", "target": f"{upstream.url}/echo"}], env={"JSON_LOGS": "true"})
-    requests.get(f"{server.url}/e/x")  # 404
-    response = requests.get(f"{server.url}/e", headers={"x-request-id": "json-1"})
+    requests.get(f"{server.url}/e/x", timeout=10)  # 404
+    response = requests.get(f"{server.url}/e", headers={"x-request-id": "json-1"}, timeout=10)
     assert response.status_code == 200
     assert wait_until(lambda: "json-1" in server.output(), 5)
     lines = [line for line in server.output().splitlines() if line.strip()]

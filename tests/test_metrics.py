@@ -50,9 +50,9 @@ def plant_requests(directory: Path, route: str, count: int) -> None:
 
 def test_metrics_single_process(serve: Serve, upstream: Upstream) -> None:
     base = serve([{"path": "/metered", "target": f"{upstream.url}/echo"}])
-    before = metric(requests.get(f"{base}/metrics").text, "passthru_requests_total", route="/metered")
+    before = metric(requests.get(f"{base}/metrics", timeout=10).text, "passthru_requests_total", route="/metered")
     for _ in range(3):
-        requests.post(f"{base}/metered", data=b"x" * 100)
+        requests.post(f"{base}/metered", data=b"x" * 100, timeout=10)
     labels = {"route": "/metered", "status": "2xx", "method": "POST"}
     assert wait_until(lambda: metric(scrape(base), "passthru_requests_total", **labels) == before + 3, 5)
     text = scrape(base)
@@ -62,14 +62,14 @@ def test_metrics_single_process(serve: Serve, upstream: Upstream) -> None:
 
 def test_metrics_can_require_the_master_key(serve: Serve, upstream: Upstream) -> None:
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}], master_key="sk-m", metrics_require_auth=True)
-    assert requests.get(f"{base}/metrics").status_code == 401
-    assert requests.get(f"{base}/metrics", headers={"Authorization": "Bearer sk-m"}).status_code == 200
+    assert requests.get(f"{base}/metrics", timeout=10).status_code == 401
+    assert requests.get(f"{base}/metrics", headers={"Authorization": "Bearer sk-m"}, timeout=10).status_code == 200
 
 
 def test_metrics_total_across_gunicorn_workers(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
     server = gunicorn([{"path": "/m", "target": f"{upstream.url}/echo"}], workers=3)
     for _ in range(30):  # a new connection each: they spread over the workers
-        assert requests.get(f"{server.url}/m").status_code == 200
+        assert requests.get(f"{server.url}/m", timeout=10).status_code == 200
     assert wait_until(lambda: metric(scrape(server.url), "passthru_requests_total", route="/m") == 30, 5)
 
     def scrapers() -> set[str]:
@@ -82,9 +82,11 @@ def test_metrics_total_across_gunicorn_workers(gunicorn: Callable[..., Gunicorn]
         if n >= 11 and len(scrapers()) >= 2:
             break
     assert wait_until(lambda: len(scrapers()) >= 2, 5)  # the scrapes above were answered by more than one worker
-    requests.get(f"{server.url}/m?x=1")
+    requests.get(f"{server.url}/m?x=1", timeout=10)
     assert wait_until(
-        lambda: metric(requests.get(f"{server.url}/metrics").text, "passthru_requests_total", route="/m") == 31,
+        lambda: (
+            metric(requests.get(f"{server.url}/metrics", timeout=10).text, "passthru_requests_total", route="/m") == 31
+        ),
         5,
     )
 
@@ -123,7 +125,7 @@ def test_upstream_errors_are_counted_by_kind(
 def test_metric_labels_stay_bounded(serve: Serve, upstream: Upstream) -> None:
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
     for method in ("BREW", "WHEN", "PROPFIND"):
-        requests.request(method, f"{base}/nowhere-{method}")
+        requests.request(method, f"{base}/nowhere-{method}", timeout=10)
     # A request is counted when the server closes its answer, just after the caller has read it.
     assert wait_until(lambda: metric(scrape(base), "passthru_requests_total", route="(none)", method="other") >= 3, 5)
     text = scrape(base)
@@ -136,8 +138,8 @@ def test_built_in_paths_are_counted_under_their_own_path(serve: Serve, upstream:
     # One process's registry, shared by every app the tests build: the counts are compared, not read.
     series = {"/health/liveliness": "2xx", "/key/info": "4xx", "(none)": "2xx"}
     before = scrape(base)
-    requests.get(f"{base}/health/liveliness")
-    requests.get(f"{base}/key/info")  # 401 without the master key: still the key API's request
+    requests.get(f"{base}/health/liveliness", timeout=10)
+    requests.get(f"{base}/key/info", timeout=10)  # 401 without the master key: still the key API's request
 
     def counted(text: str, route: str) -> float:
         return metric(text, "passthru_requests_total", route=route, status=series[route], method="GET")

@@ -23,9 +23,9 @@ Serve = Callable[..., str]
 
 def test_health_paths(serve: Serve, upstream: Upstream) -> None:
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo", "headers": {"X": "secret-value-123"}}])
-    assert requests.get(f"{base}/health/liveliness").json() == "I'm alive!"
+    assert requests.get(f"{base}/health/liveliness", timeout=10).json() == "I'm alive!"
     for path in ("/health/readiness", "/health"):
-        body = requests.get(f"{base}{path}").json()
+        body = requests.get(f"{base}{path}", timeout=10).json()
         assert body["status"] == "healthy" and body["routes"] == 1 and body["version"]
         assert upstream.url not in json.dumps(body) and "secret-value-123" not in json.dumps(body)
 
@@ -50,7 +50,7 @@ def test_start_up_warning_is_said_once(gunicorn: Callable[..., Gunicorn], upstre
     route = {"path": "/open", "target": f"{upstream.url}/echo", "headers": {"Authorization": "os.environ/WARN_KEY"}}
     server = gunicorn([route], workers=3)
     assert wait_until(lambda: server.output().count("Booting worker") == 3, 10)
-    assert requests.get(f"{server.url}/open").status_code == 200
+    assert requests.get(f"{server.url}/open", timeout=10).status_code == 200
     assert server.output().count("route /open injects secrets from the environment") == 1
     assert "wk-secret-0042" not in server.output()
 
@@ -58,9 +58,9 @@ def test_start_up_warning_is_said_once(gunicorn: Callable[..., Gunicorn], upstre
 def test_readiness_reports_the_key_store(serve: Serve, upstream: Upstream, tmp_path: Path) -> None:
     entry = {"path": "/e", "target": f"{upstream.url}/echo"}
     ready = serve([entry], master_key="sk-ready-1", database_url=f"sqlite:///{tmp_path / 'keys.db'}")
-    body = requests.get(f"{ready}/health/readiness").json()
+    body = requests.get(f"{ready}/health/readiness", timeout=10).json()
     assert (body["status"], body["db"]) == ("healthy", "connected")
-    assert requests.get(f"{serve([entry])}/health/readiness").json()["db"] == "not configured"
+    assert requests.get(f"{serve([entry])}/health/readiness", timeout=10).json()["db"] == "not configured"
 
 
 def test_readiness_is_503_when_the_key_store_cannot_be_reached(serve: Serve, upstream: Upstream) -> None:
