@@ -6,7 +6,10 @@ sets it in the master and empties it at start); without it (`flask run`, tests) 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -20,11 +23,15 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import REGISTRY as PROCESS_REGISTRY
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from passthru.auth import digest, require_master_key
 from passthru.exchange import Exchange, of
 
+# A metrics file starts with 4 bytes saying how much of it is used, then 4 of padding (prometheus_client's layout).
+_HEADER_BYTES = 8
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter("passthru_requests", "Requests answered", ["route", "method", "status"])
@@ -105,9 +112,29 @@ def build_blueprint(master_key: str | None) -> Blueprint:
             require_master_key(request.environ, expected)
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(_AllWorkers(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         else:
             registry = PROCESS_REGISTRY
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint
+
+
+class _AllWorkers(Collector):
+    """prometheus_client's multiprocess collector, minus the files a worker is still creating.
+
+    A worker creates its file, then sizes it (prometheus_client's MmapedDict): a scrape in between would read an
+    empty file and fail the whole /metrics answer with a 500. Such a file holds no sample yet; the next scrape
+    reads it.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self.directory, "*.db")):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's live gauge, removed meanwhile
+                if os.path.getsize(path) >= _HEADER_BYTES:
+                    files.append(path)
+        return MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
