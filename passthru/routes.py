@@ -33,6 +33,9 @@ SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segmen
 # would split it into two, and a control character has no place in a path (a CR or LF could forge a log line).
 FORBIDDEN = re.compile(r"[/\\\x00-\x1f\x7f]")
 DOTS = (".", "..")
+# A path with nothing to resolve or re-encode: plain segments (none a dot segment, none empty), no escapes, no `;`.
+# Most requests are such; they skip resolve_path's segment by segment work.
+PLAIN_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9!$&'()*+,=:@._~-]+)*/?")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,14 @@ def resolve_path(raw: str) -> ResolvedPath:
     that a second decoding would turn into one of those or into a dot segment; a dot segment with `;parameters`,
     which Tomcat and Jetty read as a dot segment.
     """
+    if PLAIN_PATH.fullmatch(raw):
+        segments = tuple(raw.strip("/").split("/")) if len(raw) > 1 else ()
+        return ResolvedPath(segments, segments, len(raw) > 1 and raw.endswith("/"))
+    return resolve_path_slowly(raw)
+
+
+def resolve_path_slowly(raw: str) -> ResolvedPath:
+    """resolve_path without its shortcut for plain paths, segment by segment (what the shortcut must agree with)."""
     decoded: list[str] = []
     encoded: list[str] = []
     parts = raw.split("/")

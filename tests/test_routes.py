@@ -3,6 +3,7 @@ auth, methods, allowed_routes and cost — never a broader route's policy for a 
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from conftest import Gunicorn, start_gunicorn, write_config
 from upstream import Upstream, start_upstream, wait_until
 
 from passthru.errors import RequestError
-from passthru.routes import ResolvedPath, raw_path, resolve_path
+from passthru.routes import PLAIN_PATH, ResolvedPath, raw_path, resolve_path, resolve_path_slowly
 
 MASTER = "sk-master-routes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -222,3 +223,24 @@ def test_passthrus_own_paths_are_not_reached_through_dot_segments(rig: Rig) -> N
     """werkzeug matches them on the raw path; a spelling with dot segments is the route table's, which has none."""
     assert send(rig, "POST", "/key/generate", MASTER)[0] == 200  # the real path answers
     assert send(rig, "POST", "/api/../key/generate", MASTER)[0] == 404
+
+
+def test_the_plain_path_shortcut_agrees_with_the_full_resolution() -> None:
+    """resolve_path skips the segment-by-segment work for plain paths: on any path, it must not change the answer."""
+    pieces = ["a", "B", "v1", ".", "..", "...", ".x", "x.", "%2e", "%2E", "%41", "%2f", ";p", "a;b", ":", "~", "-", ""]
+    rng = random.Random(13)
+    plain = 0
+    for _ in range(5000):
+        raw = "/" + "/".join(rng.choice(pieces) for _ in range(rng.randint(0, 5)))
+        if PLAIN_PATH.fullmatch(raw):
+            plain += 1
+        try:
+            expected: ResolvedPath | str = resolve_path_slowly(raw)
+        except RequestError:
+            expected = "refused"
+        try:
+            got: ResolvedPath | str = resolve_path(raw)
+        except RequestError:
+            got = "refused"
+        assert got == expected, raw
+    assert plain > 500  # the shortcut was taken often enough to be tested
