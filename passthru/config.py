@@ -26,7 +26,7 @@ from passthru.errors import ConfigError
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
 # RFC 9110 token characters: a header name that is anything else cannot be sent.
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # fullmatch it
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
 # What a path segment may not hold once decoded (routes.py refuses it in requests, so no request could match).
@@ -261,7 +261,7 @@ def _headers(reader: FieldReader, entry: dict[str, Any], where: str) -> tuple[tu
     pairs = reader.mapping(entry, "headers", where, secret=True)
     seen: set[str] = set()
     for name, _ in pairs:
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             raise reader.error(f"{where}.headers.{name}", "is not a valid HTTP header name")
         if name.lower() in seen:
             raise reader.error(f"{where}.headers.{name}", "is given twice (header names ignore case)")

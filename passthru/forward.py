@@ -19,6 +19,7 @@ from requests.adapters import HTTPAdapter
 from werkzeug.wrappers import Response
 
 from passthru import metrics
+from passthru.config import HEADER_NAME
 from passthru.errors import PassthruError, RequestError, UpstreamError, UpstreamTimeout
 from passthru.exchange import Exchange
 from passthru.upstream_request import (
@@ -38,8 +39,8 @@ RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 # The most one read of the upstream's answer returns (less when less has arrived: an SSE event goes out alone).
 # Big pieces matter for big bodies: each piece costs the same Python overhead, whatever its size (bench/).
 CHUNK_SIZE = 1024 * 1024
-# What a WSGI server writes as a header: a token name, and a value of visible characters, spaces and tabs.
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# What a WSGI server writes as a header: a token name (config.HEADER_NAME), and a value of visible characters,
+# spaces and tabs.
 HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # Uploads are read from the caller in pieces this big (urllib3's default is 16 KiB, and gunicorn's reader copies
 # its read-ahead buffer on every read: small pieces cost far more CPU than the bytes themselves, bench/).

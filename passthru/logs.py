@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -23,11 +22,6 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthr
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
 KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{6,}")
-
-
-def json_logs() -> bool:
-    """JSON_LOGS=true (set by `--json_logs`, as in LiteLLM) switches every log line to one JSON object."""
-    return os.environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes")
 
 
 class Redact(logging.Filter):
@@ -107,12 +101,7 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def formatter() -> logging.Formatter:
-    """The formatter for every passthru log line: text by default, JSON with JSON_LOGS=true."""
-    return JsonFormatter() if json_logs() else TextFormatter(TEXT_FORMAT)
-
-
-def configure_logging(secrets: Iterable[str], debug: bool) -> None:
+def configure_logging(secrets: Iterable[str], debug: bool, json_lines: bool) -> None:
     """Send passthru's log to stderr through the redaction filter; mask gunicorn's own lines too."""
     redact = Redact(secrets)
     for handler in list(log.handlers):  # a second app in one process (tests, reload) replaces the first's handler
@@ -120,7 +109,7 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
             log.removeHandler(handler)
     handler = _Stderr()
     handler.passthru = True  # type: ignore[attr-defined]
-    handler.setFormatter(formatter())
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     handler.addFilter(redact)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from passthru.auth import digest, require_master_key
+from passthru.config import ALL_METHODS
 from passthru.exchange import Exchange, of
 
 # A metrics file starts with 4 bytes saying how much of it is used, then 4 of padding (prometheus_client's layout).
@@ -52,7 +53,7 @@ UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["rou
 
 # Label values come from callers too (any method name on any path): anything else is counted as "other", so a
 # caller cannot grow the number of series without bound.
-METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+METHODS = frozenset(ALL_METHODS)
 
 
 @lru_cache(maxsize=1024)
@@ -101,20 +102,20 @@ def labelled(blueprint: Blueprint) -> Blueprint:
     return blueprint
 
 
-def build_blueprint(master_key: str | None) -> Blueprint:
-    """GET /metrics in Prometheus text format; behind the master key when one is given."""
+def build_blueprint(master_key: str | None, metrics_dir: str | None) -> Blueprint:
+    """GET /metrics in Prometheus text format, summed over every worker's files in `metrics_dir` (gunicorn), else
+    this process's own; behind the master key when one is given."""
     blueprint = Blueprint("metrics", __name__)
     expected = digest(master_key) if master_key else None
+    registry = PROCESS_REGISTRY
+    if metrics_dir is not None:
+        registry = CollectorRegistry()
+        registry.register(_AllWorkers(metrics_dir))  # reads the folder's files at each scrape
 
     @blueprint.get("/metrics")
     def metrics() -> Response:
         if expected is not None:
             require_master_key(request.environ, expected)
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            registry = CollectorRegistry()
-            registry.register(_AllWorkers(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
-        else:
-            registry = PROCESS_REGISTRY
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint

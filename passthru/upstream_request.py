@@ -9,8 +9,6 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from ipaddress import ip_address, ip_network
 from typing import IO, Any
 from urllib.parse import quote, unquote_plus, urlencode, urlsplit
 
@@ -20,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from passthru.config import Endpoint
-from passthru.errors import ConfigError, RequestError
+from passthru.errors import RequestError
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the pre-standard Proxy-Connection and Keep-Alive.
 HOP_BY_HOP = frozenset(
@@ -82,27 +80,6 @@ def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: 
         timeout=urllib3.Timeout(connect=endpoint.timeout, read=endpoint.timeout),
         trusted_proxy=trusted_proxy,
     )
-
-
-def proxy_trust(spec: str) -> Callable[[str], bool]:
-    """Parse FORWARDED_ALLOW_IPS (gunicorn's setting, same meaning): addresses or networks, or * for any."""
-    parts = [part.strip() for part in spec.split(",") if part.strip()]
-    if "*" in parts:
-        return lambda address: True
-    try:
-        networks = tuple(ip_network(part, strict=False) for part in parts)
-    except ValueError as exc:
-        raise ConfigError(f"FORWARDED_ALLOW_IPS: {spec!r} is not a list of IP addresses or networks") from exc
-
-    @lru_cache(maxsize=1024)
-    def trusted(address: str) -> bool:
-        try:
-            peer = ip_address(address)
-        except ValueError:
-            return False
-        return any(peer in network for network in networks)
-
-    return trusted
 
 
 def upstream_target(route: Route, subpath: str | None, query_string: str) -> str:

@@ -23,11 +23,11 @@ from passthru.config import parse_settings
 from passthru.errors import ConfigError, RequestError
 from passthru.forward import new_session
 from passthru.logs import Redact, TextFormatter
+from passthru.server_config import proxy_trust, read_server_settings
 from passthru.upstream_request import (
     CallerBody,
     compile_route,
     encode_query,
-    proxy_trust,
     request_body,
     upstream_headers,
     upstream_target,
@@ -355,3 +355,16 @@ def test_threads_share_the_limited_arenas() -> None:
         counts[mode] = done.stderr.count("Arena ")
     assert counts["limit"] == heap.ARENAS
     assert counts["default"] > heap.ARENAS  # the probe can tell: without the limit, more threads, more arenas
+
+
+def test_server_settings_are_read_from_the_environment_once() -> None:
+    server = read_server_settings(
+        {"FORWARDED_ALLOW_IPS": "10.0.0.0/8", "JSON_LOGS": "True", "PROMETHEUS_MULTIPROC_DIR": "/tmp/m"}
+    )
+    assert server.trusted_proxy("10.1.2.3") and not server.trusted_proxy("127.0.0.1")
+    assert server.json_logs and server.metrics_dir == "/tmp/m" and not server.config_accepted
+    default = read_server_settings({})
+    assert default.trusted_proxy("127.0.0.1") and default.trusted_proxy("::1") and not default.trusted_proxy("10.1.2.3")
+    assert not default.json_logs and default.metrics_dir is None
+    with pytest.raises(ConfigError, match="FORWARDED_ALLOW_IPS"):
+        read_server_settings({"FORWARDED_ALLOW_IPS": "localhost"})
