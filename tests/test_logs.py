@@ -1,15 +1,19 @@
-"""Request ids and log lines: the id's round trip, the access line, JSON logs."""
+"""Request ids and log lines: the id's round trip, the access line, JSON logs, and the redaction of secrets."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 from collections.abc import Callable
 
 import pytest
 import requests
 from conftest import Gunicorn
 from upstream import Upstream, wait_until
+
+from passthru.logs import Redact, TextFormatter
 
 Serve = Callable[..., str]
 
@@ -123,3 +127,37 @@ def test_access_line_gives_total_and_upstream_time(
     assert (status, size, incomplete) == ("200", str(len("data: 0\n\n") * 3), None)
     assert float(up[:-2]) < 300 and 600 <= float(total) < 3000, found["/events"]
     assert (found["/nowhere"][2], found["/nowhere"][5]) == ("404", "-")  # no upstream was called
+
+
+def test_redact_masks_message_args_and_traceback() -> None:
+    redact = Redact(["s3cr3t", "s3cr3t-longer"])
+    try:
+        raise ValueError("boom s3cr3t")
+    except ValueError:
+        record = logging.LogRecord("passthru", logging.ERROR, __file__, 1, "key=%s", ("s3cr3t-longer",), True)
+        record.exc_info = sys.exc_info()
+    redact.filter(record)
+    assert record.getMessage() == "key=***"
+    assert "s3cr3t" not in (record.exc_text or "") and "boom ***" in (record.exc_text or "")
+
+
+def test_log_time_made_once_a_second_reads_as_loggings_own() -> None:
+    ours, theirs = TextFormatter("%(asctime)s"), logging.Formatter("%(asctime)s")
+    for created in (1_700_000_000.25, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_061.5, 1_700_000_000.5):
+        record = logging.LogRecord("passthru", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        assert ours.formatTime(record) == theirs.formatTime(record)
+        assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("GET /key/info?key=sk-AbC_123-xyz HTTP/1.1", "GET /key/info?key=sk-*** HTTP/1.1", id="query"),
+        pytest.param("key sk-abcdef and sk-ghijkl", "key sk-*** and sk-***", id="two"),
+        pytest.param("POST /task-list /ask-questions-now", "POST /task-list /ask-questions-now", id="words"),
+        pytest.param("key_name sk-...abcd", "key_name sk-...abcd", id="key-name"),
+    ],
+)
+def test_redact_masks_anything_shaped_like_a_virtual_key(text: str, expected: str) -> None:
+    assert Redact([]).mask(text) == expected
