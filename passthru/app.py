@@ -7,22 +7,27 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from passthru import __version__, health, heap, metrics, routes
+from passthru import __version__, exchange, health, heap, metrics, routes
 from passthru.auth import KeyCheck, virtual_key_check
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
 from passthru.key_api import build_key_api
-from passthru.logs import AccessLog, configure_logging, log
-from passthru.server_config import ACCEPTED_TEXT, load_from_environment
+from passthru.logs import access_line, configure_logging, log
+from passthru.server_config import ServerSettings, load_from_environment, read_server_settings
 from passthru.store import LazyStore
-from passthru.upstream_request import proxy_trust
 
 
-def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detailed_debug: bool = False) -> Flask:
+def create_app(
+    config: str | os.PathLike[str] | Settings | None = None,
+    *,
+    detailed_debug: bool = False,
+    server: ServerSettings | None = None,
+) -> Flask:
     """Build the app from a config file, validated Settings, or by default the environment's config.
 
-    The default is $PASSTHRU_CONFIG_YAML (the YAML itself), else the file $PASSTHRU_CONFIG, else config.yaml.
+    The default is $PASSTHRU_CONFIG_YAML (the YAML itself), else the file $PASSTHRU_CONFIG, else config.yaml. The
+    server's own settings (trusted fronts, log format, metrics folder) are read from the environment unless given.
 
     Call it in the process that serves (after gunicorn forks): it creates this process's upstream connection pool.
     The key store (when master_key is set) is opened by the first call that needs it (see store.py), and migrated
@@ -32,7 +37,8 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
         settings = config
     else:
         settings = load_settings(config) if config else load_from_environment(os.environ)
-    configure_logging(settings.secrets, detailed_debug)
+    server = read_server_settings() if server is None else server
+    configure_logging(settings.secrets, detailed_debug, server.json_logs)
     heap.limit_arenas()
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
@@ -44,15 +50,18 @@ def create_app(config: str | os.PathLike[str] | Settings | None = None, *, detai
         key_check = virtual_key_check(settings.master_key, store)
         app.register_blueprint(metrics.labelled(build_key_api(store, settings.master_key)))
         log.debug("key store: %s, opened on first use", settings.database_shown)
-    # The same variable and default as gunicorn's forwarded_allow_ips: one list of trusted fronts for both.
-    trusted_proxy = proxy_trust(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
-    app.register_blueprint(routes.build_blueprint(settings, new_session(len(hosts)), key_check, trusted_proxy))
+    session = new_session(len(hosts))
+    app.register_blueprint(routes.build_blueprint(settings, session, key_check, server.trusted_proxy))
     app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store)))
-    metrics_blueprint = metrics.build_blueprint(settings.master_key if settings.metrics_require_auth else None)
+    metrics_blueprint = metrics.build_blueprint(
+        settings.master_key if settings.metrics_require_auth else None, server.metrics_dir
+    )
     app.register_blueprint(metrics.labelled(metrics_blueprint))
     register_error_handlers(app)
-    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
+    # What each owner records once an answer is done: metrics, the spend entry, the heap trim, the access line.
+    recorders = (metrics.record, exchange.charge, heap.record, access_line)
+    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
-    for warning in () if ACCEPTED_TEXT in os.environ else settings.warnings:
+    for warning in () if server.config_accepted else settings.warnings:
         log.warning(warning)
     return app

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
+from passthru.exchange import Finish
 from passthru.key_records import KeyInfo, KeyStore, Refusal
 from passthru.store import LazyStore
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
+BEARER = re.compile(r"bearer\s+", re.IGNORECASE)
+WORDS = re.compile(r"[\s,]+")
 _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name in CREDENTIAL_HEADERS)
 
-
-# Called once the answer's body is done, with its status and the seconds since the request came in.
-Finish = Callable[[int, float], None]
 # How long a worker trusts what it read of a key: a change of allowed_routes, and the blocking or deleting of a key
 # with no rpm_limit, max_budget or expiry, take at most this long to reach every worker. A key with any of those
 # three is decided by the store (KeyInfo.counted), a few calls at a time for a busy key: they take at most
@@ -46,8 +47,9 @@ def digest(key: str) -> bytes:
 
 def _bare(name: str, value: str) -> str | None:
     value = value.strip()
-    if value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
+    bearer = BEARER.match(value)
+    if bearer:
+        return value[bearer.end() :] or None
     if name == "authorization":
         return None  # Basic and other schemes are the upstream's business, not a passthru key
     return value or None
@@ -65,12 +67,19 @@ def read_key(environ: Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 def headers_carrying(environ: Mapping[str, Any], key_digests: tuple[bytes, ...]) -> frozenset[str]:
-    """The credential headers whose value is one of these keys: forward_headers must not relay them."""
+    """The credential headers that carry one of these keys in any form an upstream might accept it in: forward_headers
+    must not relay them.
+
+    Every word of the value is compared, so a key without a scheme (`Authorization: K`), after a Bearer in any case
+    and spacing, or in one of several header lines (which the WSGI server joins with commas) is found.
+    """
     found = set()
     for name, environ_key in _ENVIRON_KEYS:
         value = environ.get(environ_key)
-        key = _bare(name, value) if value is not None else None
-        if key is not None and any(hmac.compare_digest(digest(key), d) for d in key_digests):
+        if value is None:
+            continue
+        words = [digest(word) for word in WORDS.split(value) if word]
+        if any(hmac.compare_digest(word, key) for word in words for key in key_digests):
             found.add(name)
     return frozenset(found)
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -26,9 +26,11 @@ from passthru.errors import ConfigError
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
 # RFC 9110 token characters: a header name that is anything else cannot be sent.
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # fullmatch it
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
+# What a path segment may not hold once decoded (routes.py refuses it in requests, so no request could match).
+ESCAPED_SEPARATOR = re.compile(r"[/\\\x00-\x1f\x7f]")
 LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
@@ -144,10 +146,12 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         clash = next((path for path in built_in if _serves(ep, path)), None)
         if clash:
             raise reader.error(f"{_where(ep.index, ep.path)}.path", f"clashes with passthru's built-in route {clash}")
-        if ep.path in seen:
+        # Paths that one request could name in two spellings (letter case, escapes, ;parameters) are one path.
+        same = "/".join(unquote(segment).split(";", 1)[0].casefold() for segment in ep.path.split("/"))
+        if same in seen:
             where = _where(ep.index, ep.path)
-            raise reader.error(f"{where}.path", f"duplicates the path of entry [{seen[ep.path]}]")
-        seen[ep.path] = ep.index
+            raise reader.error(f"{where}.path", f"duplicates the path of entry [{seen[same]}]")
+        seen[same] = ep.index
         if ep.auth and master_key is None:
             raise reader.error(
                 f"{_where(ep.index, ep.path)}.auth", "is true but general_settings.master_key is not set"
@@ -228,8 +232,10 @@ def _route_path(reader: FieldReader, value: Any, field: str) -> str:
         raise reader.error(field, "must start with /")
     if "//" in value or not ROUTE_PATH.match(value):
         raise reader.error(field, "must be a plain URL path: letters, digits and -._~!$&'()*+,;=:@% between slashes")
-    if any(segment in (".", "..") for segment in value.split("/")):
+    if any(unquote(segment) in (".", "..") for segment in value.split("/")):
         raise reader.error(field, "must not contain . or .. segments")
+    if any(ESCAPED_SEPARATOR.search(unquote(segment)) for segment in value.split("/")):
+        raise reader.error(field, "must not hide a slash, backslash or control character in an escape")
     return value.rstrip("/") or "/"
 
 
@@ -255,7 +261,7 @@ def _headers(reader: FieldReader, entry: dict[str, Any], where: str) -> tuple[tu
     pairs = reader.mapping(entry, "headers", where, secret=True)
     seen: set[str] = set()
     for name, _ in pairs:
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             raise reader.error(f"{where}.headers.{name}", "is not a valid HTTP header name")
         if name.lower() in seen:
             raise reader.error(f"{where}.headers.{name}", "is given twice (header names ignore case)")

@@ -35,6 +35,10 @@ DATABASE_URL = re.compile(
     """,
     re.X,
 )
+# A password in the query: the parameter's name in any letter case, each letter maybe escaped (pass%77ord).
+QUERY_PASSWORD = re.compile(
+    "[?&]" + "".join(f"(?:{c}|%{ord(c):02x}|%{ord(c.upper()):02x})" for c in "password") + "=([^&#]*)", re.I
+)
 
 
 def read_database_url(reader: FieldReader, value: Any, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -52,14 +56,32 @@ def read_database_url(reader: FieldReader, value: Any, environ: Mapping[str, str
     port = url.group("port") if url else None
     if url is None or (port is not None and not re.fullmatch("[0-9]+", port)):
         raise reader.error(field, "is not a database URL such as postgresql://user:pass@host/db")
-    password = url.group("password")
-    if password:
-        reader.secrets.add(unquote(password))
+    for start, end in password_spans(text):
+        if end > start:
+            reader.secrets.update((text[start:end], unquote(text[start:end])))
     scheme = _scheme(reader, field, url.group("name"), url.group("database"))
-    start, end = url.span("password")  # (-1, -1) without one; shown as *** like SQLAlchemy's hide_password
-    shown = text if start < 0 else text[:start] + "***" + text[end:]
+    shown = masked(text)
     # Only the scheme changes; the rest stays as written, for SQLAlchemy to read where the store is opened.
     return scheme + text[url.end("name") :], scheme + shown[url.end("name") :]
+
+
+def password_spans(text: str) -> list[tuple[int, int]]:
+    """Where a database URL holds a password: `user:PASSWORD@`, and `?password=PASSWORD` (libpq's keyword, which
+    psycopg and SQLAlchemy read in any letter case) in its query."""
+    url = DATABASE_URL.match(text)
+    if url is None:
+        return []
+    spans = [url.span("password")] if url.group("password") is not None else []
+    if url.group("query"):
+        spans += [match.span(1) for match in QUERY_PASSWORD.finditer(text, url.start("query") - 1)]
+    return spans
+
+
+def masked(text: str) -> str:
+    """The URL with each password replaced by ***, for every output: logs, errors, `passthru check`, the CLI."""
+    for start, end in sorted(password_spans(text), reverse=True):
+        text = text[:start] + "***" + text[end:]
+    return text
 
 
 def _scheme(reader: FieldReader, field: str, name: str, database: str | None) -> str:

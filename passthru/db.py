@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from passthru.database_url import masked
 from passthru.errors import KeyStoreError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def open_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         # Resolved once, here: a relative file is the working directory's at start-up, whatever happens later.
         parsed = parsed.set(database=os.path.abspath(parsed.database or ""))
+        _create_private(parsed.database or "")
         engine = sa.create_engine(parsed, **SQLITE_POOL)
         sa.event.listen(engine, "connect", _sqlite_connect)
         sa.event.listen(engine, "begin", _sqlite_begin)
@@ -65,6 +67,20 @@ def open_engine(url: str) -> Engine:
     sa.event.listen(engine, "connect", _postgres_connect)
     sa.event.listen(engine, "begin", _postgres_begin)
     return engine
+
+
+def _create_private(path: str) -> None:
+    """Create the store's file readable by its owner only, whatever the umask: it holds the keys' hashes and spend.
+
+    SQLite gives the -wal and -shm files it makes later the database file's own permissions. An existing file is
+    left as the operator set it; a file that cannot be made here is left to SQLite, which reports why.
+    """
+    with suppress(OSError):
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # os.open's mode passes through the umask, which may take the owner's write bit
+        finally:
+            os.close(fd)
 
 
 def pool_slots(engine: Engine) -> int:
@@ -217,8 +233,8 @@ def upgrade(engine: Engine) -> str:
                 connection.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCK)))
             command.upgrade(alembic_config(connection), "head")
     except SQLAlchemyError as exc:
-        shown = engine.url.render_as_string(hide_password=True)
-        raise KeyStoreError(f"cannot open the key store at {shown}: {describe(exc)}") from exc
+        # Not render_as_string(hide_password=True): it leaves a ?password= in the query as it is.
+        raise KeyStoreError(f"cannot open the key store at {masked(url)}: {describe(exc)}") from exc
     _migrated.add(url)
     return head_revision()
 

@@ -19,7 +19,9 @@ from requests.adapters import HTTPAdapter
 from werkzeug.wrappers import Response
 
 from passthru import metrics
+from passthru.config import HEADER_NAME
 from passthru.errors import PassthruError, RequestError, UpstreamError, UpstreamTimeout
+from passthru.exchange import Exchange
 from passthru.upstream_request import (
     HOP_BY_HOP,
     CallerBody,
@@ -37,8 +39,8 @@ RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 # The most one read of the upstream's answer returns (less when less has arrived: an SSE event goes out alone).
 # Big pieces matter for big bodies: each piece costs the same Python overhead, whatever its size (bench/).
 CHUNK_SIZE = 1024 * 1024
-# What a WSGI server writes as a header: a token name, and a value of visible characters, spaces and tabs.
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# What a WSGI server writes as a header: a token name (config.HEADER_NAME), and a value of visible characters,
+# spaces and tabs.
 HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # Uploads are read from the caller in pieces this big (urllib3's default is 16 KiB, and gunicorn's reader copies
 # its read-ahead buffer on every read: small pieces cost far more CPU than the bytes themselves, bench/).
@@ -114,14 +116,16 @@ class UpstreamResponse(Response):
     default_mimetype = None
 
 
-def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: frozenset[str]) -> Response:
+def forward(
+    route: Route, subpath: str | None, exchange: Exchange, environ: dict[str, Any], drop: frozenset[str]
+) -> Response:
     """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
     body, length = request_body(environ)
-    environ["passthru.body"] = body
+    exchange.body = body
     path = route.endpoint.path
     method = environ["REQUEST_METHOD"]
     target = upstream_target(route, subpath, environ.get("QUERY_STRING", ""))
-    headers = upstream_headers(route, environ, drop)
+    headers = upstream_headers(route, environ, drop, exchange.request_id)
     if length is not None:
         headers["Content-Length"] = length
     started = time.perf_counter()
@@ -144,7 +148,7 @@ def forward(route: Route, subpath: str | None, environ: dict[str, Any], drop: fr
         )
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise _upstream_failure(exc, body, route) from exc
-    environ["passthru.upstream_seconds"] = time.perf_counter() - started
+    exchange.upstream_seconds = time.perf_counter() - started
     status = upstream.status
     if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
         log.debug(

@@ -12,6 +12,10 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from passthru.exchange import Exchange
 
 # Bytes relayed by this process (answers and uploads together) between two trims: ~2 ms of trimming per GiB,
 # which interleaved runs could not tell from noise (64 MiB plateaued lower, 85 MB, but cost downloads a few %).
@@ -42,6 +46,11 @@ _glibc = _load_glibc()
 _trim: Callable[[int], int] | None = None if _glibc is None else _glibc.malloc_trim
 _lock = threading.Lock()
 _since_trim = 0
+
+
+def record(exchange: Exchange) -> None:
+    """The heap's part of a finished exchange: its bytes both ways count towards the next trim."""
+    relayed(exchange.sent + exchange.received)
 
 
 def relayed(size: int) -> None:

@@ -17,6 +17,7 @@ from passthru.errors import ConfigError, PassthruError
 from passthru.key_records import KeyStore
 from passthru.keys import open_store
 from passthru.logs import configure_logging
+from passthru.server_config import read_server_settings
 
 
 def keys_main(argv: list[str]) -> int:
@@ -80,7 +81,9 @@ def _store_settings(path: str) -> Settings:
     settings = load_settings(path)
     if settings.database_url is None:
         raise ConfigError(f"{settings.source}: virtual keys need general_settings.master_key (there is no key store)")
-    configure_logging(settings.secrets, False)  # the store's warnings go through the same redaction as the server's
+    configure_logging(
+        settings.secrets, False, read_server_settings().json_logs
+    )  # the store's warnings go through the same redaction as the server's
     return settings
 
 

@@ -1,39 +1,27 @@
-"""Request ids, the access line, log formats, and redaction: the one place a secret could leak, so one that masks."""
+"""The access line, log formats, and redaction: the one place a secret could leak, so one that masks."""
 
 from __future__ import annotations
 
 import contextvars
 import json
 import logging
-import os
-import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from passthru import heap, metrics
+if TYPE_CHECKING:
+    from passthru.exchange import Exchange
 
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
 ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s"
-# A caller's x-request-id is kept when it looks like an id; anything else (long, spaces, control) is replaced.
-SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
 KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{6,}")
-
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-
-def json_logs() -> bool:
-    """JSON_LOGS=true (set by `--json_logs`, as in LiteLLM) switches every log line to one JSON object."""
-    return os.environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes")
 
 
 class Redact(logging.Filter):
@@ -113,12 +101,7 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def formatter() -> logging.Formatter:
-    """The formatter for every passthru log line: text by default, JSON with JSON_LOGS=true."""
-    return JsonFormatter() if json_logs() else TextFormatter(TEXT_FORMAT)
-
-
-def configure_logging(secrets: Iterable[str], debug: bool) -> None:
+def configure_logging(secrets: Iterable[str], debug: bool, json_lines: bool) -> None:
     """Send passthru's log to stderr through the redaction filter; mask gunicorn's own lines too."""
     redact = Redact(secrets)
     for handler in list(log.handlers):  # a second app in one process (tests, reload) replaces the first's handler
@@ -126,7 +109,7 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
             log.removeHandler(handler)
     handler = _Stderr()
     handler.passthru = True  # type: ignore[attr-defined]
-    handler.setFormatter(formatter())
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     handler.addFilter(redact)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -141,96 +124,27 @@ def configure_logging(secrets: Iterable[str], debug: bool) -> None:
         target.addFilter(redact)
 
 
-class AccessLog:
-    """WSGI middleware: gives each request its id, then logs and counts it once its answer is done."""
-
-    def __init__(self, app: WSGIApp) -> None:
-        self.app = app
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        started = time.perf_counter()
-        request_id = environ.get("HTTP_X_REQUEST_ID", "")
-        if not SANE_REQUEST_ID.match(request_id):
-            # Not uuid4: os.urandom lets go of the GIL, a wait behind every busy thread (random is reseeded per fork).
-            request_id = f"{random.getrandbits(128):032x}"
-        environ["passthru.request_id"] = request_id
-        REQUEST_ID.set(request_id)
-        status: list[str] = []
-
-        def start(code: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            status.append(code)
-            ours = [(name, request_id) for name in REQUEST_ID_HEADERS]
-            for name, value in headers:
-                # The upstream's own id (an API provider's, for its support desk) stays available under a new name.
-                if name.lower() == "x-request-id" and value != request_id:
-                    ours.append(("x-upstream-request-id", value))
-            kept = [(name, value) for name, value in headers if name.lower() not in REQUEST_ID_HEADERS]
-            return start_response(code, kept + ours, exc_info)
-
-        return _Counted(self.app(environ, start), environ, status, started)
-
-
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """The caller's path as one log line can carry it: a decoded CR or LF would start a forged line."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
-class _Counted:
-    """The response body, counted as it goes out; logs and records the request when the server closes it."""
-
-    def __init__(self, body: Iterable[bytes], environ: dict[str, Any], status: list[str], started: float) -> None:
-        self.body = body
-        self.environ = environ
-        self.status = status
-        self.started = started
-        self.sent = 0
-        self.finished = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.body:
-            self.sent += len(chunk)
-            yield chunk
-        self.finished = True
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._record()
-            REQUEST_ID.set(None)
-
-    def _record(self) -> None:
-        environ = self.environ
-        seconds = time.perf_counter() - self.started
-        upstream = environ.get("passthru.upstream_seconds")
-        status = int(self.status[-1].split(" ", 1)[0]) if self.status else 0
-        route = environ.get("passthru.route", metrics.UNMATCHED)
-        received = getattr(environ.get("passthru.body"), "received", 0)
-        method = environ.get("REQUEST_METHOD", "")
-        metrics.record(route, method, status, self.sent, received, seconds, upstream)
-        heap.relayed(self.sent + received)  # big bodies leave holes in the C heap: trimmed now and then
-        finish = environ.get("passthru.on_finish")
-        if finish is not None:
-            try:
-                finish(status or 500, seconds)
-            except Exception as exc:  # the answer is gone; what is left is to say the entry is missing
-                log.warning("spend log entry not written for %s: %s", _printable(environ.get("PATH_INFO", "")), exc)
-        fields = {
-            "method": method, "path": _printable(environ.get("PATH_INFO", "")), "status": status, "bytes": self.sent,
-            "duration_ms": round(seconds * 1000, 1),
-            "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
-            "complete": self.finished,
-        }  # fmt: skip
-        if not log.isEnabledFor(logging.INFO):
-            return
-        args = (
-            method, fields["path"], status or "-", self.sent, seconds * 1000,
-            f"{upstream * 1000:.1f}ms" if upstream is not None else "-", "" if self.finished else " incomplete",
-        )  # fmt: skip
-        # Made and handled here: log.info would first search the stack for the calling line, which no one reads.
-        record = log.makeRecord(log.name, logging.INFO, __file__, 0, ACCESS_LINE, args, None, extra={"access": fields})
-        log.handle(record)
+def access_line(exchange: Exchange) -> None:
+    """The exchange's one access line: method, path without query, status, bytes, total and upstream time."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    path, upstream, status = printable(exchange.path), exchange.upstream_seconds, exchange.status
+    fields = {
+        "method": exchange.method, "path": path, "status": status, "bytes": exchange.sent,
+        "duration_ms": round(exchange.seconds * 1000, 1),
+        "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None, "complete": exchange.complete,
+    }  # fmt: skip
+    args = (
+        exchange.method, path, status or "-", exchange.sent, exchange.seconds * 1000,
+        f"{upstream * 1000:.1f}ms" if upstream is not None else "-", "" if exchange.complete else " incomplete",
+    )  # fmt: skip
+    # Made and handled here: log.info would first search the stack for the calling line, which no one reads.
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, ACCESS_LINE, args, None, extra={"access": fields})
+    log.handle(record)

@@ -6,7 +6,10 @@ sets it in the master and empties it at start); without it (`flask run`, tests) 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -20,11 +23,16 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import REGISTRY as PROCESS_REGISTRY
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from passthru.auth import digest, require_master_key
+from passthru.config import ALL_METHODS
+from passthru.exchange import Exchange, of
 
-UNMATCHED = "(none)"  # the route label of requests that matched no route
+# A metrics file starts with 4 bytes saying how much of it is used, then 4 of padding (prometheus_client's layout).
+_HEADER_BYTES = 8
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter("passthru_requests", "Requests answered", ["route", "method", "status"])
@@ -45,7 +53,7 @@ UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["rou
 
 # Label values come from callers too (any method name on any path): anything else is counted as "other", so a
 # caller cannot grow the number of series without bound.
-METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+METHODS = frozenset(ALL_METHODS)
 
 
 @lru_cache(maxsize=1024)
@@ -66,18 +74,19 @@ def in_flight(route: str) -> Any:
     return IN_FLIGHT.labels(route)
 
 
-def record(route: str, method: str, status: int, sent: int, received: int, seconds: float,
-           upstream_seconds: float | None) -> None:  # fmt: skip
-    """Count one finished request (called once, when its answer has been sent or cut off)."""
+def record(exchange: Exchange) -> None:
+    """Count one finished exchange (called once, when its answer has been sent or cut off)."""
+    method = exchange.method
     requests, duration, upstream, bytes_out, bytes_in = _series(
-        route, method if method in METHODS else "other", f"{status // 100}xx"
+        exchange.route, method if method in METHODS else "other", f"{exchange.status // 100}xx"
     )
     requests.inc()
-    duration.observe(seconds)
-    if upstream_seconds is not None:
-        upstream.observe(upstream_seconds)
-    if sent:
-        bytes_out.inc(sent)
+    duration.observe(exchange.seconds)
+    if exchange.upstream_seconds is not None:
+        upstream.observe(exchange.upstream_seconds)
+    if exchange.sent:
+        bytes_out.inc(exchange.sent)
+    received = exchange.received
     if received:
         bytes_in.inc(received)
 
@@ -88,25 +97,45 @@ def labelled(blueprint: Blueprint) -> Blueprint:
     @blueprint.before_request
     def label() -> None:
         if request.url_rule is not None:
-            request.environ["passthru.route"] = request.url_rule.rule
+            of(request.environ).route = request.url_rule.rule
 
     return blueprint
 
 
-def build_blueprint(master_key: str | None) -> Blueprint:
-    """GET /metrics in Prometheus text format; behind the master key when one is given."""
+def build_blueprint(master_key: str | None, metrics_dir: str | None) -> Blueprint:
+    """GET /metrics in Prometheus text format, summed over every worker's files in `metrics_dir` (gunicorn), else
+    this process's own; behind the master key when one is given."""
     blueprint = Blueprint("metrics", __name__)
     expected = digest(master_key) if master_key else None
+    registry = PROCESS_REGISTRY
+    if metrics_dir is not None:
+        registry = CollectorRegistry()
+        registry.register(_AllWorkers(metrics_dir))  # reads the folder's files at each scrape
 
     @blueprint.get("/metrics")
     def metrics() -> Response:
         if expected is not None:
             require_master_key(request.environ, expected)
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        else:
-            registry = PROCESS_REGISTRY
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint
+
+
+class _AllWorkers(Collector):
+    """prometheus_client's multiprocess collector, minus the files a worker is still creating.
+
+    A worker creates its file, then sizes it (prometheus_client's MmapedDict): a scrape in between would read an
+    empty file and fail the whole /metrics answer with a 500. Such a file holds no sample yet; the next scrape
+    reads it.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self.directory, "*.db")):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's live gauge, removed meanwhile
+                if os.path.getsize(path) >= _HEADER_BYTES:
+                    files.append(path)
+        return MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]

@@ -1,13 +1,17 @@
-"""The config a server process runs: found through the environment ($PASSTHRU_CONFIG_YAML, $PASSTHRU_CONFIG), and
-handed by the gunicorn master to its workers as the text it last accepted, so a reload never serves a broken edit."""
+"""What a server process reads from its environment, once, at start-up: the config it runs (found through
+$PASSTHRU_CONFIG_YAML or $PASSTHRU_CONFIG, and handed by the gunicorn master to its workers as the text it last
+accepted, so a reload never serves a broken edit), and the server's own settings (ServerSettings)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from ipaddress import ip_address, ip_network
 
 from passthru.config import Settings, parse_settings, parse_yaml, read_file
+from passthru.errors import ConfigError
 
 # Where a server finds its config (load_from_environment): the YAML itself wins over a file path.
 CONFIG_YAML_VARIABLE = "PASSTHRU_CONFIG_YAML"
@@ -15,6 +19,54 @@ CONFIG_FILE_VARIABLE = "PASSTHRU_CONFIG"
 # Set by the gunicorn master for its workers (accept_from_environment): the config text it last accepted.
 ACCEPTED_TEXT = "_PASSTHRU_ACCEPTED_CONFIG"
 ACCEPTED_SOURCE = "_PASSTHRU_ACCEPTED_SOURCE"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's own settings, from the environment (gunicorn's and LiteLLM's variable names), next to the
+    config's Settings: read here once, and handed to what needs them, never looked up per request."""
+
+    # FORWARDED_ALLOW_IPS (gunicorn's variable, same meaning and default): peers whose X-Forwarded-* and other
+    # client-address headers speak for the real client (nginx in front).
+    trusted_proxy: Callable[[str], bool]
+    json_logs: bool  # JSON_LOGS=true (`passthru --json_logs`, as in LiteLLM): every log line one JSON object
+    # PROMETHEUS_MULTIPROC_DIR: where each gunicorn worker keeps its metrics (deploy/gunicorn.conf.py sets it);
+    # None outside gunicorn (`flask run`, tests): the process's own registry.
+    metrics_dir: str | None
+    # Set for workers by a gunicorn master that accepted the config: it said the config's warnings once already.
+    config_accepted: bool
+
+
+def read_server_settings(environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """The server's settings from the environment; ConfigError naming the variable when one is malformed."""
+    environ = os.environ if environ is None else environ
+    return ServerSettings(
+        trusted_proxy=proxy_trust(environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")),
+        json_logs=environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes"),
+        metrics_dir=environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        config_accepted=ACCEPTED_TEXT in environ,
+    )
+
+
+def proxy_trust(spec: str) -> Callable[[str], bool]:
+    """Parse FORWARDED_ALLOW_IPS (gunicorn's setting, same meaning): addresses or networks, or * for any."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if "*" in parts:
+        return lambda address: True
+    try:
+        networks = tuple(ip_network(part, strict=False) for part in parts)
+    except ValueError as exc:
+        raise ConfigError(f"FORWARDED_ALLOW_IPS: {spec!r} is not a list of IP addresses or networks") from exc
+
+    @lru_cache(maxsize=1024)
+    def trusted(address: str) -> bool:
+        try:
+            peer = ip_address(address)
+        except ValueError:
+            return False
+        return any(peer in network for network in networks)
+
+    return trusted
 
 
 def load_from_environment(environ: Mapping[str, str] | None = None) -> Settings:

@@ -19,8 +19,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import NoReturn
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
+from passthru.database_url import password_spans
 from passthru.errors import KeyStoreError
 from passthru.key_records import KeyStore
 from passthru.leases import Leases
@@ -169,9 +170,9 @@ def _migrate_and_exit(url: str, writer: int) -> NoReturn:
 
 
 def _unquoted(url: str, text: str) -> str:
-    """`text` without the URL's password, as written in the URL and decoded."""
-    password = urlsplit(url).password
-    for form in {password, unquote(password)} if password else ():
+    """`text` without the URL's passwords (user:password@ and ?password=), as written in the URL and decoded."""
+    passwords = {url[start:end] for start, end in password_spans(url) if end > start}
+    for form in sorted(passwords | {unquote(p) for p in passwords}, key=len, reverse=True):
         text = text.replace(form, "***")
     return text
 

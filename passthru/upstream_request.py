@@ -9,10 +9,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from ipaddress import ip_address, ip_network
 from typing import IO, Any
-from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit
+from urllib.parse import quote, unquote_plus, urlencode, urlsplit
 
 import requests
 import urllib3
@@ -20,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from passthru.config import Endpoint
-from passthru.errors import ConfigError, RequestError
+from passthru.errors import RequestError
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the pre-standard Proxy-Connection and Keep-Alive.
 HOP_BY_HOP = frozenset(
@@ -31,6 +29,10 @@ HOP_BY_HOP = frozenset(
 # was already answered by the WSGI server, and X-Forwarded-* and X-Request-Id are set by passthru.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
                              "x-forwarded-host", "x-request-id"}  # fmt: skip
+# Headers that name the client's address, as some fronts (CDNs, load balancers) set them; an upstream may trust them
+# for rate limits or logs. From a peer that is not a trusted front they are someone's claim, and never relayed.
+CLIENT_ADDRESS = frozenset({"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+                            "fastly-client-ip"})  # fmt: skip
 # Without forward_headers only these caller headers go upstream (environ key, header name).
 DEFAULT_FORWARDED = (
     ("CONTENT_TYPE", "Content-Type"),
@@ -38,7 +40,6 @@ DEFAULT_FORWARDED = (
     ("HTTP_ACCEPT", "Accept"),
     ("HTTP_ACCEPT_ENCODING", "Accept-Encoding"),
 )
-SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segment is re-encoded with these kept
 # Characters a query may carry as they are; anything else (non-ASCII, controls, space) is percent-encoded.
 QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]^_`{|}~"
 
@@ -81,33 +82,12 @@ def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: 
     )
 
 
-def proxy_trust(spec: str) -> Callable[[str], bool]:
-    """Parse FORWARDED_ALLOW_IPS (gunicorn's setting, same meaning): addresses or networks, or * for any."""
-    parts = [part.strip() for part in spec.split(",") if part.strip()]
-    if "*" in parts:
-        return lambda address: True
-    try:
-        networks = tuple(ip_network(part, strict=False) for part in parts)
-    except ValueError as exc:
-        raise ConfigError(f"FORWARDED_ALLOW_IPS: {spec!r} is not a list of IP addresses or networks") from exc
-
-    @lru_cache(maxsize=1024)
-    def trusted(address: str) -> bool:
-        try:
-            peer = ip_address(address)
-        except ValueError:
-            return False
-        return any(peer in network for network in networks)
-
-    return trusted
-
-
 def upstream_target(route: Route, subpath: str | None, query_string: str) -> str:
-    """The request target upstream: the target's path + cleaned sub-path, then the target's query, the caller's
-    query as sent, and the default params the caller left out."""
+    """The request target upstream: the target's path + the sub-path (resolved and encoded by routes.py), then the
+    target's query, the caller's query as sent, and the default params the caller left out."""
     url = route.path
     if subpath is not None:
-        url = url.rstrip("/") + "/" + clean_subpath(subpath)
+        url = url.rstrip("/") + "/" + subpath
     query = encode_query(query_string)
     if route.query:
         query = f"{route.query}&{query}" if query else route.query
@@ -119,28 +99,6 @@ def upstream_target(route: Route, subpath: str | None, query_string: str) -> str
     return f"{url}?{query}" if query else url
 
 
-def clean_subpath(subpath: str) -> str:
-    """Resolve dot segments inside the route and re-encode each segment; refuse what could climb out of it.
-
-    The WSGI server has already percent-decoded the path once, so %2e%2e arrives here as `..` and %2F as `/`.
-    """
-    kept: list[str] = []
-    for segment in subpath.split("/"):
-        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
-            # `..;x` is a dot segment to Tomcat and Jetty (a path parameter after `;`): it would climb out.
-            raise RequestError("the path has a dot segment with parameters", param="path")
-        if segment == "..":
-            if not kept:
-                raise RequestError("the path leaves the route's prefix", param="path")
-            kept.pop()
-        elif segment != ".":
-            decoded = unquote(segment)  # a second decoding, as a careless upstream might do
-            if "\\" in decoded or "/" in decoded or decoded in (".", "..") or not decoded.isprintable():
-                raise RequestError("the path has an encoded slash, dot segment or control character", param="path")
-            kept.append(quote(segment, safe=SEGMENT_SAFE))
-    return "/".join(kept)
-
-
 def encode_query(query_string: str) -> str:
     """The caller's query as sent: repeated keys, order, empty values and escapes kept (urllib3 upper-cases hex)."""
     if query_string.isascii() and query_string.isprintable() and " " not in query_string:
@@ -149,11 +107,18 @@ def encode_query(query_string: str) -> str:
     return quote(query_string.encode("latin-1"), safe=QUERY_SAFE)
 
 
-def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[str]) -> CaseInsensitiveDict[str]:
-    """The headers sent upstream: the caller's (all, or the default few), then the route's, then X-Forwarded-*."""
+def upstream_headers(
+    route: Route, environ: Mapping[str, Any], drop: frozenset[str], request_id: str | None = None
+) -> CaseInsensitiveDict[str]:
+    """The headers sent upstream: the caller's (all, or the default few), then the route's, the request id, then
+    X-Forwarded-*."""
     headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    peer = environ.get("REMOTE_ADDR", "")
+    trusted = route.trusted_proxy(peer)  # a trusted front (nginx) speaks for the real client; anyone else does not
     if route.endpoint.forward_headers:
         skip = REQUEST_DROP | route.header_names | drop | connection_tokens(environ.get("HTTP_CONNECTION"))
+        if not trusted:
+            skip = skip | CLIENT_ADDRESS
         for key, value in environ.items():
             if key.startswith("HTTP_"):
                 name = key[5:].replace("_", "-").title()
@@ -170,11 +135,10 @@ def upstream_headers(route: Route, environ: Mapping[str, Any], drop: frozenset[s
                 headers[name] = value
     for name, value in route.headers:
         headers[name] = value
-    if "passthru.request_id" in environ:
-        headers["X-Request-Id"] = environ["passthru.request_id"]
-    peer = environ.get("REMOTE_ADDR", "")
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     forwarded_for, proto, host = None, None, None
-    if route.trusted_proxy(peer):  # a trusted front (nginx) speaks for the real client; anyone else does not
+    if trusted:
         forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
         proto = environ.get("HTTP_X_FORWARDED_PROTO")
         host = environ.get("HTTP_X_FORWARDED_HOST")

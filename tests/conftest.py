@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -29,6 +30,7 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_p
 
 
 POSTGRES = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=5"
+ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -45,16 +47,28 @@ def _work_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
 
 
+def require(found: bool, what: str, how: str) -> None:
+    """The one rule for a tool a test needs (nginx, PostgreSQL, gevent, systemd-analyze): when it is missing the test
+    skips on a laptop, and fails under CI=true, since .ci/run installs every one of them."""
+    if found:
+        return
+    if ON_CI:
+        pytest.fail(f"{what} is missing, and CI=true: .ci/run installs it ({how})", pytrace=False)
+    pytest.skip(f"{what} is missing ({how})")
+
+
+def importable(module: str) -> bool:
+    """Whether a module can be imported here (gevent is an optional requirement), without importing it."""
+    return importlib.util.find_spec(module) is not None
+
+
 @pytest.fixture(scope="session")
 def postgres() -> str:
-    """The libpq DSN of the test PostgreSQL (.ci/run starts it); skipped when it is down, except in CI."""
+    """The libpq DSN of the test PostgreSQL (.ci/run starts it); `require`d: skipped when it is down, except in CI."""
     try:
         psycopg.connect(POSTGRES).close()
     except psycopg.OperationalError as exc:
-        message = f"PostgreSQL on 127.0.0.1:5432 (database test) is not reachable: {str(exc).strip()[:200]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        require(False, "PostgreSQL on 127.0.0.1:5432 (database test)", f"not reachable: {str(exc).strip()[:200]}")
     return POSTGRES
 
 

@@ -1,4 +1,5 @@
-"""The command line as an operator runs it: `passthru check`, `python -m passthru`, gunicorn and flask run.
+"""The command line as an operator runs it: `passthru check`, `python -m passthru` and the installed `passthru`,
+gunicorn and flask run.
 
 Every command runs as a real subprocess from the repo root; its output goes to files (a full pipe blocks a
 server) and every process is stopped, bounded, in `finally`.
@@ -277,6 +278,50 @@ def test_cli_serves_and_stops_on_sigterm(
     assert "Traceback" not in output
     _assert_no_secret(output)
     assert SECRETS["MK"].encode() not in body  # the echo repeats what the upstream got: never the key
+
+
+def test_the_installed_passthru_command_serves(tmp_path: Path, upstream: Upstream) -> None:
+    """The console script pip installs ([project.scripts]), found next to this interpreter: the README's `passthru`
+    itself, not only `python -m passthru`."""
+    command = Path(sys.executable).parent / "passthru"
+    assert os.access(command, os.X_OK), f"{command} is not installed: pip install -r requirements-dev.txt"
+    port = free_port()
+    args = [str(command), "--config", str(_serving_config(tmp_path, upstream)), "--port", str(port),
+            "--host", "127.0.0.1", "--num_workers", "1"]  # fmt: skip
+    log = tmp_path / "passthru.log"
+    with _server(args, log, _environment(**SECRETS)) as process:
+        wait_for_port(port, 15, alive=lambda: process.poll() is None)
+        assert _get(port, "/echo", {"Authorization": f"Bearer {SECRETS['MK']}"})[0] == 200, log.read_text()
+        assert upstream.requests[-1].header("Authorization") == f"bearer {SECRETS['UPSTREAM_KEY']}"
+        assert _wait_for_text(log, "GET /echo 200", 5), log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert "Traceback" not in log.read_text()
+    _assert_no_secret(log.read_text())
+
+
+def test_json_logs_flag_makes_every_line_json(tmp_path: Path, upstream: Upstream) -> None:
+    """`--json_logs` alone (no JSON_LOGS in the environment): passthru's lines and gunicorn's are JSON objects."""
+    port = free_port()
+    args = [sys.executable, "-m", "passthru", "--config", str(_serving_config(tmp_path, upstream)),
+            "--port", str(port), "--host", "127.0.0.1", "--num_workers", "1", "--json_logs"]  # fmt: skip
+    env = _environment(**SECRETS)
+    assert "JSON_LOGS" not in env
+    log = tmp_path / "passthru.log"
+    with _server(args, log, env) as process:
+        wait_for_port(port, 15, alive=lambda: process.poll() is None)
+        headers = {"Authorization": f"Bearer {SECRETS['MK']}", "x-request-id": "json-flag-1"}
+        assert _get(port, "/echo", headers)[0] == 200, log.read_text()
+        assert _get(port, "/nowhere")[0] == 404
+        assert _wait_for_text(log, '"path": "/nowhere"', 5), log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]  # every line
+    [access] = [e for e in entries if e.get("request_id") == "json-flag-1" and "status" in e]
+    assert (access["method"], access["path"], access["status"]) == ("GET", "/echo", 200)
+    assert 0 < access["upstream_ms"] <= access["duration_ms"], access
+    assert any(e["logger"] == "gunicorn.error" for e in entries)  # gunicorn's own lines too
+    _assert_no_secret(log.read_text())
 
 
 def test_cli_bad_config_exits_with_one_line(tmp_path: Path) -> None:

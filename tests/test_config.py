@@ -148,6 +148,10 @@ def test_warning_for_unauthenticated_route_with_secrets() -> None:
         pytest.param([{"path": "x", "target": "http://a"}], {}, ".path: must start with /", id="path-slash"),
         pytest.param([{"path": "/a/<b>", "target": "http://a"}], {}, ".path: must be a plain URL path", id="path-rule"),
         pytest.param([{"path": "/a/../b", "target": "http://a"}], {}, ".path: must not contain .", id="path-dots"),
+        pytest.param([{"path": "/a/%2e%2E/b", "target": "http://a"}], {}, ".path: must not contain .",
+                     id="path-escaped-dots"),
+        pytest.param([{"path": "/a%2Fb", "target": "http://a"}], {}, ".path: must not hide a slash",
+                     id="path-escaped-slash"),
         pytest.param([{"path": 3, "target": "http://a"}], {}, ".path: must be a string", id="path-type"),
         pytest.param([{"path": "/x", "target": "ftp://a/b"}], {}, ".target: must be an http://", id="target-scheme"),
         pytest.param([{"path": "/x", "target": "http://"}], {}, ".target: must be an http://", id="target-host"),
@@ -193,6 +197,9 @@ def test_warning_for_unauthenticated_route_with_secrets() -> None:
                      "(/x).include_subpaths: unknown field (did you mean include_subpath?)", id="unknown-field"),
         pytest.param([{"path": "/x", "target": "http://a"}, {"path": "/x/", "target": "http://b"}], {},
                      "pass_through_endpoints[1] (/x).path: duplicates the path of entry [0]", id="duplicate"),
+        pytest.param([{"path": "/v1/Chat", "target": "http://a"}, {"path": "/v1/c%68at;x", "target": "http://b"}], {},
+                     "pass_through_endpoints[1] (/v1/c%68at;x).path: duplicates the path of entry [0]",
+                     id="duplicate-in-another-spelling"),
         pytest.param(["/x"], {}, "pass_through_endpoints[0]: must be a mapping", id="entry-type"),
         pytest.param([], {"master_key": ""}, "general_settings.master_key: must not be empty", id="master-empty"),
         pytest.param([], {"master_key": "os.environ/NOPE"}, "master_key: environment variable NOPE is not set",
@@ -322,9 +329,12 @@ def test_config_yaml_variable_errors_name_the_variable(tmp_path: Path, text: str
 def test_create_app_default_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PASSTHRU_CONFIG", raising=False)
-    monkeypatch.setenv("PASSTHRU_CONFIG_YAML", OTHER_CONFIG)
-    app = create_app()
-    assert "/from-file" in {rule.rule for rule in app.url_map.iter_rules()}
+    monkeypatch.setenv(
+        "PASSTHRU_CONFIG_YAML", OTHER_CONFIG.replace("target: http://a", "target: http://a, methods: [POST]")
+    )
+    client = create_app().test_client()
+    assert client.get("/from-file").status_code == 405  # the route is there (and nothing is sent to http://a)
+    assert client.get("/elsewhere").status_code == 404
 
 
 # --- the key store's URL and the key API's paths -------------------------------------------------------------

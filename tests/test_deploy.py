@@ -2,7 +2,7 @@
 in $PASSTHRU_CONFIG_YAML; and the systemd unit, checked by systemd-analyze.
 
 A tool the recipe needs (nginx, gevent, systemd-analyze) that is missing skips its test on a laptop; with
-CI=true the nginx and gevent tests fail instead, since .ci/run installs both.
+CI=true it fails instead, since .ci/run installs each (conftest's `require`).
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import conftest
 import pytest
 import requests
-from conftest import ROOT, Gunicorn, free_port, start_gunicorn, wait_for_port
+from conftest import ROOT, Gunicorn, free_port, importable, require, start_gunicorn, wait_for_port
 from upstream import Upstream, pattern_sha256, wait_until
 
-ON_CI = os.environ.get("CI") == "true"
 MIB = 1 << 20
 
 
-def require(found: bool, what: str, how: str, *, on_ci: bool = True) -> None:
-    """Skip when a tool is missing, or fail under CI when CI is supposed to have installed it."""
-    if found:
-        return
-    if ON_CI and on_ci:
-        pytest.fail(f"{what} is missing, and CI installs it: {how}")
-    pytest.skip(f"{what} is missing ({how})")
+@pytest.mark.parametrize("on_ci", [False, True], ids=["laptop", "ci"])
+def test_a_missing_tool_skips_on_a_laptop_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch, on_ci: bool) -> None:
+    """conftest's one rule for nginx, PostgreSQL, gevent and systemd-analyze: .ci/run installs them all."""
+    monkeypatch.setattr(conftest, "ON_CI", on_ci)
+    require(True, "a tool that is here", "nothing to do")  # found: neither skips nor fails
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="nginx is missing") as raised:
+        require(False, "nginx", "apt-get install -y nginx-light")
+    assert raised.type is (pytest.fail.Exception if on_ci else pytest.skip.Exception)
 
 
 def event_arrivals(url: str, headers: dict[str, str] | None = None) -> list[tuple[float, bytes]]:
@@ -360,10 +361,7 @@ GEVENT_CONF = "deploy/gunicorn.gevent.conf.py"
 
 
 def require_gevent() -> None:
-    try:
-        import gevent  # noqa: F401
-    except ImportError:
-        require(False, "gevent", "pip install -r requirements-gevent.txt")
+    require(importable("gevent"), "gevent", "pip install -r requirements-gevent.txt")
 
 
 def test_gevent_config_forwards_and_streams(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
@@ -429,7 +427,7 @@ def rendered_unit(tmp_path: Path) -> Path:
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
     tool = shutil.which("systemd-analyze")
-    require(tool is not None, "systemd-analyze", "part of systemd", on_ci=False)
+    require(tool is not None, "systemd-analyze", "apt-get install -y systemd")
     assert tool is not None
     return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
 
@@ -441,8 +439,8 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
-    if "--offline" not in systemd_analyze("--help").stdout:
-        pytest.skip("this systemd-analyze cannot judge a unit file offline (systemd 250 or later can)")
+    offline = "--offline" in systemd_analyze("--help").stdout
+    require(offline, "a systemd-analyze that judges a unit file offline", "systemd 250 or later: Debian 12's systemd")
     result = systemd_analyze("security", "--offline=yes", "--threshold=20", str(rendered_unit(tmp_path)))
     # Exposure 0.0 (locked down) to 10.0 (unprotected), times ten: at most 2.0, systemd's "OK".
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ROOT, Gunicorn, start_gunicorn, write_config
-from test_deploy import worker_pid
+from test_deploy import require_gevent, worker_pid
 from upstream import Upstream, wait_until
 
 from passthru import db, keys, store
@@ -88,7 +88,7 @@ def test_workers_of_a_migrating_master_never_import_alembic(tmp_path: Path, upst
     """The master migrates (in a child, at start and on reload) and tells its workers: they open the store without
     loading Alembic."""
     if conf.endswith("gevent.conf.py"):
-        pytest.importorskip("gevent")
+        require_gevent()
     probe = tmp_path / "probe.conf.py"
     probe.write_text(PROBE.format(conf=str(ROOT / conf)))
     config = write_config(tmp_path, entries(upstream), master_key=MASTER)

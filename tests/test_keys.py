@@ -118,6 +118,23 @@ def test_generate_with_duration_and_a_custom_key(proxy: Proxy) -> None:
 
 
 @pytest.mark.parametrize(
+    ("duration", "seconds"),
+    [
+        pytest.param("30s", 30, id="30s"),
+        pytest.param("10m", 600, id="10m"),
+        pytest.param("2w", 14 * 86400, id="2w"),
+        pytest.param("1mo", 30 * 86400, id="1mo"),  # key_api.DURATION_UNITS: a month is 30 days
+    ],
+)
+def test_duration_units_set_the_expiry(proxy: Proxy, duration: str, seconds: int) -> None:
+    made = proxy.generate(duration=duration)
+    left = (datetime.fromisoformat(made["expires"]) - datetime.now(UTC)).total_seconds()
+    assert seconds - 10 < left <= seconds + 1, (duration, made["expires"])  # on the store's clock, just now
+    assert proxy.info(made["key"])["expires"] == made["expires"]
+    assert proxy.call(made["key"]).status_code == 200  # not expired yet
+
+
+@pytest.mark.parametrize(
     ("fields", "param"),
     [
         pytest.param({"duration": "10 minutes"}, "duration", id="duration"),

@@ -5,15 +5,23 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import hmac
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlencode
 
 import pytest
 import requests
 from upstream import GZIP_TEXT, RERANK_RESPONSE, Upstream, wait_until
 
-from passthru import heap
+from passthru import auth, heap, key_api
 
 SEED_QUERY = {
     "model": "rerank-english-v3.0",
@@ -164,6 +172,45 @@ def test_auth_refuses_missing_or_wrong_keys(auth_base: str, upstream: Upstream, 
     assert upstream.requests == []
 
 
+def test_keys_are_compared_as_sha256_digests_in_constant_time(
+    serve: Serve, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every check of a caller's key (a route, forward_headers, /metrics, the key API) is hmac.compare_digest on two
+    32-byte sha256 digests, never on the key: neither its length nor how much of it matches shows in the time."""
+    master, wrong = "sk-ct-master-0001", "sk-ct-wrong-00002"
+    compared: list[tuple[object, object]] = []
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    for module in (auth, key_api):
+        monkeypatch.setattr(module, "hmac", SimpleNamespace(compare_digest=recording))
+    base = serve([{"path": "/secure", "target": f"{upstream.url}/echo", "auth": True},
+                  {"path": "/open", "target": f"{upstream.url}/echo", "forward_headers": True}],
+                 master_key=master, metrics_require_auth=True,
+                 database_url=f"sqlite:///{tmp_path / 'keys.db'}")  # fmt: skip
+    calls = [
+        ("POST", "/secure", master, {}, 200),
+        ("POST", "/secure", wrong, {}, 401),
+        ("GET", "/open", master, {}, 200),  # forward_headers: the master key is found, and not relayed
+        ("GET", "/metrics", master, {}, 200),
+        ("GET", "/metrics", wrong, {}, 401),
+        ("POST", "/key/generate", master, {}, 200),
+        ("POST", "/key/generate", wrong, {}, 401),
+        ("POST", "/key/generate", master, {"key": master}, 400),  # a new key may not be the master key
+    ]
+    for method, path, key, body, status in calls:
+        before = len(compared)
+        response = requests.request(method, f"{base}{path}", headers={"x-api-key": key}, json=body, timeout=10)
+        assert response.status_code == status, (path, key, response.text)
+        assert len(compared) > before, f"{method} {path} checked the key without compare_digest"
+    assert upstream.requests[-1].header("x-api-key") is None
+    sides = [side for pair in compared for side in pair]
+    assert all(isinstance(side, bytes) and len(side) == 32 for side in sides), compared
+    assert {hashlib.sha256(key.encode()).digest() for key in (master, wrong)} <= set(sides)
+
+
 # --- request: URL, query, headers, body ----------------------------------------------------------------------
 
 
@@ -202,7 +249,9 @@ def test_target_query_and_default_query_params(serve: Serve, upstream: Upstream)
         pytest.param("/e/./a/", "/echo/a/", id="dot"),
         pytest.param("/e/models/gemini:generate", "/echo/models/gemini:generate", id="colon"),
         pytest.param("/e/a%20b/%25", "/echo/a%20b/%25", id="escapes-kept"),
-        pytest.param("/e/a%2Fb", "/echo/a/b", id="encoded-slash-resolves-inside"),
+        pytest.param("/e//a", "/echo/a", id="empty-segment-merged"),
+        pytest.param("/e/a/..", "/echo/", id="dotdot-last-ends-in-a-slash"),
+        pytest.param("/e/%C3%A9t%C3%A9", "/echo/%C3%A9t%C3%A9", id="utf8-escapes"),
     ],
 )
 def test_subpaths_stay_inside_the_target(serve: Serve, upstream: Upstream, path: str, forwarded: str) -> None:
@@ -213,21 +262,25 @@ def test_subpaths_stay_inside_the_target(serve: Serve, upstream: Upstream, path:
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "status"),
     [
-        pytest.param("/e/../etc/passwd", id="dotdot"),
-        pytest.param("/e/%2e%2e/etc/passwd", id="encoded-dotdot"),
-        pytest.param("/e/a/%2E%2E/%2e%2e/x", id="encoded-dotdot-deeper"),
-        pytest.param("/e/%252e%252e/x", id="double-encoded-dotdot"),
-        pytest.param("/e/a%5c..%5cb", id="encoded-backslash"),
-        pytest.param("/e/a%252fb", id="double-encoded-slash"),
-        pytest.param("/e/a%00b", id="nul"),
+        # Resolved before a route is chosen: what lands outside every route is not found.
+        pytest.param("/e/../etc/passwd", 404, id="dotdot"),
+        pytest.param("/e/%2e%2e/etc/passwd", 404, id="encoded-dotdot"),
+        pytest.param("/e/a/%2E%2E/%2e%2e/x", 404, id="encoded-dotdot-deeper"),
+        # What cannot be resolved, or hides a slash, is refused.
+        pytest.param("/e/../../etc", 400, id="dotdot-above-the-root"),
+        pytest.param("/e/a%2Fb", 400, id="encoded-slash"),
+        pytest.param("/e/%252e%252e/x", 400, id="double-encoded-dotdot"),
+        pytest.param("/e/a%5c..%5cb", 400, id="encoded-backslash"),
+        pytest.param("/e/a%252fb", 400, id="double-encoded-slash"),
+        pytest.param("/e/a%00b", 400, id="nul"),
     ],
 )
-def test_subpath_traversal_is_refused(serve: Serve, upstream: Upstream, path: str) -> None:
+def test_subpath_traversal_is_refused(serve: Serve, upstream: Upstream, path: str, status: int) -> None:
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo/inner", "include_subpath": True}])
     response = raw_request(base, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    assert response.split(b" ", 2)[1] in (b"400", b"404"), response[:200]
+    assert response.split(b" ", 2)[1] == str(status).encode(), response[:200]
     assert upstream.requests == []
 
 
@@ -425,11 +478,50 @@ def test_gzip_passes_through_untouched(serve: Serve, upstream: Upstream) -> None
     assert upstream.requests[-1].header("Accept-Encoding") == "gzip"
 
 
+def head_fields(response: bytes) -> list[tuple[str, str]]:
+    """The header fields of a raw answer, in order, repeats kept: (lower-case name, value)."""
+    lines = response.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in lines)]
+
+
+# Connection-specific fields an upstream may send (RFC 9110 §7.6.1), one named only by the upstream's Connection
+# header, and one ordinary field that must still come through.
+HOP_BY_HOP_ANSWER = {
+    "Keep-Alive": "timeout=5, max=100",
+    "Proxy-Authenticate": "Basic realm=upstream",
+    "Proxy-Connection": "keep-alive",
+    "TE": "trailers",
+    "Trailer": "X-Checksum",
+    "Upgrade": "h2c",
+    "Connection": "keep-alive, X-Hop-Named",
+    "X-Hop-Named": "named in Connection",
+    "X-Kept": "end to end",
+}
+
+
 def test_hop_by_hop_response_headers_dropped(serve: Serve, upstream: Upstream) -> None:
-    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
-    response = requests.get(f"{base}/e")
-    assert "Keep-Alive" not in response.headers
-    assert response.headers["Content-Type"] == "application/json"
+    target = f"{upstream.url}/headers?{urlencode(HOP_BY_HOP_ANSWER)}"
+    sent = requests.get(target, timeout=5).headers  # the upstream really sends every one of them
+    assert all(sent.get(name) == value for name, value in HOP_BY_HOP_ANSWER.items()), sent
+    base = serve([{"path": "/h", "target": target}])
+    fields = head_fields(raw_request(base, b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    names = {name for name, _ in fields}
+    assert ("x-kept", "end to end") in fields
+    dropped = {"keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "upgrade", "x-hop-named"}
+    assert names & dropped == set(), fields
+    # The server writes a Connection header of its own; the upstream's is not relayed into it.
+    assert all("x-hop-named" not in value.lower() for name, value in fields if name == "connection"), fields
+
+
+def test_upstream_date_and_server_are_replaced(serve: Serve, upstream: Upstream) -> None:
+    theirs = {"Date": "Thu, 01 Jan 1970 00:00:00 GMT", "Server": "upstream-server/9.9"}
+    base = serve([{"path": "/h", "target": f"{upstream.url}/headers?{urlencode(theirs)}"}])
+    fields = head_fields(raw_request(base, b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    dates = [value for name, value in fields if name == "date"]
+    servers = [value for name, value in fields if name == "server"]
+    assert len(dates) == 1 and len(servers) == 1, fields  # the server's own, once each
+    assert abs((parsedate_to_datetime(dates[0]) - datetime.now(UTC)).total_seconds()) < 60, dates
+    assert servers != [theirs["Server"]], servers
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -451,6 +543,32 @@ def test_upstream_timeout_is_504(serve: Serve, upstream: Upstream) -> None:
     response = requests.get(f"{base}/slow")
     assert response.status_code == 504
     assert error_of(response)["type"] == "timeout_error"
+
+
+@contextmanager
+def never_answering() -> Iterator[str]:
+    """A loopback address that never answers a connection: a listener with a backlog of 0 that never accepts, its
+    queue filled by one connection. The kernel then drops every new SYN, as a firewalled or vanished host would."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=1):  # the one connection the queue holds
+            with socket.socket() as probe, pytest.raises(TimeoutError):  # the trick holds on this machine
+                probe.settimeout(0.3)
+                probe.connect(address)
+            yield f"http://127.0.0.1:{address[1]}/x"
+
+
+def test_connect_timeout_is_504_at_the_routes_timeout(serve: Serve) -> None:
+    with never_answering() as target:
+        base = serve([{"path": "/unreachable", "target": target, "timeout": 1}])
+        started = time.monotonic()
+        response = requests.get(f"{base}/unreachable", timeout=5)
+        waited = time.monotonic() - started
+    assert response.status_code == 504
+    assert error_of(response)["type"] == "timeout_error"
+    assert 0.9 <= waited < 2, waited  # the route's 1 s, not the client's 5 s nor the kernel's minutes
 
 
 @pytest.mark.parametrize("phase", ["headers"])

@@ -143,6 +143,15 @@ def test_cookies_are_two_header_lines(upstream: Upstream) -> None:
     assert resp.msg.get_all("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"] and body
 
 
+def test_headers_are_exactly_the_ones_asked_for(upstream: Upstream) -> None:
+    target = "/headers?Keep-Alive=timeout%3D5&Server=up%2F1&Date=Thu,%2001%20Jan%201970%2000:00:00%20GMT&X-Evil=a%01b"
+    resp, body = _raw(upstream, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert resp.status == 200 and body == b"headers as asked\n"
+    assert resp.getheaders() == [("Keep-Alive", "timeout=5"), ("Server", "up/1"),
+                                 ("Date", "Thu, 01 Jan 1970 00:00:00 GMT"), ("X-Evil", "a\x01b"),
+                                 ("Content-Length", str(len(body)))]  # fmt: skip
+
+
 def test_gzip_always(upstream: Upstream) -> None:
     resp, body = _fetch(upstream, "GET", "/gzip", headers={"Accept-Encoding": "identity"})
     assert resp.getheader("Content-Encoding") == "gzip" and resp.getheader("Content-Type") == "text/plain"

@@ -41,6 +41,7 @@ _Headers = tuple[tuple[str, str], ...]
 _POST_ONLY = ("/v1/rerank", "/api/public/ingestion")
 _ROUTES = {
     "/cookies": "_cookies",
+    "/headers": "_asked_headers",
     "/gzip": "_gzip",
     "/sse": "_sse",
     "/bytes": "_bytes",
@@ -248,6 +249,18 @@ class _Handler(BaseHTTPRequestHandler):
             "text/plain",
             (("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")),
         )
+
+    def _asked_headers(self, q: dict[str, str]) -> None:
+        """200 with exactly the query's name=value pairs as headers (and a body's framing): no Server or Date of the
+        handler's own unless asked for, so a test can send hop-by-hop headers, an id, a Date and a Server of its own."""
+        body = b"headers as asked\n"
+        self.send_response_only(200)
+        for name, value in q.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _gzip(self, q: dict[str, str]) -> None:
         self._reply(200, _GZIP_BODY, "text/plain", (("Content-Encoding", "gzip"),))

@@ -10,7 +10,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,8 +241,51 @@ def test_chunked_wins_over_a_content_length_sent_with_it(rig: Rig) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _reflecting(shape: Callable[[bytes], bytes], reset: bool = False) -> Script:
+    """A hostile answer that carries back what passthru sent this upstream (its request line and headers, so the
+    injected key, and the caller's key if passthru ever relayed it): an error text or a log line that quoted the
+    answer would show them."""
+
+    def script(conn: Conn) -> None:
+        conn.send(shape(b" ".join(conn.head)))
+        if reset:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            conn.stop.wait(0.3)
+
+    return script
+
+
+REFLECTING = {
+    "status line": _reflecting(lambda seen: b"HTTP/1.1 abc " + seen + b"\r\n\r\n"),
+    "no status line": _reflecting(lambda seen: seen + b"\r\n\r\n"),
+    "control character in a header": _reflecting(
+        lambda seen: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seen: \x01" + seen + b"\r\n\r\nok"
+    ),
+    "bad content-length": _reflecting(lambda seen: b"HTTP/1.1 200 OK\r\nContent-Length: " + seen + b"\r\n\r\nok"),
+    "reset inside the head": _reflecting(lambda seen: b"HTTP/1.1 200 OK\r\nX-Seen: " + seen, reset=True),
+}
+
+
 def test_no_secret_in_any_answer_or_log_and_one_worker_throughout(rig: Rig) -> None:
-    """Runs last in this module."""
+    """Upstreams that answer with the secrets passthru sent them, in every place an error can quote: none of it
+    reaches the caller's answer or the log, and the one worker serves throughout. Also checks what the module's
+    other tests collected, when they ran first."""
+    evidence = Evidence()
+    evidence.log(rig.server.log)
+    # A connection an earlier answer left in passthru's pool must be closed first, or one call below would use it.
+    assert wait_until(lambda: rig.hostile.open_connections() == 0, 5)
+    start = len(rig.server.output())
+    for label, script in REFLECTING.items():
+        before = len(rig.hostile.served)
+        rig.hostile.script = script
+        assert_502_json(evidence.answer(label, rig.call(label)))
+        [served] = rig.hostile.served[before:]
+        assert wait_until(lambda: served.finished > 0, 5), label  # noqa: B023
+        assert UPSTREAM_KEY.encode() in b" ".join(served.head), label  # the secret really was in play
+    # Every line about these calls is written once the access line of the last one is.
+    assert wait_until(lambda: rig.server.output()[start:].count("GET /hostile 502") == len(REFLECTING), 5)
     rig.still_serving()
+    assert evidence.leaks([MASTER, UPSTREAM_KEY]) == []
     assert EVIDENCE.leaks([MASTER, UPSTREAM_KEY]) == []
     assert rig.server.output().count("Booting worker") == 1

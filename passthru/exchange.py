@@ -1,0 +1,133 @@
+"""One Exchange per request: made when the request arrives, filled in by the stages it passes, finished once when its
+answer's body is done (or the client went away). Each owner then records its own part from it: metrics, the key
+store's spend entry, the heap trim, the access line — bound at start-up in app.py, in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from passthru.logs import REQUEST_ID, log, printable
+
+ENVIRON_KEY = "passthru.exchange"
+UNMATCHED = "(none)"  # the route of requests that matched no route
+# A caller's x-request-id is kept when it looks like an id; anything else (long, spaces, control) is replaced.
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+# Called when the answer's body is done, with its status and the seconds since the request came in (auth.Finish).
+Finish = Callable[[int, float], None]
+
+
+class Counted(Protocol):
+    """What the exchange reads of the caller's body: the bytes read from it so far (upstream_request.CallerBody)."""
+
+    received: int
+
+
+@dataclass(eq=False, slots=True)
+class Exchange:
+    """One request and its answer, as each stage leaves them; read by the recorders when it is finished."""
+
+    method: str
+    path: str  # PATH_INFO, decoded as the WSGI server gives it
+    request_id: str
+    started: float  # time.perf_counter() at arrival
+    route: str = UNMATCHED  # the route's path (or passthru's own path) that served it: the metrics label
+    body: Counted | None = None  # the caller's body as it is streamed upstream
+    upstream_seconds: float | None = None  # until the upstream's headers arrived
+    on_finish: Finish | None = None  # the key store's spend entry, when a virtual key made the call
+    status: int = 0  # the answer's status, once started
+    sent: int = 0  # answer body bytes the server took
+    complete: bool = False  # the whole answer went out (not cut off by the upstream or the client)
+    seconds: float = 0.0  # arrival to the end of the answer, set when finished
+
+    @property
+    def received(self) -> int:
+        """Request body bytes read from the caller."""
+        return 0 if self.body is None else self.body.received
+
+
+Recorder = Callable[[Exchange], None]
+
+
+def of(environ: dict[str, Any]) -> Exchange:
+    """The exchange of the request this WSGI environ belongs to."""
+    exchange: Exchange = environ[ENVIRON_KEY]
+    return exchange
+
+
+def charge(exchange: Exchange) -> None:
+    """The key store's part: the spend entry of a call made with a virtual key (the check left it to do)."""
+    if exchange.on_finish is not None:
+        exchange.on_finish(exchange.status or 500, exchange.seconds)
+
+
+class Exchanges:
+    """WSGI middleware: an Exchange for each request, with its id; its recorders run once its answer is done."""
+
+    def __init__(self, app: WSGIApp, recorders: tuple[Recorder, ...]) -> None:
+        self.app = app
+        self.recorders = recorders
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
+        request_id = environ.get("HTTP_X_REQUEST_ID", "")
+        if not SANE_REQUEST_ID.match(request_id):
+            # Not uuid4: os.urandom lets go of the GIL, a wait behind every busy thread (random is reseeded per fork).
+            request_id = f"{random.getrandbits(128):032x}"
+        exchange = Exchange(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""), request_id, started)
+        environ[ENVIRON_KEY] = exchange
+        REQUEST_ID.set(request_id)
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            exchange.status = int(status.split(" ", 1)[0])
+            ours = [(name, request_id) for name in REQUEST_ID_HEADERS]
+            for name, value in headers:
+                # The upstream's own id (an API provider's, for its support desk) stays available under a new name.
+                if name.lower() == "x-request-id" and value != request_id:
+                    ours.append(("x-upstream-request-id", value))
+            kept = [(name, value) for name, value in headers if name.lower() not in REQUEST_ID_HEADERS]
+            return start_response(status, kept + ours, exc_info)
+
+        return _Relayed(self.app(environ, start), exchange, self.recorders)
+
+
+class _Relayed:
+    """The answer's body, counted as it goes out; the exchange is finished when the server closes it."""
+
+    def __init__(self, body: Iterable[bytes], exchange: Exchange, recorders: tuple[Recorder, ...]) -> None:
+        self.body = body
+        self.exchange = exchange
+        self.recorders = recorders
+
+    def __iter__(self) -> Iterator[bytes]:
+        exchange = self.exchange
+        for chunk in self.body:
+            exchange.sent += len(chunk)
+            yield chunk
+        exchange.complete = True
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            exchange = self.exchange
+            exchange.seconds = time.perf_counter() - exchange.started
+            for record in self.recorders:
+                try:
+                    record(exchange)
+                except Exception as exc:  # the answer is gone; one owner failing must not stop the others
+                    log.warning("%s not recorded for %s: %s", getattr(record, "__name__", record),
+                                printable(exchange.path), exc, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+            REQUEST_ID.set(None)
