@@ -83,6 +83,7 @@ def number(fields: Fields, name: str, *, integer: bool = False) -> Any:
 
 
 def duration(value: Any) -> float | None:
+    """Seconds from a LiteLLM duration ("30s" … "1mo"), 100 years at most: past that an expiry is no datetime."""
     if value is None:
         return None
     match = DURATION.fullmatch(value) if isinstance(value, str) else None
@@ -96,6 +97,7 @@ def duration(value: Any) -> float | None:
 
 
 def routes(value: Any) -> tuple[str, ...] | None:
+    """allowed_routes: paths (or prefixes ending in *), few and short, since every call of the key checks them."""
     if value is None:
         return None
     if (
@@ -109,6 +111,7 @@ def routes(value: Any) -> tuple[str, ...] | None:
 
 
 def alias(value: Any, param: str = "key_alias") -> str | None:
+    """A key_alias (given, or filtered on by /key/list) that both backends store and compare as it was sent."""
     if value is not None and (not isinstance(value, str) or not value or len(value) > 255 or not _text(value)):
         raise RequestError(f"{param} must be a string of 1 to 255 printable characters, or null", param=param)
     return value
