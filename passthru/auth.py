@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from passthru.config import Endpoint
-from passthru.errors import AccessDenied, AuthError, BudgetExceeded, PassthruError, RateLimited
+from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
 from passthru.exchange import Finish
 from passthru.key_records import KeyInfo, KeyStore, Refusal
 from passthru.store import LazyStore
@@ -26,7 +26,9 @@ _ENVIRON_KEYS = tuple((name, "HTTP_" + name.upper().replace("-", "_")) for name 
 # three is decided by the store (KeyInfo.counted), a few calls at a time for a busy key: they take at most
 # leases.HOLD, the same second.
 CACHE_SECONDS = 1.0
-CACHE_SIZE = 10_000  # keys remembered per worker; past that the memory starts over
+CACHE_SIZE = 10_000  # keys remembered per worker (and as many unknown ones); past that the memory starts over
+# Store reads a second, per worker, that may find no key (see RecentKeys): what a flood of made-up keys costs at most.
+UNKNOWN_READS = 100
 
 
 class KeyCheck(Protocol):
@@ -173,14 +175,25 @@ def key_refused(reason: str) -> AuthError:
 
 
 class RecentKeys:
-    """The keys this worker read in the last CACHE_SECONDS, forgotten as soon as this worker changes any key: the
-    route check, and a key without limits, cost no query on the hot path."""
+    """The keys this worker read in the last CACHE_SECONDS, and the keys it found not to exist, forgotten as soon as
+    this worker changes or makes any key: the route check, a key without limits, and a repeated unknown key cost no
+    query on the hot path.
 
-    def __init__(self, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE) -> None:
+    A flood of keys nobody issued (each one new) would still cost a store read each: past UNKNOWN_READS reads a
+    second that found no key, a key this worker has never found valid is answered 503 (try again shortly) without
+    a read, until that second is over. Keys this worker found valid before are read as usual.
+    """
+
+    def __init__(self, seconds: float = CACHE_SECONDS, size: int = CACHE_SIZE, unknown_reads: int = UNKNOWN_READS):
         self.seconds = seconds
         self.size = size
-        # token → (good until, on the monotonic clock; the store's edits when read; info)
+        self.unknown_reads = unknown_reads
+        # token → (good until, on the monotonic clock; the store's edits when read; info). Kept past their time: a
+        # key once found valid is never held back by the flood bound.
         self._entries: dict[str, tuple[float, int, KeyInfo]] = {}
+        self._unknown: dict[str, tuple[float, int]] = {}  # token → (good until; the store's edits when read)
+        self._second = 0.0  # when the current second of the flood bound began
+        self._misses = 0  # reads in it that found no key
 
     def get(self, store: KeyStore, token: str) -> KeyInfo | None:
         """The key's stored fields, at most `seconds` old; None when the store has no such key."""
@@ -188,11 +201,25 @@ class RecentKeys:
         entry = self._entries.get(token)
         if entry is not None and entry[0] > now and entry[1] == store.edits:
             return entry[2]
+        unknown = self._unknown.get(token)
+        if unknown is not None and unknown[0] > now and unknown[1] == store.edits:
+            return None
+        if entry is None:
+            if now - self._second >= 1.0:
+                self._second, self._misses = now, 0
+            elif self._misses >= self.unknown_reads:
+                raise KeyStoreError("too many calls with unknown keys; try again shortly")
         edits = store.edits  # before reading: an edit made meanwhile leaves this entry out of date, as it should
         info = store.find(token)
         if info is None:
             self._entries.pop(token, None)
+            if entry is None:
+                self._misses += 1  # not under a lock: threads may miscount by a few, never without bound
+            if len(self._unknown) >= self.size:
+                self._unknown.clear()
+            self._unknown[token] = (now + self.seconds, edits)
             return None
+        self._unknown.pop(token, None)
         if len(self._entries) >= self.size:
             self._entries.clear()  # dict operations are atomic under the GIL: threads need no lock here
         self._entries[token] = (now + self.seconds, edits, info)

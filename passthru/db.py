@@ -43,6 +43,7 @@ SQLITE_POOL = {"pool_size": 8, "max_overflow": 56, "pool_timeout": 10, "pool_use
 # No overflow: an overflow connection is closed when it is returned, so under load every few calls would pay for a
 # new connection (a fork on the server) — the bench saw 7 % of calls do so, and most of the store's CPU go there.
 POSTGRES_POOL = {"pool_size": 8, "max_overflow": 0, "pool_timeout": 10, "pool_use_lifo": True}
+CURSOR_STATEMENT = "(a statement on a pooled DBAPI cursor)"  # what dbapi_cursor's errors name as their statement
 READ_ONLY = "passthru_read_only"  # execution option: a SQLite transaction that only reads takes no write lock
 
 # URLs migrated by this process: open_store skips the check. (A gunicorn master migrates in a child process and tells
@@ -80,6 +81,12 @@ def _create_private(path: str) -> None:
             os.fchmod(fd, 0o600)  # os.open's mode passes through the umask, which may take the owner's write bit
         finally:
             os.close(fd)
+
+
+def pool_slots(engine: Engine) -> int:
+    """How many connections the engine's pool holds at most (SQLITE_POOL, POSTGRES_POOL)."""
+    pool = SQLITE_POOL if engine.dialect.name == "sqlite" else POSTGRES_POOL
+    return int(pool["pool_size"]) + int(pool["max_overflow"])
 
 
 def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
@@ -170,9 +177,12 @@ def dbapi_cursor(engine: Engine, *, atomic: bool = False) -> Iterator[Any]:
                     cursor.execute("ROLLBACK") if sqlite else raw.rollback()
             raise
     except dbapi_error as exc:
-        if engine.dialect.is_disconnect(exc, raw, cursor):
+        lost = engine.dialect.is_disconnect(exc, raw, cursor)
+        if lost:
             raw.invalidate(exc)
-        raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+        # A statement (its SQL is not at hand here) tells this error from a failed connect, which has none: the
+        # store answered, or lost the connection (store_guard.unreachable).
+        raise DBAPIError.instance(CURSOR_STATEMENT, None, exc, dbapi_error, connection_invalidated=lost) from exc
     finally:
         with suppress(Exception):
             if cursor is not None:

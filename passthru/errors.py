@@ -109,6 +109,7 @@ HTTP_ERROR_TYPES = {
     403: "auth_error",
     404: "not_found_error",
     405: "method_not_allowed",
+    413: "bad_request_error",
     414: "bad_request_error",
     415: "bad_request_error",
     431: "bad_request_error",

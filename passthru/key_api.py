@@ -8,102 +8,47 @@ from __future__ import annotations
 
 import hmac
 import json
-import math
-import re
 import secrets
-from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 from flask import Blueprint, Response, request
 
-from passthru.auth import digest, read_key
+from passthru import key_fields
+from passthru.auth import RecentKeys, digest, read_key
 from passthru.config import KEY_API_PATHS
 from passthru.errors import AccessDenied, AuthError, NotFound, RequestError
+from passthru.key_fields import (
+    CUSTOM_KEY,
+    MAX_BODY_BYTES,
+    MAX_KEYS_PER_DELETE,
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
+    MAX_SPEND_LOGS,
+    Fields,
+    token_of,
+)
 from passthru.key_records import KeyInfo, KeyStore, NewKey, SpendEntry
 from passthru.store import LazyStore
 
-Fields = Mapping[str, Any]
 Operation = Callable[[KeyStore, Fields], Any]
 
-# LiteLLM's duration strings ("30s", "10m", "1h", "7d", "2w", "1mo").
-DURATION = re.compile(r"^([0-9]+)(s|m|h|d|w|mo)$")
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
-# A custom key: what generated keys look like, so the log filter (logs.KEY_PATTERN) recognises every key.
-CUSTOM_KEY = re.compile(r"^sk-[A-Za-z0-9_-]{8,200}$")
-TOKEN = re.compile(r"^[0-9a-f]{64}$")
 NEW_KEY_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "rpm_limit", "allowed_routes", "metadata"})
 UPDATE_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes",
                            "metadata", "blocked"})  # fmt: skip
-MAX_PAGE_SIZE = 100  # LiteLLM's bound for /key/list
-MAX_SPEND_LOGS = 10_000
-
-
-def _fields(body: Fields, known: frozenset[str]) -> dict[str, Any]:
-    """The fields passthru serves. LiteLLM's other fields (models, team_id, tpm_limit, …) are accepted while empty,
-    as LiteLLM's clients send them so; with a value they are refused: a limit silently not enforced is worse."""
-    for name, value in body.items():
-        if name not in known and value:
-            raise RequestError(f"{name} is not supported by passthru (supported: {', '.join(sorted(known))})",
-                               param=name)  # fmt: skip
-    return {name: value for name, value in body.items() if name in known}
-
-
-def token_of(value: Any, param: str = "key") -> str:
-    """The stored hash for a key given as sk-… or as its 64-hex token (LiteLLM accepts either)."""
-    if not isinstance(value, str) or not value:
-        raise RequestError(f"{param} must be a key (sk-…) or its hashed token", param=param)
-    if value.startswith("sk-"):
-        return digest(value).hex()
-    if TOKEN.match(value):
-        return value
-    raise RequestError(f"{param} must be a key (sk-…) or its hashed token", param=param)
-
-
-def _number(fields: Fields, name: str, *, integer: bool = False) -> Any:
-    value = fields.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'} or null", param=name)
-    if value < 0 or not math.isfinite(value):
-        raise RequestError(f"{name} must be zero or more", param=name)
-    return value
-
-
-def _duration(value: Any) -> float | None:
-    if value is None:
-        return None
-    match = DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise RequestError('duration must look like "30s", "10m", "1h", "7d", "2w" or "1mo", or be null',
-                           param="duration")  # fmt: skip
-    return float(int(match.group(1)) * DURATION_UNITS[match.group(2)])
-
-
-def _routes(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(r, str) and r.startswith("/") for r in value):
-        raise RequestError("allowed_routes must be a list of paths such as /v1/rerank, or null", param="allowed_routes")
-    return tuple(value)
-
-
-def _alias(value: Any) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
-        raise RequestError("key_alias must be a string of 1 to 255 characters, or null", param="key_alias")
-    return value
-
-
-def _metadata(value: Any) -> dict[str, Any]:
-    if value is not None and not isinstance(value, dict):
-        raise RequestError("metadata must be a JSON object", param="metadata")
-    return value or {}
 
 
 def _when(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat()
+    """ISO 8601 UTC. A time past what a datetime holds (a key made before durations were bounded) shows as the last
+    one it holds rather than breaking /key/list for everyone."""
+    if seconds is None:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return (datetime.max if seconds > 0 else datetime.min).replace(tzinfo=UTC).isoformat()
 
 
 def shown(info: KeyInfo) -> dict[str, Any]:
@@ -119,19 +64,20 @@ def shown(info: KeyInfo) -> dict[str, Any]:
 
 def generate_key(store: KeyStore, body: Fields, *, master_key: str | None = None) -> dict[str, Any]:
     """POST /key/generate: the only answer that ever carries the key itself."""
-    fields = _fields(body, NEW_KEY_FIELDS)
+    fields = key_fields.known(body, NEW_KEY_FIELDS)
     key = fields.get("key")
     if key is None:
         key = "sk-" + secrets.token_urlsafe(16)
-    elif not isinstance(key, str) or not CUSTOM_KEY.match(key):
+    elif not isinstance(key, str) or not CUSTOM_KEY.fullmatch(key):
         raise RequestError("key must be sk- followed by 8 to 200 letters, digits, - or _", param="key")
     elif master_key is not None and hmac.compare_digest(digest(key), digest(master_key)):
         raise RequestError("key must not be the master key", param="key")
     new = NewKey(
-        token=digest(key).hex(), key_name=f"sk-...{key[-4:]}", key_alias=_alias(fields.get("key_alias")),
-        duration=_duration(fields.get("duration")), max_budget=_number(fields, "max_budget"),
-        rpm_limit=_number(fields, "rpm_limit", integer=True), allowed_routes=_routes(fields.get("allowed_routes")),
-        metadata=_metadata(fields.get("metadata")),
+        token=digest(key).hex(), key_name=f"sk-...{key[-4:]}", key_alias=key_fields.alias(fields.get("key_alias")),
+        duration=key_fields.duration(fields.get("duration")), max_budget=key_fields.number(fields, "max_budget"),
+        rpm_limit=key_fields.number(fields, "rpm_limit", integer=True),
+        allowed_routes=key_fields.routes(fields.get("allowed_routes")),
+        metadata=key_fields.metadata(fields.get("metadata")),
     )  # fmt: skip
     info = store.create(new)
     return {"key": key, **shown(info), "token_id": info.token}
@@ -148,22 +94,22 @@ def key_info(store: KeyStore, args: Fields) -> dict[str, Any]:
 
 def update_key(store: KeyStore, body: Fields) -> dict[str, Any]:
     """POST /key/update: change the fields given; null clears a limit, a duration counts from now."""
-    fields = _fields(body, UPDATE_FIELDS)
+    fields = key_fields.known(body, UPDATE_FIELDS)
     token = token_of(fields.pop("key", None))
     changes: dict[str, Any] = {}
     for name, value in fields.items():
         if name in ("max_budget", "spend"):
-            changes[name] = _number(fields, name)
+            changes[name] = key_fields.number(fields, name)
         elif name == "rpm_limit":
-            changes[name] = _number(fields, name, integer=True)
+            changes[name] = key_fields.number(fields, name, integer=True)
         elif name == "duration":
-            changes[name] = _duration(value)
+            changes[name] = key_fields.duration(value)
         elif name == "allowed_routes":
-            changes[name] = _routes(value)
+            changes[name] = key_fields.routes(value)
         elif name == "metadata":
-            changes[name] = _metadata(value)
+            changes[name] = key_fields.metadata(value)
         elif name == "key_alias":
-            changes[name] = _alias(value)
+            changes[name] = key_fields.alias(value)
         elif name == "blocked":
             if not isinstance(value, bool):
                 raise RequestError("blocked must be true or false", param="blocked")
@@ -179,8 +125,8 @@ def update_key(store: KeyStore, body: Fields) -> dict[str, Any]:
 def delete_keys(store: KeyStore, body: Fields) -> dict[str, Any]:
     """POST /key/delete {"keys": […]}: all of them, or none when one does not exist."""
     keys = body.get("keys")
-    if not isinstance(keys, list) or not keys:
-        raise RequestError("keys must be a non-empty list of keys or hashed tokens", param="keys")
+    if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_KEYS_PER_DELETE:
+        raise RequestError(f"keys must be a list of 1 to {MAX_KEYS_PER_DELETE} keys or hashed tokens", param="keys")
     tokens = [token_of(key, "keys") for key in keys]
     missing = store.delete(tokens)
     if missing:
@@ -196,23 +142,12 @@ def set_blocked(store: KeyStore, body: Fields, *, blocked: bool) -> dict[str, An
     return {"key": info.token, **shown(info)}
 
 
-def _positive_int(args: Fields, name: str, default: int, most: int) -> int:
-    value = args.get(name, default)
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{name} must be a whole number", param=name) from None
-    if not 1 <= number <= most:
-        raise RequestError(f"{name} must be between 1 and {most}", param=name)
-    return number
-
-
 def list_keys(store: KeyStore, args: Fields) -> dict[str, Any]:
     """GET /key/list?page=&size=&key_alias=&return_full_object=: hashed tokens (or whole keys), newest first."""
-    page = _positive_int(args, "page", 1, 10**9)
-    size = _positive_int(args, "size", 10, MAX_PAGE_SIZE)
+    page = key_fields.positive_int(args, "page", 1, MAX_PAGE)
+    size = key_fields.positive_int(args, "size", 10, MAX_PAGE_SIZE)
     full = str(args.get("return_full_object", "false")).lower() in ("true", "1", "yes")
-    infos, total = store.page(page, size, args.get("key_alias") or None)
+    infos, total = store.page(page, size, key_fields.alias(args.get("key_alias") or None))
     return {
         "keys": [shown(info) if full else info.token for info in infos],
         "total_count": total,
@@ -221,27 +156,14 @@ def list_keys(store: KeyStore, args: Fields) -> dict[str, Any]:
     }
 
 
-def _instant(value: Any, name: str, *, end: bool) -> float | None:
-    """A date (YYYY-MM-DD, UTC, an end date counting its whole day) or an ISO 8601 time, as epoch seconds."""
-    if value in (None, ""):
-        return None
-    try:
-        if isinstance(value, str) and len(value) == 10:
-            day = date.fromisoformat(value) + timedelta(days=1 if end else 0)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
-        moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        raise RequestError(f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time", param=name) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
 def spend_logs(store: KeyStore, args: Fields) -> list[dict[str, Any]]:
     """GET /spend/logs?key=&start_date=&end_date=: one entry per call made with a virtual key, newest first."""
-    key = args.get("key") or args.get("api_key")  # api_key is LiteLLM's name for it
-    token = token_of(key) if key else None
-    start = _instant(args.get("start_date"), "start_date", end=False)
-    end = _instant(args.get("end_date"), "end_date", end=True)
-    limit = _positive_int(args, "limit", 1000, MAX_SPEND_LOGS)
+    param = "key" if args.get("key") else "api_key"  # api_key is LiteLLM's name for it
+    key = args.get(param)
+    token = token_of(key, param) if key else None
+    start = key_fields.instant(args.get("start_date"), "start_date", end=False)
+    end = key_fields.instant(args.get("end_date"), "end_date", end=True)
+    limit = key_fields.positive_int(args, "limit", 1000, MAX_SPEND_LOGS)
     return [_entry(entry) for entry in store.spend_logs(token, start, end, limit)]
 
 
@@ -259,6 +181,7 @@ def build_key_api(store: LazyStore, master_key: str) -> Blueprint:
     store (in this worker, the first time): the master key's to serve it, any other to tell 403 from 401."""
     blueprint = Blueprint("keys", __name__)
     master = digest(master_key)
+    recent = RecentKeys()  # a flood of made-up keys here costs what it costs on a route (see RecentKeys)
 
     def admit() -> KeyStore:
         found = read_key(request.environ)
@@ -268,7 +191,7 @@ def build_key_api(store: LazyStore, master_key: str) -> Blueprint:
         keys = store.open().keys
         if hmac.compare_digest(key_digest, master):
             return keys
-        if keys.find(key_digest.hex()) is not None:
+        if recent.get(keys, key_digest.hex()) is not None:
             raise AccessDenied("only the master key may manage keys and read spend logs")
         raise AuthError("Authentication Error, invalid proxy key.")
 
@@ -276,7 +199,11 @@ def build_key_api(store: LazyStore, master_key: str) -> Blueprint:
         def view() -> Response:
             keys = admit()
             if from_body:
-                body = request.get_json(force=True, silent=True)
+                request.max_content_length = MAX_BODY_BYTES  # past it werkzeug answers 413
+                try:
+                    body = request.get_json(force=True, silent=True)
+                except RecursionError:  # arrays nested thousands deep: json.loads gives up before any field is read
+                    body = None
                 if not isinstance(body, dict):
                     raise RequestError("the body must be a JSON object")
                 fields: Fields = body

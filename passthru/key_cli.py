@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from passthru import key_api
+from passthru import key_api, key_fields
 from passthru.config import Settings, load_settings
 from passthru.db import migrate
 from passthru.errors import ConfigError, PassthruError
@@ -49,7 +49,7 @@ def _keys_parser() -> argparse.ArgumentParser:
     generate.add_argument("--key", help="a key of your own (sk-…) instead of a generated one")
     listing = sub.add_parser("list", parents=[config], help="keys, newest first (hashed tokens and aliases)")
     listing.add_argument("--page", type=int, default=1)
-    listing.add_argument("--size", type=int, default=key_api.MAX_PAGE_SIZE)
+    listing.add_argument("--size", type=int, default=key_fields.MAX_PAGE_SIZE)
     listing.add_argument("--key-alias")
     for name, text in (("info", "a key's fields and spend"), ("block", "refuse a key everywhere"),
                        ("unblock", "accept a blocked key again")):  # fmt: skip

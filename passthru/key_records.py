@@ -93,8 +93,9 @@ UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limi
 class KeyStore(Protocol):
     """What passthru needs from a key store: the per-call check and log, and the /key/* operations."""
 
-    # How many key changes (update, block, delete) this process made through the store: what a worker remembers of
-    # keys (auth.RecentKeys) is out of date once it moves, so a change is seen at once by the worker that made it.
+    # How many key changes (create, update, block, delete) this process made through the store: what a worker
+    # remembers of keys (auth.RecentKeys) is out of date once it moves, so a change is seen at once by the worker that
+    # made it.
     edits: int
 
     def find(self, token: str) -> KeyInfo | None: ...

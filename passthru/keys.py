@@ -16,18 +16,18 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
-from passthru.db import READ_ONLY, Statement, dbapi_cursor, describe, ensure_schema, open_engine
-from passthru.errors import KeyStoreError, RequestError
+from passthru.db import READ_ONLY, Statement, dbapi_cursor, ensure_schema, open_engine, pool_slots
+from passthru.errors import RequestError
 from passthru.key_records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry, Unused
 from passthru.schema import keys, spend_logs, store_now
+from passthru.store_guard import StoreGuard
 
 log = logging.getLogger("passthru")
 
@@ -37,16 +37,6 @@ RECORD_ROWS = 128
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
 
 
-@contextmanager
-def _guard(what: str) -> Iterator[None]:
-    """The one place the driver's errors become KeyStoreError (503); the driver's text goes to the log only."""
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        log.warning("key store error while %s: %s", what, describe(exc))
-        raise KeyStoreError("the key store is unavailable; try again shortly") from exc
-
-
 class SqlKeyStore:
     """The KeyStore on SQLite or PostgreSQL; statements are built once here and only executed per call."""
 
@@ -54,6 +44,8 @@ class SqlKeyStore:
         self.engine = engine
         self.window = window
         self.edits = 0
+        # As many threads inside the store as its pool has connections: none ever waits in the pool (store_guard).
+        self._guard = StoreGuard(pool_slots(engine))
         self._reads = engine.execution_options(**{READ_ONLY: True})
         c, now = keys.c, store_now()
         fresh = c.window_start + window <= now  # the key's last window is over: this call opens a new one
@@ -116,14 +108,14 @@ class SqlKeyStore:
 
     def ping(self) -> None:
         """One round trip to the store: KeyStoreError when it cannot be reached (readiness asks this)."""
-        with _guard("checking the store"), self.engine.connect() as conn:
+        with self._guard("checking the store"), self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
 
     # --- per call ---------------------------------------------------------------------------------------------
 
     def find(self, token: str) -> KeyInfo | None:
         """The key with this hash, or None."""
-        with _guard("reading a key"), self._reads.connect() as conn:
+        with self._guard("reading a key"), self._reads.connect() as conn:
             row = conn.execute(self._find, {"t": token}).first()
         return None if row is None else _info(row)
 
@@ -131,7 +123,7 @@ class SqlKeyStore:
         """Count one call against the key and add its cost, atomically; or say why the key may not call now."""
         one = self._admit.args({"t": token, "cost": cost, "calls": 1, "room": 1, "hold": 0.0})
         for _ in range(3):
-            with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
+            with self._guard("checking a key"), dbapi_cursor(self.engine) as cursor:
                 cursor.execute(self._admit.sql, one)
                 if cursor.rowcount == 1:  # the key was admissible, and is now counted
                     return None
@@ -147,7 +139,7 @@ class SqlKeyStore:
         """Count and charge `calls` calls at once, if `room` calls one by one would all be admitted and the key's
         expiry and rpm window last `hold` seconds more: the start of the window they count in, or None if not."""
         args = self._admit.args({"t": token, "cost": cost, "calls": calls, "room": room, "hold": hold})
-        with _guard("checking a key"), dbapi_cursor(self.engine) as cursor:
+        with self._guard("checking a key"), dbapi_cursor(self.engine) as cursor:
             cursor.execute(self._admit.sql, args)
             if cursor.rowcount != 1:
                 return None
@@ -193,7 +185,7 @@ class SqlKeyStore:
         ]
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
         atomic = not self._sqlite or bool(charged) or bool(given_back)
-        with _guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
+        with self._guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
             start = 0
             while start < len(entries):
                 left = len(entries) - start
@@ -217,7 +209,7 @@ class SqlKeyStore:
             "rpm_limit": new.rpm_limit, "metadata": dict(new.metadata or {}),
             "allowed_routes": None if new.allowed_routes is None else list(new.allowed_routes),
         }  # fmt: skip
-        with _guard("creating a key"), self.engine.begin() as conn:
+        with self._guard("creating a key"), self.engine.begin() as conn:
             if conn.execute(sa.select(keys.c.token).where(keys.c.token == new.token)).first() is not None:
                 raise RequestError("this key already exists", param="key")
             self._check_alias(conn, new.key_alias, new.token)
@@ -225,6 +217,7 @@ class SqlKeyStore:
                 row = conn.execute(sa.insert(keys).values(values).returning(*keys.c)).one()
             except IntegrityError as exc:  # a race with another host's insert
                 raise RequestError("a key with this value or key_alias already exists") from exc
+        self.edits += 1  # this worker may remember the key as unknown (auth.RecentKeys): not any more
         return _info(row)
 
     def _check_alias(self, conn: sa.Connection, alias: str | None, owner: str) -> None:
@@ -248,7 +241,7 @@ class SqlKeyStore:
                 values[name] = value
         if not values:
             return self.find(token)
-        with _guard("updating a key"), self.engine.begin() as conn:
+        with self._guard("updating a key"), self.engine.begin() as conn:
             if "key_alias" in values:
                 self._check_alias(conn, values["key_alias"], token)
             try:
@@ -261,7 +254,7 @@ class SqlKeyStore:
 
     def delete(self, tokens: Sequence[str]) -> list[str]:
         """Delete all these keys, or none: returns the ones that do not exist (then nothing was deleted)."""
-        with _guard("deleting keys"), self.engine.begin() as conn:
+        with self._guard("deleting keys"), self.engine.begin() as conn:
             found = set(conn.scalars(sa.select(keys.c.token).where(keys.c.token.in_(tokens))))
             missing = [token for token in tokens if token not in found]
             if not missing:
@@ -273,7 +266,7 @@ class SqlKeyStore:
         """One page of keys, newest first, and how many there are in all."""
         where = [keys.c.key_alias == key_alias] if key_alias is not None else []
         query = sa.select(keys).where(*where).order_by(keys.c.created_at.desc(), keys.c.token.desc())
-        with _guard("listing keys"), self._reads.begin() as conn:
+        with self._guard("listing keys"), self._reads.begin() as conn:
             total = conn.scalar(sa.select(sa.func.count()).select_from(keys).where(*where)) or 0
             rows = conn.execute(query.limit(size).offset((page - 1) * size)).all()
         return [_info(row) for row in rows], total
@@ -289,7 +282,7 @@ class SqlKeyStore:
         if end is not None:
             where.append(c.start_time < end)
         query = sa.select(spend_logs).where(*where).order_by(c.start_time.desc()).limit(limit)
-        with _guard("reading spend logs"), self._reads.connect() as conn:
+        with self._guard("reading spend logs"), self._reads.connect() as conn:
             return [SpendEntry(**row._mapping) for row in conn.execute(query)]
 
     def close(self) -> None:

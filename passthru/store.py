@@ -34,6 +34,10 @@ log = logging.getLogger("passthru")
 MIGRATED_VARIABLE = "_PASSTHRU_MIGRATED"
 # A migration may wait for other processes' locks (SQLite's write lock, PostgreSQL's advisory lock): not forever.
 MIGRATION_TIMEOUT = 60.0
+# After the store was found unreachable, calls that need it fail at once for this long; then one call at a time tries
+# it again (the others still fail at once). Short: a store back up is used within a second. (store_guard.py too.)
+COOL_OFF = 1.0
+UNAVAILABLE = "the key store is unavailable; try again shortly"
 
 
 @dataclass(frozen=True)
@@ -47,22 +51,42 @@ class OpenedStore:
 
 class LazyStore:
     """The key store at `url`, opened by the first call to `open()` in this process: a virtual key, the key API, or a
-    readiness probe. Threads that ask meanwhile wait for that one opening; a failed opening is retried next call."""
+    readiness probe. Threads that ask meanwhile wait for that one opening.
 
-    def __init__(self, url: str) -> None:
+    An opening that fails (an unreachable store, when this process must check its schema) is not waited for again:
+    for COOL_OFF seconds every call fails at once, then one call at a time tries while the others fail at once. Else
+    each thread would queue on the lock behind a retry that can take PostgreSQL's 5-second connect timeout.
+    """
+
+    def __init__(self, url: str, cool_off: float = COOL_OFF) -> None:
         self.url = url
+        self.cool_off = cool_off
         self._lock = threading.Lock()
         self._opened: OpenedStore | None = None
+        self._failed_until = 0.0  # monotonic; 0.0 while no opening has failed
 
     def open(self) -> OpenedStore:
         """The opened store; KeyStoreError (503) while it cannot be opened."""
         opened = self._opened
         if opened is not None:
             return opened
-        with self._lock:
+        failed = self._failed_until > 0.0
+        if failed and time.monotonic() < self._failed_until:
+            raise KeyStoreError(UNAVAILABLE)
+        if not self._lock.acquire(blocking=not failed):  # after a failure: another thread is trying right now
+            raise KeyStoreError(UNAVAILABLE)
+        try:
             if self._opened is None:
-                self._opened = _open(self.url)
+                if time.monotonic() < self._failed_until:  # it failed while this thread waited for the lock
+                    raise KeyStoreError(UNAVAILABLE)
+                try:
+                    self._opened = _open(self.url)
+                except KeyStoreError:
+                    self._failed_until = time.monotonic() + self.cool_off
+                    raise
             return self._opened
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Write the queued spend entries and close the connections, if the store was ever opened (tests)."""
@@ -85,7 +109,7 @@ def _open(url: str) -> OpenedStore:
     except KeyStoreError as exc:
         # The text names the store's host, which is for the log, not for a caller.
         log.warning("%s", exc)
-        raise KeyStoreError("the key store is unavailable; try again shortly") from exc
+        raise KeyStoreError(UNAVAILABLE) from exc
     leases = Leases(store)
     return OpenedStore(store, SpendWriter(store, leases.unused), leases)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -254,3 +255,93 @@ def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     finally:
         for server in started:
             server.stop()
+
+
+def _fill_accept_queue(listener: socket.socket) -> list[socket.socket]:
+    """Connections that fill a listener's accept queue (its backlog is 0): from then on the kernel drops every new
+    connection's SYN, so a client gets no answer at all, as from a host behind a dropped route."""
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    time.sleep(0.1)
+    return fillers
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port on 127.0.0.1 that never answers: a connect to it hangs until the client's own timeout."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = _fill_accept_queue(listener)
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+
+
+class StoreRelay:
+    """A TCP relay on 127.0.0.1 to PostgreSQL, until blackhole(): then it cuts every connection it carries and
+    answers nothing more (see _fill_accept_queue): a store host that went dark."""
+
+    def __init__(self, target: int = 5432) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.listener.settimeout(0.05)
+        self.port = int(self.listener.getsockname()[1])
+        self._dark = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def url(self, url: str) -> str:
+        """The same database URL, through this relay."""
+        return url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{self.port}/")
+
+    def _accept(self) -> None:
+        while not self._dark.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            server.settimeout(None)
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def blackhole(self) -> None:
+        self._dark.set()
+        self._accepting.join(5)
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets = _fill_accept_queue(self.listener)
+
+    def close(self) -> None:
+        self._dark.set()
+        self._accepting.join(5)
+        for sock in [*self._sockets, self.listener]:
+            sock.close()
+
+
+@pytest.fixture
+def store_relay() -> Iterator[StoreRelay]:
+    relay = StoreRelay()
+    try:
+        yield relay
+    finally:
+        relay.close()

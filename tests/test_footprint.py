@@ -111,11 +111,14 @@ def test_workers_of_a_migrating_master_never_import_alembic(tmp_path: Path, upst
 
 
 def test_threads_at_first_use_share_one_opening(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gthread: many calls may need the store at once; one opens it, the others wait for that one."""
+    """gthread: many calls may need the store at once; one opens it, the others wait for that one. An opening that
+    failed is not waited for again: calls fail at once for the cool-off, then the store is tried again."""
     opened: list[object] = []
-    failures = [KeyStoreError("the key store is unavailable; try again shortly")]
+    failures: list[KeyStoreError] = []
+    tried: list[str] = []
 
     def slow_open(url: str) -> object:
+        tried.append(url)
         if failures:
             raise failures.pop()
         time.sleep(0.2)
@@ -124,8 +127,6 @@ def test_threads_at_first_use_share_one_opening(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(store, "_open", slow_open)
     lazy = store.LazyStore("sqlite:///never-opened.db")
-    with pytest.raises(KeyStoreError):
-        lazy.open()  # a failed opening is not remembered: the next call tries again
     start = threading.Barrier(16)
 
     def first_use() -> object:
@@ -135,6 +136,16 @@ def test_threads_at_first_use_share_one_opening(monkeypatch: pytest.MonkeyPatch)
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: first_use(), range(16), timeout=10))
     assert len(opened) == 1 and all(result is opened[0] for result in results)
+
+    failing = store.LazyStore("sqlite:///never-opened.db", cool_off=0.1)
+    failures.append(KeyStoreError("the key store is unavailable; try again shortly"))
+    tried.clear()
+    for _ in range(3):
+        with pytest.raises(KeyStoreError):
+            failing.open()
+    assert len(tried) == 1  # cooling off: the two calls after the failure did not try
+    time.sleep(0.1)
+    assert failing.open() is opened[-1] and len(opened) == 2
 
 
 # --- the master's migration, in a child process ----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ import pytest
 import requests
 from upstream import Upstream, wait_until
 
+from passthru.auth import CACHE_SECONDS, UNKNOWN_READS
 from passthru.keys import SqlKeyStore
 
 MASTER = "sk-1234"
@@ -435,3 +437,35 @@ def test_master_key_alone_keeps_keys_in_passthru_db_in_the_working_directory(
     key = proxy.generate()["key"]
     assert proxy.call(key).status_code == 200
     assert (tmp_path / "passthru.db").exists() and (tmp_path / "passthru.db-wal").exists()
+
+
+def test_unknown_keys_cost_a_bounded_number_of_store_reads(proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key the store does not have is remembered as unknown for CACHE_SECONDS; a flood of new made-up keys costs
+    at most UNKNOWN_READS reads a second (then 503), and keys this worker found valid before are not held back."""
+    reads: list[str] = []
+    find = SqlKeyStore.find
+    monkeypatch.setattr(SqlKeyStore, "find", lambda self, token: reads.append(token) or find(self, token))
+    known = proxy.generate()["key"]
+    assert proxy.call(known).status_code == 200
+    session = requests.Session()
+
+    def call(key: str) -> int:
+        return session.post(proxy.url + "/v1/rerank", json={}, headers={"Authorization": f"Bearer {key}"},
+                            timeout=10).status_code  # fmt: skip
+
+    reads.clear()
+    assert [call("sk-made-up-and-repeated") for _ in range(30)] == [401] * 30
+    assert len(reads) == 1
+    # A key this worker just found unknown, then made through this worker: known at once.
+    proxy.generate(key="sk-made-up-and-repeated")
+    assert call("sk-made-up-and-repeated") == 200
+    reads.clear()
+    start = time.monotonic()
+    statuses = Counter(call(f"sk-made-up-{n:08d}") for n in range(10 * UNKNOWN_READS))
+    seconds = time.monotonic() - start
+    assert set(statuses) == {401, 503}, statuses
+    # At most UNKNOWN_READS in each second the flood lasted (a slow machine makes it last longer), not one a call.
+    assert len(reads) <= UNKNOWN_READS * (1 + int(seconds)) and seconds < 9, (len(reads), seconds)
+    time.sleep(CACHE_SECONDS)  # the known key's entry is out of date: it is read again, flood or not
+    statuses = Counter(call(f"sk-made-up-again-{n:08d}") for n in range(UNKNOWN_READS + 10))
+    assert statuses[503] > 0 and call(known) == 200

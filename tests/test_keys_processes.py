@@ -19,11 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 import requests
-from conftest import PROXY_VARIABLES, ROOT, Gunicorn, free_port, wait_for_port, write_config
+from conftest import PROXY_VARIABLES, ROOT, Gunicorn, StoreRelay, free_port, wait_for_port, write_config
 from upstream import Upstream, wait_until
 
 from passthru.auth import CACHE_SECONDS
 from passthru.leases import HOLD, SHARE
+from passthru.store_guard import STALL
 
 MASTER = "sk-master-key-for-processes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -245,3 +246,27 @@ def test_gunicorn_stops_with_one_line_when_the_store_is_unreachable(upstream: Up
     assert done.returncode != 0
     assert "passthru: cannot open the key store at postgresql+psycopg://u:***@127.0.0.1:1/db" in output, output
     assert "pw-never-shown" not in output and "Traceback" not in output
+
+
+def test_master_key_calls_are_answered_while_unknown_keys_meet_a_store_that_does_not_answer(
+    postgres_url: str, store_relay: StoreRelay, gunicorn: Callable[..., Gunicorn], upstream: Upstream
+) -> None:
+    """The store's host goes dark (no refusal, no reply) and 200 calls with made-up keys arrive at once at a worker
+    of the shipped config (128 threads): they used to take every thread, each waiting for the 5 s connect timeout or
+    the pool's 10 s, while master-key calls, which never touch the store, waited behind them."""
+    server = gunicorn(entries(upstream), workers=1, master_key=MASTER, database_url=store_relay.url(postgres_url))
+    assert call(server.url, MASTER) == 200
+    store_relay.blackhole()
+    waits: list[float] = []
+    with ThreadPoolExecutor(200) as pool:
+        unknown = [pool.submit(call, server.url, f"sk-made-up-key-{n:04d}") for n in range(200)]
+        time.sleep(0.2)  # they are in
+        until = time.monotonic() + 6  # past the connect timeout
+        while time.monotonic() < until:
+            start = time.monotonic()
+            assert call(server.url, MASTER) == 200
+            waits.append(time.monotonic() - start)
+        statuses = Counter(future.result(timeout=60) for future in unknown)
+    assert statuses == {503: 200}, statuses
+    # At worst the calls queued behind those waiting for a slot, which give up after STALL (5 to 15 s before).
+    assert len(waits) >= 6 and max(waits) < STALL + 2, waits

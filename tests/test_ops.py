@@ -70,7 +70,7 @@ def test_readiness_is_503_when_the_key_store_cannot_be_reached(serve: Serve, ups
         port = closed.getsockname()[1]
         base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}], master_key="sk-ready-2",
                      database_url=f"postgresql://postgres:pw-ready-2@127.0.0.1:{port}/test")  # fmt: skip
-        for _ in range(2):  # a failed opening is tried again at the next probe, and fails again
+        for _ in range(2):  # the second probe comes within the cool-off after a failed opening: 503 at once
             answer = requests.get(f"{base}/health/readiness", timeout=30)
             assert answer.status_code == 503
             assert (answer.json()["status"], answer.json()["db"]) == ("unhealthy", "unreachable")

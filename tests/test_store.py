@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,22 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 import passthru.keys
-from passthru.db import SQLITE_BUSY_MS, VERSION_TABLE, current_revision, head_revision, migrate, open_engine, upgrade
+from passthru.db import (
+    SQLITE_BUSY_MS,
+    VERSION_TABLE,
+    current_revision,
+    head_revision,
+    migrate,
+    open_engine,
+    pool_slots,
+    upgrade,
+)
 from passthru.errors import KeyStoreError, RequestError
 from passthru.key_records import NewKey, SpendEntry
 from passthru.keys import SqlKeyStore, open_store
 from passthru.schema import metadata
+from passthru.store import COOL_OFF, LazyStore
+from passthru.store_guard import STALL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -299,3 +310,50 @@ def test_pages_newest_first(store: SqlKeyStore) -> None:
     last, _ = store.page(3, 2)
     assert [i.token for i in last] == tokens[:1]
     assert [i.token for i in store.page(1, 10, key_alias="k3")[0]] == [tokens[3]]
+
+
+# --- a store that does not answer ------------------------------------------------------------------------------
+
+
+def _timed(calls: int, call: Callable[[], object]) -> list[float]:
+    """Make `calls` calls at once, each on its own thread; the seconds each took to fail with KeyStoreError."""
+    took: list[float] = []
+
+    def one() -> None:
+        start = time.monotonic()
+        try:
+            call()
+        except KeyStoreError:
+            took.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(calls)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 12  # one deadline for all: a test that fails still ends within it
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sorted(took)
+
+
+def test_a_store_that_does_not_answer_holds_no_more_threads_than_its_connections(blackhole: int) -> None:
+    """40 calls at once: those that got a connection slot wait for the connect timeout (5 s); the others fail once
+    the store has made no progress for STALL, instead of waiting in the pool (10 s). Then calls fail at once."""
+    store = SqlKeyStore(open_engine(f"postgresql+psycopg://postgres@127.0.0.1:{blackhole}/test"))
+    try:
+        took = _timed(40, lambda: store.find("0" * 64))
+        assert len(took) == 40, took
+        assert len([t for t in took if t > STALL + 0.5]) <= pool_slots(store.engine), took
+        assert _timed(10, lambda: store.find("0" * 64))[-1] < 0.2  # cooling off: no connect tried
+    finally:
+        store.close()
+
+
+def test_a_failed_opening_is_not_waited_for_again(blackhole: int) -> None:
+    """A store that must be migrated on first use and cannot be reached: the first opening is waited for (5 s), then
+    calls fail at once for COOL_OFF; after it, one call tries again while the others still fail at once."""
+    lazy = LazyStore(f"postgresql+psycopg://postgres@127.0.0.1:{blackhole}/test")
+    assert len(_timed(10, lazy.open)) == 10
+    assert _timed(20, lazy.open)[-1] < 0.2
+    time.sleep(COOL_OFF)
+    took = _timed(10, lazy.open)
+    assert len(took) == 10 and took[-2] < 0.2 and took[-1] > 4, took  # one tried, the others did not wait for it
