@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from passthru.key_records import NewKey, SpendEntry  # noqa: E402
-from passthru.keys import open_store  # noqa: E402
-from passthru.spend import entry_id  # noqa: E402
+from passthru.keystore.records import NewKey, SpendEntry  # noqa: E402
+from passthru.keystore.spend import entry_id  # noqa: E402
+from passthru.keystore.sql import open_store  # noqa: E402
 
 BATCH = 35
 

@@ -84,8 +84,8 @@ def on_starting(server):
     migrated and skip that step.
     """
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.keystore.store import migrate_in_child
     from passthru.server_config import accept_from_environment
-    from passthru.store import migrate_in_child
 
     try:
         settings = accept_from_environment(os.environ)
@@ -108,8 +108,8 @@ def on_reload(server):
     The new workers run whatever the master last accepted, so on a refusal they keep the previous config.
     """
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.keystore.store import migrate_in_child
     from passthru.server_config import accept_from_environment
-    from passthru.store import migrate_in_child
 
     try:
         settings = accept_from_environment(os.environ)

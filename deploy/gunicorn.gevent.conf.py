@@ -45,8 +45,8 @@ def _in_child(hook, server):
     """Run a hook of the default config in a forked child and bring back what it set for workers.
 
     The hook sets private variables naming the accepted config (passthru.server_config.accept_from_environment) and
-    the migrated store (passthru.store.MIGRATED_VARIABLE), or drops the latter; they come back over a pipe as JSON,
-    since the child's environment dies with it.
+    the migrated store (passthru.keystore.store.MIGRATED_VARIABLE), or drops the latter; they come back over a pipe
+    as JSON, since the child's environment dies with it.
     """
     reader, writer = os.pipe()
     pid = os.fork()

@@ -13,9 +13,9 @@ from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
 from passthru.key_api import build_key_api
+from passthru.keystore.store import LazyStore
 from passthru.logs import access_line, configure_logging, log
 from passthru.server_config import ServerSettings, load_from_environment, read_server_settings
-from passthru.store import LazyStore
 
 
 def create_app(

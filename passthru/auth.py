@@ -12,8 +12,8 @@ from typing import Any, Protocol
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
 from passthru.exchange import Finish
-from passthru.key_records import KeyInfo, KeyStore, Refusal
-from passthru.store import LazyStore
+from passthru.keystore.records import KeyInfo, KeyStore, Refusal
+from passthru.keystore.store import LazyStore
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")

@@ -3,7 +3,7 @@
 Field names are LiteLLM's own (`general_settings.pass_through_endpoints[i].include_subpath`), so one file runs in
 both. Unlike LiteLLM, nothing is skipped or defaulted silently: a problem raises ConfigError naming the file, the
 entry and the field, and never quotes a secret. Here: the document, general_settings and each endpoint entry; one field
-at a time in config_fields.py, the key store's URL in database_url.py, the server's environment in server_config.py.
+at a time in config_fields.py, the key store's URL in keystore/url.py, the server's environment in server_config.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from passthru.config_fields import FieldReader, kind
-from passthru.database_url import read_database_url
 from passthru.errors import ConfigError
+from passthru.keystore.url import read_database_url
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0

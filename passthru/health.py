@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify
 
 from passthru.config import Settings
 from passthru.errors import KeyStoreError
-from passthru.store import LazyStore
+from passthru.keystore.store import LazyStore
 
 
 def build_blueprint(settings: Settings, version: str, store: LazyStore | None) -> Blueprint:

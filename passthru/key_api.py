@@ -30,8 +30,8 @@ from passthru.key_fields import (
     Fields,
     token_of,
 )
-from passthru.key_records import KeyInfo, KeyStore, NewKey, SpendEntry
-from passthru.store import LazyStore
+from passthru.keystore.records import KeyInfo, KeyStore, NewKey, SpendEntry
+from passthru.keystore.store import LazyStore
 
 Operation = Callable[[KeyStore, Fields], Any]
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from passthru import key_api, key_fields
 from passthru.config import Settings, load_settings
-from passthru.db import migrate
 from passthru.errors import ConfigError, PassthruError
-from passthru.key_records import KeyStore
-from passthru.keys import open_store
+from passthru.keystore.engine import migrate
+from passthru.keystore.records import KeyStore
+from passthru.keystore.sql import open_store
 from passthru.logs import configure_logging
 from passthru.server_config import read_server_settings
 

@@ -102,7 +102,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture
 def store(database_url: str) -> Iterator[Any]:
     """The key store itself (keys.SqlKeyStore), migrated, on each backend."""
-    from passthru.keys import open_store  # here: the test process loads SQLAlchemy only for the tests that use it
+    from passthru.keystore.sql import (
+        open_store,  # here: the test process loads SQLAlchemy only for the tests that use it
+    )
 
     opened = open_store(database_url)
     try:

@@ -376,7 +376,7 @@ def test_database_url_forms(value: str, url: str, shown: str) -> None:
      "sqlite:///relative/keys.db", "sqlite+pysqlite:////abs/keys.db?timeout=3"],
 )  # fmt: skip
 def test_database_url_reads_as_sqlalchemy_reads_it(value: str) -> None:
-    """database_url.py checks the URL without SQLAlchemy (the master never imports it): both must read it the same."""
+    """keystore/url.py checks the URL without SQLAlchemy (the master never imports it): both must read it the same."""
     settings = settings_of([], master_key="sk-1", database_url=value)
     assert settings.database_url is not None and settings.database_shown is not None
     ours, theirs = make_url(settings.database_url), make_url(value)

@@ -18,9 +18,9 @@ from conftest import ROOT, Gunicorn, start_gunicorn, write_config
 from test_deploy import require_gevent, worker_pid
 from upstream import Upstream, wait_until
 
-from passthru import db, keys, store
-from passthru.db import current_revision, head_revision, open_engine
 from passthru.errors import KeyStoreError
+from passthru.keystore import engine, sql, store
+from passthru.keystore.engine import current_revision, head_revision, open_engine
 
 MASTER = "sk-master-key-for-footprint"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -170,7 +170,7 @@ def test_migration_child_migrates_and_tells_the_workers(database_url: str, marke
     def schema_check(url: str) -> None:
         raise AssertionError(f"{url} was migrated by the master: no schema check")
 
-    monkeypatch.setattr(keys, "open_store", schema_check)
+    monkeypatch.setattr(sql, "open_store", schema_check)
     lazy = store.LazyStore(database_url)
     try:
         assert lazy.open().keys.find("0" * 64) is None
@@ -189,7 +189,7 @@ def test_migration_child_failing_says_why_in_one_line(marker: None) -> None:
 
 
 def test_migration_child_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch, marker: None) -> None:
-    monkeypatch.setattr(db, "migrate", lambda url: time.sleep(30))  # the child is a fork: it runs this too
+    monkeypatch.setattr(engine, "migrate", lambda url: time.sleep(30))  # the child is a fork: it runs this too
     started = time.monotonic()
     with pytest.raises(KeyStoreError, match=r"took more than 0.5 s and was stopped"):
         store.migrate_in_child("sqlite:///never-migrated.db", timeout=0.5)
@@ -202,7 +202,7 @@ def test_migration_child_never_quotes_the_password(monkeypatch: pytest.MonkeyPat
     def broken(url: str) -> str:
         raise RuntimeError(f"cannot use {url}")
 
-    monkeypatch.setattr(db, "migrate", broken)
+    monkeypatch.setattr(engine, "migrate", broken)
     with pytest.raises(KeyStoreError) as info:
         store.migrate_in_child("postgresql+psycopg://u:pw%2Fsecret-8@127.0.0.1:1/test")
     said = str(info.value) + capfd.readouterr().err  # the child's traceback goes to the master's stderr
@@ -214,6 +214,6 @@ def test_migration_child_with_an_unexpected_error_says_what(monkeypatch: pytest.
     def broken(url: str) -> str:
         raise RuntimeError("no migrations folder")
 
-    monkeypatch.setattr(db, "migrate", broken)
+    monkeypatch.setattr(engine, "migrate", broken)
     with pytest.raises(KeyStoreError, match="^migrating the key store failed: RuntimeError: no migrations folder$"):
         store.migrate_in_child("sqlite:///never-migrated.db")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from passthru import create_app
 from passthru.key_fields import MAX_BODY_BYTES
-from passthru.key_records import NewKey, SpendEntry
+from passthru.keystore.records import NewKey, SpendEntry
 
 MASTER = "sk-1234"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}

@@ -17,7 +17,7 @@ import requests
 from upstream import Upstream, wait_until
 
 from passthru.auth import CACHE_SECONDS, UNKNOWN_READS
-from passthru.keys import SqlKeyStore
+from passthru.keystore.sql import SqlKeyStore
 
 MASTER = "sk-1234"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}

@@ -15,7 +15,7 @@ from conftest import ROOT, write_config
 from upstream import Upstream
 
 from passthru.cli import main
-from passthru.db import head_revision
+from passthru.keystore.engine import head_revision
 
 MASTER = "sk-master-for-the-cli"
 

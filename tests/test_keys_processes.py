@@ -23,8 +23,8 @@ from conftest import PROXY_VARIABLES, ROOT, Gunicorn, StoreRelay, free_port, wai
 from upstream import Upstream, wait_until
 
 from passthru.auth import CACHE_SECONDS
-from passthru.leases import HOLD, SHARE
-from passthru.store_guard import STALL
+from passthru.keystore.guard import STALL
+from passthru.keystore.leases import HOLD, SHARE
 
 MASTER = "sk-master-key-for-processes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}

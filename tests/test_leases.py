@@ -15,12 +15,12 @@ import sqlalchemy as sa
 from test_store import new_key
 from upstream import wait_until
 
-from passthru.db import open_engine
-from passthru.key_records import Refusal, Unused
-from passthru.keys import SqlKeyStore, open_store
-from passthru.leases import SHARE, Leases
-from passthru.schema import keys
-from passthru.spend import SpendWriter
+from passthru.keystore.engine import open_engine
+from passthru.keystore.leases import SHARE, Leases
+from passthru.keystore.records import Refusal, Unused
+from passthru.keystore.schema import keys
+from passthru.keystore.spend import SpendWriter
+from passthru.keystore.sql import SqlKeyStore, open_store
 
 
 @pytest.fixture

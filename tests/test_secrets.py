@@ -195,8 +195,8 @@ def test_client_address_headers_only_from_a_trusted_front(
 
 @pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask-022", "umask-000"])
 def test_the_sqlite_store_is_readable_by_its_owner_only(tmp_path: Path, umask: int) -> None:
-    from passthru.key_records import NewKey
-    from passthru.keys import open_store
+    from passthru.keystore.records import NewKey
+    from passthru.keystore.sql import open_store
 
     path = tmp_path / "keys.db"
     previous = os.umask(umask)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from upstream import wait_until
 
-from passthru import spend
 from passthru.errors import KeyStoreError
-from passthru.key_records import NewKey, SpendEntry, Unused
-from passthru.keys import open_store
-from passthru.spend import SpendWriter
+from passthru.keystore import spend
+from passthru.keystore.records import NewKey, SpendEntry, Unused
+from passthru.keystore.spend import SpendWriter
+from passthru.keystore.sql import open_store
 
 
 class FlakyStore:

@@ -17,8 +17,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-import passthru.keys
-from passthru.db import (
+import passthru.keystore.sql
+from passthru.errors import KeyStoreError, RequestError
+from passthru.keystore.engine import (
     SQLITE_BUSY_MS,
     VERSION_TABLE,
     current_revision,
@@ -28,12 +29,11 @@ from passthru.db import (
     pool_slots,
     upgrade,
 )
-from passthru.errors import KeyStoreError, RequestError
-from passthru.key_records import NewKey, SpendEntry
-from passthru.keys import SqlKeyStore, open_store
-from passthru.schema import metadata
-from passthru.store import COOL_OFF, LazyStore
-from passthru.store_guard import STALL
+from passthru.keystore.guard import STALL
+from passthru.keystore.records import NewKey, SpendEntry
+from passthru.keystore.schema import metadata
+from passthru.keystore.sql import SqlKeyStore, open_store
+from passthru.keystore.store import COOL_OFF, LazyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_upgrade_again_is_a_no_op(store: SqlKeyStore) -> None:
 
 
 def test_processes_racing_to_migrate_all_succeed(database_url: str) -> None:
-    code = "import sys; from passthru.db import migrate; print(migrate(sys.argv[1]))"
+    code = "import sys; from passthru.keystore.engine import migrate; print(migrate(sys.argv[1]))"
     racers = [
         subprocess.Popen(
             [sys.executable, "-c", code, database_url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -216,14 +216,14 @@ class Spy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int = 0) -> None:
         self.sql: list[str] = []
         self.fail_at = fail_at
-        real = passthru.keys.dbapi_cursor
+        real = passthru.keystore.sql.dbapi_cursor
 
         @contextmanager
         def spied(engine: sa.Engine, *, atomic: bool = False) -> Iterator[Any]:
             with real(engine, atomic=atomic) as cursor:
                 yield _SpiedCursor(self, cursor, engine.dialect.loaded_dbapi.OperationalError)
 
-        monkeypatch.setattr(passthru.keys, "dbapi_cursor", spied)
+        monkeypatch.setattr(passthru.keystore.sql, "dbapi_cursor", spied)
 
 
 class _SpiedCursor:

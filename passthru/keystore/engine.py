@@ -20,8 +20,8 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from passthru.database_url import masked
 from passthru.errors import KeyStoreError
+from passthru.keystore.url import masked
 
 if TYPE_CHECKING:
     from alembic.config import Config

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from passthru.key_records import KeyInfo, KeyStore, Refusal, Unused
+from passthru.keystore.records import KeyInfo, KeyStore, Refusal, Unused
 
 HOLD = 1.0  # seconds a lease is used for: the bound on blocking, deleting and expiry (auth.CACHE_SECONDS)
 MOST = 64  # calls in one lease at most

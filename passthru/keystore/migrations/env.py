@@ -1,16 +1,17 @@
-"""Alembic's entry point: migrate on the connection (and inside the transaction) that passthru.db.upgrade opened.
+"""Alembic's entry point: migrate on the connection (and inside the transaction) that engine.upgrade opened.
 
-A new migration is a new file in versions/: `python -c "from alembic import command; from passthru.db import
-alembic_config; command.revision(alembic_config(), 'what changes')"` writes one from script.py.mako; write its
-operations by hand so that the schema matches the tables in passthru/schema.py (tests/test_store.py checks that).
+A new migration is a new file in versions/: `python -c "from alembic import command; from
+passthru.keystore.engine import alembic_config; command.revision(alembic_config(), 'what changes')"` writes one from
+script.py.mako; write its operations by hand so that the schema matches the tables in passthru/keystore/schema.py
+(tests/test_store.py checks that).
 """
 
 from __future__ import annotations
 
 from alembic import context
 
-from passthru.db import VERSION_TABLE
-from passthru.schema import metadata
+from passthru.keystore.engine import VERSION_TABLE
+from passthru.keystore.schema import metadata
 
 if context.is_offline_mode():
     raise SystemExit("passthru migrates a live database only (no --sql mode)")

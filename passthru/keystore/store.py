@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import unquote
 
-from passthru.database_url import password_spans
 from passthru.errors import KeyStoreError
-from passthru.key_records import KeyStore
-from passthru.leases import Leases
-from passthru.spend import SpendWriter
+from passthru.keystore.leases import Leases
+from passthru.keystore.records import KeyStore
+from passthru.keystore.spend import SpendWriter
+from passthru.keystore.url import password_spans
 
 log = logging.getLogger("passthru")
 
@@ -35,7 +35,7 @@ MIGRATED_VARIABLE = "_PASSTHRU_MIGRATED"
 # A migration may wait for other processes' locks (SQLite's write lock, PostgreSQL's advisory lock): not forever.
 MIGRATION_TIMEOUT = 60.0
 # After the store was found unreachable, calls that need it fail at once for this long; then one call at a time tries
-# it again (the others still fail at once). Short: a store back up is used within a second. (store_guard.py too.)
+# it again (the others still fail at once). Short: a store back up is used within a second. (guard.py too.)
 COOL_OFF = 1.0
 UNAVAILABLE = "the key store is unavailable; try again shortly"
 
@@ -98,8 +98,8 @@ class LazyStore:
 
 
 def _open(url: str) -> OpenedStore:
-    from passthru.db import open_engine
-    from passthru.keys import SqlKeyStore, open_store
+    from passthru.keystore.engine import open_engine
+    from passthru.keystore.sql import SqlKeyStore, open_store
 
     try:
         if os.environ.get(MIGRATED_VARIABLE) == _marker(url):
@@ -151,7 +151,7 @@ def _migrate_and_exit(url: str, writer: int) -> NoReturn:
         # gunicorn's handlers would only queue a signal in this copy of the master: a stop must stop the child too.
         for number in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
             signal.signal(number, signal.SIG_DFL)
-        from passthru.db import migrate
+        from passthru.keystore.engine import migrate
 
         migrate(url)
         code = 0

@@ -1,5 +1,5 @@
 """The key store on SQLAlchemy: the few queries on virtual keys and their spend log (tables in schema.py), behind the
-KeyStore Protocol (key_records.py, with the records it takes and returns).
+KeyStore Protocol (records.py, with the records it takes and returns).
 
 For a key with limits or an expiry, what a call is decided on (blocked, expiry, budget, the rpm window) is checked
 and counted by one atomic UPDATE on the store's own clock, so every worker and every host sharing the store counts
@@ -23,11 +23,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError
 
-from passthru.db import READ_ONLY, Statement, dbapi_cursor, ensure_schema, open_engine, pool_slots
 from passthru.errors import RequestError
-from passthru.key_records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry, Unused
-from passthru.schema import keys, spend_logs, store_now
-from passthru.store_guard import StoreGuard
+from passthru.keystore.engine import READ_ONLY, Statement, dbapi_cursor, ensure_schema, open_engine, pool_slots
+from passthru.keystore.guard import StoreGuard
+from passthru.keystore.records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry, Unused
+from passthru.keystore.schema import keys, spend_logs, store_now
 
 log = logging.getLogger("passthru")
 

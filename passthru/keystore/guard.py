@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from passthru.db import describe
 from passthru.errors import KeyStoreError
-from passthru.store import COOL_OFF, UNAVAILABLE
+from passthru.keystore.engine import describe
+from passthru.keystore.store import COOL_OFF, UNAVAILABLE
 
 log = logging.getLogger("passthru")
 

@@ -15,7 +15,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-# A migration is a snapshot: it spells the tables out rather than importing passthru/schema.py, which will change.
+# A migration is a snapshot: it spells the tables out rather than importing keystore/schema.py, which will change.
 _JSON = sa.JSON(none_as_null=True)
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from passthru.errors import KeyStoreError
-from passthru.key_records import KeyStore, SpendEntry, Unused
+from passthru.keystore.records import KeyStore, SpendEntry, Unused
 
 log = logging.getLogger("passthru")
 

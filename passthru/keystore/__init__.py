@@ -1,0 +1,14 @@
+"""The key store: virtual keys and their spend, behind the KeyStore Protocol (records.py).
+
+    records.py   what the store takes and returns, and the Protocols the app's modules depend on
+    store.py     the store of a server process: opened on first use, migrated by the gunicorn master in a child
+    sql.py       the store on SQLAlchemy Core: the per-call admission and spend statements, and the /key/* operations
+    guard.py     every call into the store: driver errors as 503, a store that stalls or is down failed fast
+    leases.py    a busy key's calls admitted a few at a time
+    spend.py     the spend log writer, one thread per worker, in batches
+    engine.py    the engine (SQLite pragmas, pools), and the schema migrated with Alembic (migrations/)
+    schema.py    the tables
+    url.py       the database URL, read from the config and shown with its passwords masked (no SQLAlchemy)
+
+Only records.py and url.py are imported before the store is opened: SQLAlchemy loads with the store (store.py).
+"""

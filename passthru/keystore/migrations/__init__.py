@@ -1,0 +1,1 @@
+"""Alembic migrations of the key store; run in code by passthru.keystore.engine.upgrade (no alembic.ini needed)."""
