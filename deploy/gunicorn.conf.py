@@ -22,9 +22,11 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '4000')}"
 # minutes, a large upload) holds one thread for as long as it lasts. The sync worker would hold a whole
 # process per call and kill it after `timeout`. Hundreds of streams per host are fine; for thousands a thread
 # each costs too much memory: use deploy/gunicorn.gevent.conf.py (a greenlet each).
-# The worker is gunicorn's gthread, except that the thread which answered a kept-alive connection serves its next
-# request itself when it comes within 1 ms and no other request is being served, instead of a round trip through
-# gthread's main thread: 0.15-0.28 ms less per request at one connection here (passthru/worker.py).
+# The worker is gunicorn's gthread, except that request heads are read in its poller (a thread is given only to a
+# whole head, so slow clients cannot take the threads; see worker_connections), and that the thread which answered a
+# kept-alive connection serves its next request itself when it comes within 1 ms and no other request is being
+# served, instead of a round trip through gthread's main thread: 0.15-0.28 ms less per request at one connection
+# here (passthru/worker.py).
 worker_class = "passthru.worker.KeepAliveThreadWorker"
 # Processes give CPU parallelism (2 per core: requests spend most of their time waiting on the upstream);
 # WEB_CONCURRENCY is the PaaS convention for overriding it.

@@ -17,7 +17,7 @@ globals().update({name: value for name, value in _default.items() if not name.st
 # gunicorn's gevent worker monkey-patches the standard library (socket, ssl, threading, ...) when it starts,
 # so the blocking code of requests and urllib3 yields to other greenlets. That works only for modules
 # imported after the patch: preload_app stays False (the app is imported in the worker, after it), and the
-# master never imports passthru (see on_starting).
+# master never imports passthru's app (see on_starting; the worker class below imports none of it).
 # gunicorn's gevent worker, with each request head's wait bounded by $PASSTHRU_HEADER_TIMEOUT as well as keepalive
 # (passthru/gevent_worker.py: it imports nothing of the app).
 worker_class = "passthru.gevent_worker.HeadDeadlineGeventWorker"
