@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 # Seconds a request head may take to arrive whole: from the connection's accept for its first request, and from
 # the first byte of each later one on a kept-alive connection (until that byte, gunicorn's `keepalive` bounds the
-# wait). Past it the connection is closed.
+# wait; gevent workers count that wait in, see gevent_worker.py). Past it the connection is closed.
 HEADER_TIMEOUT_VARIABLE = "PASSTHRU_HEADER_TIMEOUT"
 DEFAULT_HEADER_TIMEOUT = 5.0
 
