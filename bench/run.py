@@ -3,9 +3,9 @@
 Starts nginx (a fixed upstream and a proxy to it), tests/upstream.py (SSE), bench/ceiling.py and passthru under
 deploy/gunicorn.conf.py (a second passthru keeps its keys in PostgreSQL), all on free 127.0.0.1 ports; measures every
 configuration in alternating rounds (ratios within one run are what count on a noisy machine), then slow streams
-under the default and the gevent config; prints a markdown report and writes it to bench/out/latest.md.
-Everything it starts runs in its own process group and is killed on the way out, whatever the way out is; the
-PostgreSQL database it makes is dropped.
+and slow request heads under the default and the gevent config; prints a markdown report and writes it to
+bench/out/latest.md. Everything it starts runs in its own process group and is killed on the way out, whatever the
+way out is; the PostgreSQL database it makes is dropped.
 """
 
 from __future__ import annotations
@@ -71,16 +71,18 @@ class Plan:
     slow_streams: int  # SSE streams opened at once against a fresh passthru (gthread: --conf and --slow-conf)
     gevent_streams: int  # the same under deploy/gunicorn.gevent.conf.py, which is meant to hold thousands
     slow_window: float  # seconds allowed for them all to get their first event
+    slow_heads: int  # connections trickling request heads a byte a second to one fresh worker, per config
+    slow_heads_seconds: float  # how long normal requests are timed beside them
     repeat_pairs: int  # downloads + uploads of transfer_bytes, one after another, through a fresh one-worker passthru
     watchdog: int  # the whole run is cut after this many seconds
 
 
 FULL = Plan(rounds=3, throughput_seconds=10, latency_seconds=5, transfer_bytes=GIB, sse_streams=10, sse_events=11,
-            sse_gap=0.02, startups=3, slow_streams=300, gevent_streams=1000, slow_window=15.0, repeat_pairs=8,
-            watchdog=1200)  # fmt: skip
+            sse_gap=0.02, startups=3, slow_streams=300, gevent_streams=1000, slow_window=15.0, slow_heads=1000,
+            slow_heads_seconds=12.0, repeat_pairs=8, watchdog=1260)  # fmt: skip
 QUICK = Plan(rounds=3, throughput_seconds=3, latency_seconds=2, transfer_bytes=256 * MIB, sse_streams=4, sse_events=11,
-             sse_gap=0.02, startups=2, slow_streams=300, gevent_streams=1000, slow_window=10.0, repeat_pairs=4,
-             watchdog=480)  # fmt: skip
+             sse_gap=0.02, startups=2, slow_streams=300, gevent_streams=1000, slow_window=10.0, slow_heads=1000,
+             slow_heads_seconds=8.0, repeat_pairs=4, watchdog=540)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -723,6 +725,48 @@ def slow_streams(port: int, target: str, count: int, window: float, settle: floa
         sel.close()
 
 
+@dataclass
+class SlowHeads:
+    """One slow-heads row: how long each normal request took beside the trickled heads, and what became of those."""
+
+    seconds: list[float]  # each normal request, in order
+    failed: int  # normal requests not answered 200 within 3 s
+    held: int  # trickled connections open when timing began
+    dropped: list[float]  # seconds each trickled connection the server closed had been open
+
+
+def slow_heads(port: int, count: int, seconds: float) -> SlowHeads:
+    """`count` connections trickling one never-ending request head each, a byte a second (tests/trickle.py: one
+    thread, each connection opened again when the server drops it), while a small POST on a fresh connection goes
+    every 0.5 s for `seconds`: what a client without nginx in front can do to one worker.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    from trickle import Trickle  # standard library only, shared with tests/abuse
+
+    head = f"POST /small HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n".encode()
+    times: list[float] = []
+    failed = 0
+    with Trickle(port, count, head, seconds=seconds + 25) as trickle:
+        try:
+            trickle.wait_open(20)
+        except AssertionError as exc:
+            raise RuntimeError(f"slow heads: {exc}") from None
+        held = trickle.open_now
+        end = time.monotonic() + seconds
+        for _ in range(int(seconds / 0.5) + 1):
+            if time.monotonic() >= end:
+                break
+            started = time.monotonic()
+            try:
+                status, _ = request(port, "POST", "/small", b"{}", {"Content-Type": "application/json"}, timeout=3.0)
+            except OSError:
+                status = 0
+            times.append(time.monotonic() - started)
+            failed += status != 200
+            time.sleep(max(0.0, 0.5 - times[-1]))
+    return SlowHeads(times, failed, held, sorted(trickle.closed_by_server))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -785,6 +829,7 @@ class Results:
     startup: dict[str, list[float]] = field(default_factory=dict)
     idle_rss_kb: dict[str, list[int]] = field(default_factory=dict)
     slow: dict[SlowCase, tuple[int, int, float]] = field(default_factory=dict)
+    heads: dict[str, SlowHeads] = field(default_factory=dict)  # by gunicorn config
     repeated_rss_kb: list[int] = field(default_factory=list)  # one worker: settled, then after each pair
     workers: int = 0
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -996,6 +1041,18 @@ def run(args: argparse.Namespace) -> str:
         res.slow[case] = held
         log(f"slow streams ({case.conf}): {held[0]} of {case.streams} held at once, {held[1]} failed")
 
+    # Slow heads: a fresh passthru of one worker per config, the issue's 1,000 trickled heads beside normal requests.
+    for case in cases:
+        server = start_gunicorn("passthru-heads", "wsgi:app", case.conf, config, tmp, "/small", WEB_CONCURRENCY="1")
+        try:
+            settled_workers(server)
+            heads = slow_heads(server.port, plan.slow_heads, plan.slow_heads_seconds)
+        finally:
+            CHILDREN.stop(server.child, grace=2.0)
+        res.heads[case.conf] = heads
+        log(f"slow heads ({case.conf}): slowest of {len(heads.seconds)} normal requests {max(heads.seconds):.3f} s, "
+            f"{heads.failed} failed")  # fmt: skip
+
     signal.alarm(0)
     return report(res, plan, args, tools)
 
@@ -1163,6 +1220,12 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         rows.append((f"slow SSE streams held at once, `{GEVENT_CONF}`", "—",
                      "not run: gevent is not installed (pip install -r requirements-gevent.txt)", "≥ 1000",
                      "SKIPPED"))  # fmt: skip
+    for conf, heads in res.heads.items():
+        worst, typical = max(heads.seconds), median(heads.seconds)
+        rows.append((f"slow heads: slowest normal request beside {plan.slow_heads} trickled heads, one worker, "
+                     f"`{conf}`", f"{worst * 1000:.0f} ms",
+                     f"{len(heads.seconds)} requests, {heads.failed} failed; median {typical * 1000:.0f} ms",
+                     "≤ 1 s", verdict(heads.failed == 0 and worst <= 1.0)))  # fmt: skip
     rows.append(("`auth: true` (master key) / no auth, throughput", f"{tp['passthru auth'] / tp['passthru']:.2f}",
                  f"{tp['passthru auth']:.0f} vs {tp['passthru']:.0f} req/s; CPU {cpu['passthru auth']:.0f} vs "
                  f"{cpu['passthru']:.0f} µs/request", "—", "info"))  # fmt: skip
@@ -1252,6 +1315,20 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         out.append(f"- `{case.conf}`: {h} of {case.streams} held at once ({f} failed; the last one held after "
                    f"{took:.1f} s).")  # fmt: skip
     out.append(f"- {res.fd_limit}; other gunicorn configs: `--slow-conf deploy/<file>.py` (repeatable).")
+    out += [
+        "",
+        "## Slow heads",
+        "",
+        f"A fresh passthru of one worker per gunicorn config; {plan.slow_heads} connections each trickling a request "
+        "head that never ends, a byte a second, each opened again as soon as passthru drops it (tests/trickle.py), "
+        f"while a small POST on a fresh connection goes every 0.5 s for {plan.slow_heads_seconds:.0f} s.",
+        "",
+    ]
+    for conf, heads in res.heads.items():
+        dropped = (f"{len(heads.dropped)} heads dropped, each after {heads.dropped[0]:.1f}–{heads.dropped[-1]:.1f} s"
+                   if heads.dropped else "no head dropped")  # fmt: skip
+        out.append(f"- `{conf}`: normal requests {', '.join(f'{t * 1000:.0f}' for t in heads.seconds)} ms "
+                   f"({heads.failed} failed); {heads.held} trickling when timing began; {dropped}.")  # fmt: skip
     return "\n".join(out) + "\n"
 
 

@@ -5,6 +5,7 @@ deploy/gunicorn.gevent.conf.py reuses all of this with gevent workers, for thous
 """
 
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -21,9 +22,11 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '4000')}"
 # minutes, a large upload) holds one thread for as long as it lasts. The sync worker would hold a whole
 # process per call and kill it after `timeout`. Hundreds of streams per host are fine; for thousands a thread
 # each costs too much memory: use deploy/gunicorn.gevent.conf.py (a greenlet each).
-# The worker is gunicorn's gthread, except that the thread which answered a kept-alive connection serves its next
-# request itself when it comes within 1 ms and no other request is being served, instead of a round trip through
-# gthread's main thread: 0.15-0.28 ms less per request at one connection here (passthru/worker.py).
+# The worker is gunicorn's gthread, except that request heads are read in its poller (a thread is given only to a
+# whole head, so slow clients cannot take the threads; see worker_connections), and that the thread which answered a
+# kept-alive connection serves its next request itself when it comes within 1 ms and no other request is being
+# served, instead of a round trip through gthread's main thread: 0.15-0.28 ms less per request at one connection
+# here (passthru/worker.py).
 worker_class = "passthru.worker.KeepAliveThreadWorker"
 # Processes give CPU parallelism (2 per core: requests spend most of their time waiting on the upstream);
 # WEB_CONCURRENCY is the PaaS convention for overriding it.
@@ -34,6 +37,19 @@ workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
 # a 2-core host hold 200+ slow streams. passthru's pool keeps up to 256 connections per upstream host
 # (forward.POOL_SIZE): more than these threads can use.
 threads = 128
+# Connections one worker holds at once, calls in flight and request heads still arriving included: it stops accepting
+# at this many. passthru's worker reads heads in its poller (a few KiB each, no thread) and drops one not whole
+# within $PASSTHRU_HEADER_TIMEOUT seconds (5 by default), so clients trickling heads cost connections, not threads;
+# gunicorn's default of 1000 would let 1,000 of them stop a worker from accepting anyone for that long. Kept-alive
+# idle connections count too (and beyond worker_connections - threads of them, answers say Connection: close).
+worker_connections = 4096
+# Each connection is an open file, and so is the upstream connection a call holds: Linux's usual soft limit of 1024
+# would make accept() fail (EMFILE, which ends the worker) long before worker_connections. Raised to what they
+# need, up to the hard limit (the system's real bound); the workers inherit it from the master.
+_need = 2 * worker_connections + 256
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != resource.RLIM_INFINITY and _soft < _need:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_need if _hard == resource.RLIM_INFINITY else min(_need, _hard), _hard))
 
 # Each worker builds its own upstream connection pool after the fork: sockets must never be shared by
 # processes. With gevent, it also means the app is imported after the worker has monkey-patched the stdlib.
@@ -84,14 +100,16 @@ def on_starting(server):
     migrated and skip that step.
     """
     from passthru.errors import ConfigError, KeyStoreError
+    from passthru.heads import header_timeout
     from passthru.keystore.store import migrate_in_child
     from passthru.server_config import accept_from_environment
 
     try:
+        header_timeout(os.environ)  # read again by each worker; a bad value stops here, not at every worker's start
         settings = accept_from_environment(os.environ)
         if settings.database_url is not None:
             migrate_in_child(settings.database_url)
-    except (ConfigError, KeyStoreError) as exc:
+    except (ConfigError, KeyStoreError, ValueError) as exc:
         sys.exit(f"passthru: {exc}")
     for warning in settings.warnings:
         server.log.warning("passthru: %s", warning)

@@ -17,11 +17,13 @@ globals().update({name: value for name, value in _default.items() if not name.st
 # gunicorn's gevent worker monkey-patches the standard library (socket, ssl, threading, ...) when it starts,
 # so the blocking code of requests and urllib3 yields to other greenlets. That works only for modules
 # imported after the patch: preload_app stays False (the app is imported in the worker, after it), and the
-# master never imports passthru (see on_starting).
-worker_class = "gevent"
-# Calls one worker holds open at once (gunicorn's default). Beyond 256 at once to one upstream host, the
-# extra upstream connections are opened per call instead of pooled (forward.POOL_SIZE).
-worker_connections = 1000
+# master never imports passthru's app (see on_starting; the worker class below imports none of it).
+# gunicorn's gevent worker, with each request head's wait bounded by $PASSTHRU_HEADER_TIMEOUT as well as keepalive
+# (passthru/gevent_worker.py: it imports nothing of the app).
+worker_class = "passthru.gevent_worker.HeadDeadlineGeventWorker"
+# worker_connections is the default config's 4096: calls one worker holds open at once, and heads still arriving.
+# Beyond 256 calls at once to one upstream host, the extra upstream connections are opened per call instead of
+# pooled (forward.POOL_SIZE).
 threads = 1  # a gthread setting; gevent workers have no thread pool
 # The prefix of the variables the default hooks set for workers (see _in_child).
 _PRIVATE = "_PASSTHRU_"
