@@ -26,8 +26,8 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '4000')}"
 # whole head, so slow clients cannot take the threads; see worker_connections), and that the thread which answered a
 # kept-alive connection serves its next request itself when it comes within 1 ms and no other request is being
 # served, instead of a round trip through gthread's main thread: 0.15-0.28 ms less per request at one connection
-# here (passthru/worker.py).
-worker_class = "passthru.worker.KeepAliveThreadWorker"
+# here (passthru/server/worker.py).
+worker_class = "passthru.server.worker.KeepAliveThreadWorker"
 # Processes give CPU parallelism (2 per core: requests spend most of their time waiting on the upstream);
 # WEB_CONCURRENCY is the PaaS convention for overriding it.
 workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
@@ -100,8 +100,8 @@ def on_starting(server):
     migrated and skip that step.
     """
     from passthru.errors import ConfigError, KeyStoreError
-    from passthru.heads import header_timeout
     from passthru.keystore.store import migrate_in_child
+    from passthru.server.heads import header_timeout
     from passthru.server_config import accept_from_environment
 
     try:

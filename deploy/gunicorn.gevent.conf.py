@@ -19,8 +19,8 @@ globals().update({name: value for name, value in _default.items() if not name.st
 # imported after the patch: preload_app stays False (the app is imported in the worker, after it), and the
 # master never imports passthru's app (see on_starting; the worker class below imports none of it).
 # gunicorn's gevent worker, with each request head's wait bounded by $PASSTHRU_HEADER_TIMEOUT as well as keepalive
-# (passthru/gevent_worker.py: it imports nothing of the app).
-worker_class = "passthru.gevent_worker.HeadDeadlineGeventWorker"
+# (passthru/server/gevent_worker.py: it imports nothing of the app).
+worker_class = "passthru.server.gevent_worker.HeadDeadlineGeventWorker"
 # worker_connections is the default config's 4096: calls one worker holds open at once, and heads still arriving.
 # Beyond 256 calls at once to one upstream host, the extra upstream connections are opened per call instead of
 # pooled (forward.POOL_SIZE).

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from passthru import __version__, exchange, health, heap, metrics, routes
+from passthru import __version__, exchange, health, metrics, routes
 from passthru.auth import KeyCheck, virtual_key_check
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
@@ -15,6 +15,7 @@ from passthru.forward import new_session
 from passthru.key_api import build_key_api
 from passthru.keystore.store import LazyStore
 from passthru.logs import access_line, configure_logging, log
+from passthru.server import heap
 from passthru.server_config import ServerSettings, load_from_environment, read_server_settings
 
 

@@ -374,7 +374,7 @@ def test_gevent_config_forwards_and_streams(gunicorn: Callable[..., Gunicorn], u
     assert response.status_code == 200, app.output()
     assert response.json()["body_sha256"] == hashlib.sha256(b"x" * 100_000).hexdigest()
     assert_events_one_by_one(event_arrivals(f"{app.url}/sse?n=5&gap=0.3"))
-    assert "Using worker: passthru.gevent_worker.HeadDeadlineGeventWorker" in app.output()
+    assert "Using worker: passthru.server.gevent_worker.HeadDeadlineGeventWorker" in app.output()
     # Patched too late, urllib3 would keep the blocking ssl module, and gevent says so.
     assert "MonkeyPatchWarning" not in app.output()
 

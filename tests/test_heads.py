@@ -1,4 +1,4 @@
-"""passthru/heads.py: $PASSTHRU_HEADER_TIMEOUT read, checked, and refused at start-up with one line when wrong."""
+"""server/heads.py: $PASSTHRU_HEADER_TIMEOUT read, checked, and refused at start-up with one line when wrong."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import start_gunicorn, write_config
 
-from passthru.heads import DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_VARIABLE, header_timeout
+from passthru.server.heads import DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_VARIABLE, header_timeout
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from passthru import heap
+from passthru.server import heap
 
 
 def test_heap_trimmed_once_per_trim_every_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,7 +37,7 @@ def test_heap_trim_is_a_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch) -> 
 
 ARENA_PROBE = """
 import ctypes, sys, threading
-from passthru import heap
+from passthru.server import heap
 if sys.argv[1] == "limit":
     heap.limit_arenas()
 ready, done = threading.Barrier(7), threading.Event()

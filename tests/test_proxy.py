@@ -21,7 +21,8 @@ import pytest
 import requests
 from upstream import GZIP_TEXT, RERANK_RESPONSE, Upstream, wait_until
 
-from passthru import auth, heap, key_api
+from passthru import auth, key_api
+from passthru.server import heap
 
 SEED_QUERY = {
     "model": "rerank-english-v3.0",

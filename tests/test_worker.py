@@ -1,4 +1,4 @@
-"""passthru/worker.py under real gunicorn and the shipped config: keep-alive connections served request after request
+"""server/worker.py under real gunicorn and the shipped config: keep-alive connections served request after request
 by the thread that answered, and handed back to gthread whole (stop, reload, max_requests, pipelining).
 """
 
@@ -17,7 +17,7 @@ from conftest import Gunicorn
 from upstream import Upstream, wait_until
 from wire import port_of
 
-from passthru.worker import MAX_REQUESTS_PER_HANDOFF
+from passthru.server.worker import MAX_REQUESTS_PER_HANDOFF
 
 
 def _entries(upstream: Upstream) -> list[dict[str, object]]:
@@ -61,7 +61,7 @@ def test_one_connection_serves_back_to_back_spaced_and_pipelined_requests(
     gunicorn: Callable[..., Gunicorn], upstream: Upstream
 ) -> None:
     server = gunicorn(_entries(upstream))
-    assert "Using worker: passthru.worker.KeepAliveThreadWorker" in server.output()
+    assert "Using worker: passthru.server.worker.KeepAliveThreadWorker" in server.output()
     with _connection(server) as (sock, reader):
         targets = []
         # Back to back, past two hand-offs to gthread; then spaced past the wait, so gthread's selector takes each.

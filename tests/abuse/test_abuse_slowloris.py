@@ -23,8 +23,8 @@ from gunicorn.config import Config
 from trickle import Trickle
 from wire import Evidence, RawUpstream, Recorder, exchange, open_fds, port_of, workers
 
-from passthru.heads import DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_VARIABLE
-from passthru.worker import head_limits
+from passthru.server.heads import DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_VARIABLE
+from passthru.server.worker import head_limits
 
 
 def shipped(setting: str) -> int:

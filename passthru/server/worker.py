@@ -23,7 +23,7 @@ from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from passthru.heads import header_timeout
+from passthru.server.heads import header_timeout
 
 # How long the thread that answered waits for the next request before handing the connection back. A client on
 # loopback or nginx's keep-alive pool sends it within tens of microseconds of reading the answer (0 ms caught 94 %

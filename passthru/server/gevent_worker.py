@@ -12,7 +12,7 @@ from typing import Any
 import gevent  # type: ignore[import-untyped]  # no stubs pinned; only gevent.Timeout is used
 from gunicorn.workers.ggevent import GeventWorker
 
-from passthru.heads import header_timeout
+from passthru.server.heads import header_timeout
 
 
 class HeadDeadlineGeventWorker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type information
