@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from passthru import __version__, exchange, health, metrics, routes
-from passthru.auth import KeyCheck, virtual_key_check
+from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import new_session
@@ -43,19 +43,20 @@ def create_app(
     heap.limit_arenas()
     app = Flask("passthru", static_folder=None)
     hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
-    key_check: KeyCheck | None = None
-    store = None
-    if settings.master_key is not None and settings.database_url is not None:
+    authenticator = store = None
+    if settings.master_key is not None:
+        # config.py sets database_url exactly when master_key is: virtual keys come with the master key.
+        assert settings.database_url is not None
         store = LazyStore(settings.database_url)
         app.extensions["passthru.key_store"] = store
-        key_check = virtual_key_check(settings.master_key, store)
-        app.register_blueprint(metrics.labelled(build_key_api(store, settings.master_key)))
+        authenticator = Authenticator(settings.master_key, store)
+        app.register_blueprint(metrics.labelled(build_key_api(authenticator, settings.master_key)))
         log.debug("key store: %s, opened on first use", settings.database_shown)
     session = new_session(len(hosts))
-    app.register_blueprint(routes.build_blueprint(settings, session, key_check, server.trusted_proxy))
+    app.register_blueprint(routes.build_blueprint(settings, session, authenticator, server.trusted_proxy))
     app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store)))
     metrics_blueprint = metrics.build_blueprint(
-        settings.master_key if settings.metrics_require_auth else None, server.metrics_dir
+        authenticator if settings.metrics_require_auth else None, server.metrics_dir
     )
     app.register_blueprint(metrics.labelled(metrics_blueprint))
     register_error_handlers(app)

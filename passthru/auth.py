@@ -7,13 +7,12 @@ import hmac
 import re
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
 from passthru.exchange import Finish
-from passthru.keystore.records import KeyInfo, KeyStore, Refusal
-from passthru.keystore.store import LazyStore
+from passthru.keystore.records import KeyInfo, KeyStore, Opened, Refusal, Store
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -29,15 +28,6 @@ CACHE_SECONDS = 1.0
 CACHE_SIZE = 10_000  # keys remembered per worker (and as many unknown ones); past that the memory starts over
 # Store reads a second, per worker, that may find no key (see RecentKeys): what a flood of made-up keys costs at most.
 UNKNOWN_READS = 100
-
-
-class KeyCheck(Protocol):
-    """Decides whether a key may call an endpoint; raises AuthError (or a subclass of PassthruError) if not.
-
-    Returns what to do when the call is over (write its spend log entry), or None when there is nothing to do.
-    """
-
-    def __call__(self, key: str | None, endpoint: Endpoint) -> Finish | None: ...
 
 
 def digest(key: str) -> bytes:
@@ -84,52 +74,44 @@ def headers_carrying(environ: Mapping[str, Any], key_digests: tuple[bytes, ...])
     return frozenset(found)
 
 
-def verify(key: str | None, expected: bytes) -> None:
-    """Raise AuthError unless the key's digest is `expected` (compared in constant time)."""
-    if key is None:
-        raise AuthError("Authentication Error, no api key passed in.")
-    if not hmac.compare_digest(digest(key), expected):
-        raise AuthError("Authentication Error, invalid proxy key.")
+NO_KEY = "Authentication Error, no api key passed in."  # LiteLLM's messages, word for word
+INVALID_KEY = "Authentication Error, invalid proxy key."
 
 
-def require_master_key(environ: Mapping[str, Any], expected: bytes) -> None:
-    """For passthru's own admin routes (/metrics when protected): only the master key passes."""
-    found = read_key(environ)
-    verify(found[0] if found else None, expected)
+class Authenticator:
+    """The one check of a caller's key: for pass-through routes (`admit`), /metrics (`require_master`) and the key
+    API (`require_admin`). The master key passes without the store; any other key is looked up in the store (opened
+    in this worker the first time), through what this worker remembers of keys (RecentKeys)."""
 
+    def __init__(self, master_key: str, store: Store | None) -> None:
+        self.master = digest(master_key)
+        self.store = store
+        self.recent = RecentKeys()
 
-def master_key_check(master_key: str) -> KeyCheck:
-    """The check for a config with only a master_key: that key passes, anything else is 401."""
-    expected = digest(master_key)
-
-    def check(key: str | None, endpoint: Endpoint) -> Finish | None:
-        verify(key, expected)
-        return None
-
-    return check
-
-
-def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
-    """The master key passes without touching the store; a virtual key is admitted by the store when it has limits
-    or an expiry (call by call, or a few at a time: leases.py), and otherwise from what this worker read of it
-    (KeyInfo.counted says why).
-
-    Any other key opens the store (in this worker, the first time), since only the store knows whether it is one.
-    """
-    expected = digest(master_key)
-    recent = RecentKeys()
-
-    def check(key: str | None, endpoint: Endpoint) -> Finish | None:
+    def identify(self, key: str | None) -> tuple[Opened, KeyInfo] | None:
+        """None for the master key; for a virtual key, the opened store and the key's record; AuthError (401) for no
+        key or one the store does not hold."""
         if key is None:
-            raise AuthError("Authentication Error, no api key passed in.")
+            raise AuthError(NO_KEY)
         key_digest = digest(key)
-        if hmac.compare_digest(key_digest, expected):
+        if hmac.compare_digest(key_digest, self.master):
             return None
-        opened = store.open()
-        token = key_digest.hex()
-        info = recent.get(opened.keys, token)
+        if self.store is None:
+            raise AuthError(INVALID_KEY)
+        opened = self.store.open()
+        info = self.recent.get(opened.keys, key_digest.hex())
         if info is None:
-            raise AuthError("Authentication Error, invalid proxy key.")
+            raise AuthError(INVALID_KEY)
+        return opened, info
+
+    def admit(self, key: str | None, endpoint: Endpoint) -> Finish | None:
+        """May this key call this route? The master key always; a virtual key when it is allowed the route and the
+        store (or a lease, leases.py) admits the call, for a key with limits or an expiry, and otherwise from what
+        this worker read of it (KeyInfo.counted says why). Returns the call's spend entry, to write when it ends."""
+        found = self.identify(key)
+        if found is None:
+            return None
+        opened, info = found
         if not route_allowed(info.allowed_routes, endpoint.path):
             raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
         if info.counted:
@@ -138,10 +120,26 @@ def virtual_key_check(master_key: str, store: LazyStore) -> KeyCheck:
                 raise refused(refusal)
         elif info.blocked:
             raise key_refused("blocked")
-        route, cost, charge = endpoint.path, endpoint.cost_per_request, not info.counted
+        token, route, cost, charge = info.token, endpoint.path, endpoint.cost_per_request, not info.counted
         return lambda status, seconds: opened.spend.add(token, route, status, cost, seconds, charge=charge)
 
-    return check
+    def require_master(self, environ: Mapping[str, Any]) -> None:
+        """/metrics when protected: the master key passes, anything else is 401 (the store is never opened)."""
+        found = read_key(environ)
+        if found is None:
+            raise AuthError(NO_KEY)
+        if not hmac.compare_digest(digest(found[0]), self.master):
+            raise AuthError(INVALID_KEY)
+
+    def require_admin(self, environ: Mapping[str, Any]) -> Opened:
+        """The key API: the master key passes (and gets the opened store); a valid virtual key is 403, as in
+        LiteLLM, which only the store can tell from an unknown one (401)."""
+        found = read_key(environ)
+        key = found[0] if found else None
+        if self.identify(key) is not None:
+            raise AccessDenied("only the master key may manage keys and read spend logs")
+        assert self.store is not None  # the key API is served only with a store
+        return self.store.open()
 
 
 def route_allowed(allowed: tuple[str, ...] | None, path: str) -> bool:
@@ -171,7 +169,7 @@ def refused(refusal: Refusal) -> PassthruError:
 def key_refused(reason: str) -> AuthError:
     """The 401 for a key that is blocked, expired or unknown."""
     problem = {"blocked": "this key is blocked", "expired": "this key has expired"}.get(reason)
-    return AuthError(f"Authentication Error, {problem or 'invalid proxy key'}.")
+    return AuthError(f"Authentication Error, {problem}." if problem else INVALID_KEY)
 
 
 class RecentKeys:

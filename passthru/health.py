@@ -6,10 +6,10 @@ from flask import Blueprint, Response, jsonify
 
 from passthru.config import Settings
 from passthru.errors import KeyStoreError
-from passthru.keystore.store import LazyStore
+from passthru.keystore.records import Store
 
 
-def build_blueprint(settings: Settings, version: str, store: LazyStore | None) -> Blueprint:
+def build_blueprint(settings: Settings, version: str, store: Store | None) -> Blueprint:
     """/health/liveliness, and /health/readiness (also /health): route count, version, and the key store's state.
 
     Not ready (503) when a configured key store cannot be reached: virtual keys would all be refused. So readiness

@@ -17,9 +17,9 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from passthru import key_fields
-from passthru.auth import RecentKeys, digest, read_key
+from passthru.auth import Authenticator, digest
 from passthru.config import KEY_API_PATHS
-from passthru.errors import AccessDenied, AuthError, NotFound, RequestError
+from passthru.errors import NotFound, RequestError
 from passthru.key_fields import (
     CUSTOM_KEY,
     MAX_BODY_BYTES,
@@ -31,7 +31,6 @@ from passthru.key_fields import (
     token_of,
 )
 from passthru.keystore.records import KeyInfo, KeyStore, NewKey, SpendEntry
-from passthru.keystore.store import LazyStore
 
 Operation = Callable[[KeyStore, Fields], Any]
 
@@ -176,28 +175,14 @@ def _entry(entry: SpendEntry) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def build_key_api(store: LazyStore, master_key: str) -> Blueprint:
-    """A fresh Blueprint serving KEY_API_PATHS; every call must carry the master key. A call with a key opens the
-    store (in this worker, the first time): the master key's to serve it, any other to tell 403 from 401."""
+def build_key_api(authenticator: Authenticator, master_key: str) -> Blueprint:
+    """A fresh Blueprint serving KEY_API_PATHS; every call must carry the master key (Authenticator.require_admin:
+    a valid virtual key is 403, anything else 401)."""
     blueprint = Blueprint("keys", __name__)
-    master = digest(master_key)
-    recent = RecentKeys()  # a flood of made-up keys here costs what it costs on a route (see RecentKeys)
-
-    def admit() -> KeyStore:
-        found = read_key(request.environ)
-        if found is None:
-            raise AuthError("Authentication Error, no api key passed in.")
-        key_digest = digest(found[0])
-        keys = store.open().keys
-        if hmac.compare_digest(key_digest, master):
-            return keys
-        if recent.get(keys, key_digest.hex()) is not None:
-            raise AccessDenied("only the master key may manage keys and read spend logs")
-        raise AuthError("Authentication Error, invalid proxy key.")
 
     def bind(operation: Operation, from_body: bool) -> Callable[[], Response]:
         def view() -> Response:
-            keys = admit()
+            keys = authenticator.require_admin(request.environ).keys
             if from_body:
                 request.max_content_length = MAX_BODY_BYTES  # past it werkzeug answers 413
                 try:

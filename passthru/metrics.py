@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from passthru.auth import digest, require_master_key
+from passthru.auth import Authenticator
 from passthru.config import ALL_METHODS
 from passthru.exchange import Exchange, of
 
@@ -102,11 +102,10 @@ def labelled(blueprint: Blueprint) -> Blueprint:
     return blueprint
 
 
-def build_blueprint(master_key: str | None, metrics_dir: str | None) -> Blueprint:
+def build_blueprint(authenticator: Authenticator | None, metrics_dir: str | None) -> Blueprint:
     """GET /metrics in Prometheus text format, summed over every worker's files in `metrics_dir` (gunicorn), else
-    this process's own; behind the master key when one is given."""
+    this process's own; behind the master key when an authenticator is given (metrics_require_auth)."""
     blueprint = Blueprint("metrics", __name__)
-    expected = digest(master_key) if master_key else None
     registry = PROCESS_REGISTRY
     if metrics_dir is not None:
         registry = CollectorRegistry()
@@ -114,8 +113,8 @@ def build_blueprint(master_key: str | None, metrics_dir: str | None) -> Blueprin
 
     @blueprint.get("/metrics")
     def metrics() -> Response:
-        if expected is not None:
-            require_master_key(request.environ, expected)
+        if authenticator is not None:
+            authenticator.require_master(request.environ)
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint

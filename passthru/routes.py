@@ -21,7 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response
 
-from passthru.auth import KeyCheck, digest, headers_carrying, read_key
+from passthru.auth import Authenticator, digest, headers_carrying, read_key
 from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, Settings
 from passthru.errors import RequestError
 from passthru.exchange import of
@@ -122,7 +122,7 @@ class Served:
     """One route as the table serves it: what to forward, the key check when auth is on, the methods allowed."""
 
     route: Route
-    key_check: KeyCheck | None
+    authenticator: Authenticator | None  # None on an auth: false route
     methods: frozenset[str]
 
 
@@ -185,7 +185,7 @@ def _any_path_but(own: tuple[str, ...]) -> type[BaseConverter]:
 def build_table(
     settings: Settings,
     session: requests.Session,
-    key_check: KeyCheck | None,
+    authenticator: Authenticator | None,
     trusted_proxy: Callable[[str], bool],
 ) -> RouteTable:
     """Each endpoint compiled and bound to its key check, under its decoded path (config.py refuses clashes)."""
@@ -197,7 +197,7 @@ def build_table(
         methods = set(endpoint.methods) | ({"HEAD"} if "GET" in endpoint.methods else set())
         served = Served(
             compile_route(endpoint, session, trusted_proxy),
-            key_check if endpoint.auth else None,
+            authenticator if endpoint.auth else None,
             frozenset(methods),
         )
         segments = [unquote(part, encoding="latin-1") for part in endpoint.path.split("/") if part]
@@ -212,14 +212,14 @@ def build_table(
 def build_blueprint(
     settings: Settings,
     session: requests.Session,
-    key_check: KeyCheck | None,
+    authenticator: Authenticator | None,
     trusted_proxy: Callable[[str], bool],
 ) -> Blueprint:
     """A fresh Blueprint whose one catch-all rule hands every path werkzeug does not know to the route table."""
     blueprint = Blueprint("passthru", __name__)
     # The master key is stripped from relayed headers on every route, authenticated or not.
     proxy_keys = (digest(settings.master_key),) if settings.master_key else ()
-    view = partial(_serve, build_table(settings, session, key_check, trusted_proxy), proxy_keys)
+    view = partial(_serve, build_table(settings, session, authenticator, trusted_proxy), proxy_keys)
     converter = _any_path_but(BUILT_IN_PATHS + (KEY_API_PATHS if settings.master_key else ()))
 
     def add_converter(state: BlueprintSetupState) -> None:
@@ -248,9 +248,9 @@ def _serve(table: RouteTable, proxy_keys: tuple[bytes, ...], anything: str) -> R
         # This route's 405: a method it does not serve never falls through to a broader route's sub-path.
         raise MethodNotAllowed(valid_methods=sorted(served.methods))
     drop: frozenset[str] = frozenset()
-    if served.key_check is not None:
+    if served.authenticator is not None:
         found = read_key(environ)
-        exchange.on_finish = served.key_check(found[0] if found else None, route.endpoint)
+        exchange.on_finish = served.authenticator.admit(found[0] if found else None, route.endpoint)
         if found:
             proxy_keys = (*proxy_keys, digest(found[0]))
     if route.endpoint.forward_headers and proxy_keys:

@@ -121,3 +121,37 @@ class KeyStore(Protocol):
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Admission(Protocol):
+    """Admits a counted key's call, by the store or from a lease this worker holds (leases.Leases)."""
+
+    def admit(self, info: KeyInfo, cost: float) -> Refusal | None: ...
+
+
+class SpendLog(Protocol):
+    """Queues a finished call's spend log entry, written in batches off the request thread (spend.SpendWriter)."""
+
+    def add(
+        self, token: str, route: str, status: int, cost: float, seconds: float, *, charge: bool = False
+    ) -> None: ...
+
+
+class Opened(Protocol):
+    """The store as a worker uses it once opened (store.OpenedStore)."""
+
+    @property
+    def keys(self) -> KeyStore: ...
+
+    @property
+    def leases(self) -> Admission: ...
+
+    @property
+    def spend(self) -> SpendLog: ...
+
+
+class Store(Protocol):
+    """The key store of a server process, opened by the first call that needs it (store.LazyStore): what auth,
+    health and the key API depend on, so that none of them imports the store's driver."""
+
+    def open(self) -> Opened: ...
