@@ -601,7 +601,7 @@ def warm(path: Path) -> None:
     """Read a file once, so the next transfer of it is served from the page cache.
 
     The machine drops the cache between rounds: without this, whichever download came first in a round ran at
-    about 0.45 GB/s, direct or through passthru, and the others at 2-4 GB/s (bench/RESULTS.md, earlier runs).
+    about 0.45 GB/s, direct or through passthru, and the others at 2-4 GB/s (bench/RESULTS.md's history in git).
     """
     buf = memoryview(bytearray(MIB))
     with open(path, "rb", buffering=0) as f:
@@ -1014,7 +1014,7 @@ def run(args: argparse.Namespace) -> str:
         CHILDREN.stop(passthru_gevent.child)
 
     # Many transfers through one worker: memory a worker never gives back grows with each, which the per-transfer
-    # rows above cannot show (bench/RESULTS.md, "Memory across many transfers").
+    # rows above cannot show (`git show b46f6ce:bench/RESULTS.md`, "Memory across many transfers").
     server = start_gunicorn("passthru-repeat", "wsgi:app", DEFAULT_CONF, config, tmp, "/small", WEB_CONCURRENCY="1")
     try:
         settled_workers(server)
@@ -1083,7 +1083,7 @@ def make_virtual_key(port: int, *, limits: bool = False) -> str:
     Without limits (LiteLLM's default key), a call is admitted from the worker's memory of the key and charged with
     its spend log entry. With `limits` (an rpm_limit and a max_budget it never reaches), every call is admitted,
     counted and charged by the store, a lease of up to leases.MOST calls at a time (a key near its limits is asked
-    for call by call: tests/test_leases.py, and the earlier runs in RESULTS.md, measure that case).
+    for call by call: tests/test_leases.py, and the earlier runs in RESULTS.md's git history, measure that case).
     """
     admin = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
     fields: dict[str, object] = {"key_alias": f"bench-{'limits' if limits else 'plain'}"}

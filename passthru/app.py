@@ -31,8 +31,8 @@ def create_app(
     server's own settings (trusted fronts, log format, metrics folder) are read from the environment unless given.
 
     Call it in the process that serves (after gunicorn forks): it creates this process's upstream connection pool.
-    The key store (when master_key is set) is opened by the first call that needs it (see store.py), and migrated
-    then unless the gunicorn master did.
+    The key store (when master_key is set) is opened by the first call that needs it (see keystore/store.py), and
+    migrated then unless the gunicorn master did.
     """
     if isinstance(config, Settings):
         settings = config

@@ -105,9 +105,9 @@ class Authenticator:
         return opened, info
 
     def admit(self, key: str | None, endpoint: Endpoint) -> Finish | None:
-        """May this key call this route? The master key always; a virtual key when it is allowed the route and the
-        store (or a lease, leases.py) admits the call, for a key with limits or an expiry, and otherwise from what
-        this worker read of it (KeyInfo.counted says why). Returns the call's spend entry, to write when it ends."""
+        """May this key call this route? The master key always; a virtual key when it is allowed the route and, for
+        a key with limits or an expiry, the store (or a lease, keystore/leases.py) admits the call; otherwise from
+        what this worker read of it (KeyInfo.counted says why). Returns the call's spend entry, to write at its end."""
         found = self.identify(key)
         if found is None:
             return None

@@ -3,16 +3,14 @@ request ids and log lines: test_logs.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import Gunicorn
+from conftest import Gunicorn, StoreRelay
 from upstream import Upstream, wait_until
 
 from passthru.config import parse_settings
@@ -78,68 +76,16 @@ def test_readiness_is_503_when_the_key_store_cannot_be_reached(serve: Serve, ups
         assert requests.get(f"{base}/health/liveliness", timeout=10).status_code == 200
 
 
-class Relay:
-    """A TCP relay from a port on 127.0.0.1 to `target`, that can be cut: the listener and every relayed
-    connection closed at once, as when a database server goes away."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)
-        self.port = self.listener.getsockname()[1]
-        self.live: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.acceptor = threading.Thread(target=self._accept, daemon=True)
-        self.acceptor.start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            server = socket.create_connection(self.target, timeout=5)
-            server.settimeout(None)
-            client.settimeout(None)
-            with self.lock:
-                self.live += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.stop.set()
-        self.listener.close()
-        self.acceptor.join(5)
-        with self.lock:
-            for sock in self.live:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-
-def test_readiness_is_503_once_the_key_store_goes_away(postgres_url: str, serve: Serve, upstream: Upstream) -> None:
-    """A real PostgreSQL reached through a relay: ready while it answers, 503 once the relay is cut."""
-    relay = Relay(("127.0.0.1", 5432))
-    try:
-        url = postgres_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{relay.port}/")
-        base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}], master_key="sk-ready-3", database_url=url)
-        answer = requests.get(f"{base}/health/readiness", timeout=30)
-        assert (answer.status_code, answer.json()["db"]) == (200, "connected"), answer.text
-        relay.cut()  # the store goes away after start-up, with connections open in the pool
-        answer = requests.get(f"{base}/health/readiness", timeout=30)
-        assert answer.status_code == 503
-        assert (answer.json()["status"], answer.json()["db"]) == ("unhealthy", "unreachable")
-        assert requests.get(f"{base}/health/liveliness", timeout=10).status_code == 200
-    finally:
-        relay.cut()
+def test_readiness_is_503_once_the_key_store_goes_away(
+    postgres_url: str, store_relay: StoreRelay, serve: Serve, upstream: Upstream
+) -> None:
+    """A real PostgreSQL reached through a relay: ready while it answers, 503 once the store's host goes dark."""
+    url = store_relay.url(postgres_url)
+    base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}], master_key="sk-ready-3", database_url=url)
+    answer = requests.get(f"{base}/health/readiness", timeout=30)
+    assert (answer.status_code, answer.json()["db"]) == (200, "connected"), answer.text
+    store_relay.blackhole()  # the store goes away after start-up, with connections open in the pool
+    answer = requests.get(f"{base}/health/readiness", timeout=30)
+    assert answer.status_code == 503
+    assert (answer.json()["status"], answer.json()["db"]) == ("unhealthy", "unreachable")
+    assert requests.get(f"{base}/health/liveliness", timeout=10).status_code == 200

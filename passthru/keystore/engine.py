@@ -181,7 +181,7 @@ def dbapi_cursor(engine: Engine, *, atomic: bool = False) -> Iterator[Any]:
         if lost:
             raw.invalidate(exc)
         # A statement (its SQL is not at hand here) tells this error from a failed connect, which has none: the
-        # store answered, or lost the connection (store_guard.unreachable).
+        # store answered, or lost the connection (guard.unreachable).
         raise DBAPIError.instance(CURSOR_STATEMENT, None, exc, dbapi_error, connection_invalidated=lost) from exc
     finally:
         with suppress(Exception):

@@ -44,7 +44,7 @@ class SqlKeyStore:
         self.engine = engine
         self.window = window
         self.edits = 0
-        # As many threads inside the store as its pool has connections: none ever waits in the pool (store_guard).
+        # As many threads inside the store as its pool has connections: none ever waits in the pool (guard.py).
         self._guard = StoreGuard(pool_slots(engine))
         self._reads = engine.execution_options(**{READ_ONLY: True})
         c, now = keys.c, store_now()

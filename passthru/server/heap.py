@@ -2,8 +2,9 @@
 
 Each ~1 MiB piece is allocated whole, then shrunk to what recv() returned; glibc's tcache keeps the small cut-off
 tail in use, so a freed piece leaves a hole the next one cannot reuse: a worker grew ~3 MB per GiB relayed, without
-end. malloc_trim(0) returns those holes' pages (bench/RESULTS.md, "Memory across many transfers"). It cannot shrink
-the top of a thread's own arena, which keeps a piece or two resident: so a worker's threads share few arenas.
+end. malloc_trim(0) returns those holes' pages (`git show b46f6ce:bench/RESULTS.md`, "Memory across many
+transfers"). It cannot shrink the top of a thread's own arena, which keeps a piece or two resident: so a worker's
+threads share few arenas.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TRIM_EVERY = 256 * 1024 * 1024
 # keeps its top resident, up to a few MB after large transfers. One worker after rounds of 8 transfers at once:
 # 39-41 MB with 2 arenas, 44-48 with 4, 48-55 with glibc's default. Two interleaved A/Bs of single 1 GiB transfers
 # against the default: uploads -13 % and +10 %, downloads -3 % and -9 % (this host's noise); small requests' CPU
-# the same (bench/RESULTS.md, "Memory after the load").
+# the same (`git show 9e36ef6:bench/RESULTS.md`, "Memory after the load").
 ARENAS = 2
 M_ARENA_MAX = -8  # mallopt's parameter, from glibc's malloc.h
 
