@@ -464,8 +464,9 @@ def test_unknown_keys_cost_a_bounded_number_of_store_reads(proxy: Proxy, monkeyp
     statuses = Counter(call(f"sk-made-up-{n:08d}") for n in range(10 * UNKNOWN_READS))
     seconds = time.monotonic() - start
     assert set(statuses) == {401, 503}, statuses
-    # At most UNKNOWN_READS in each second the flood lasted (a slow machine makes it last longer), not one a call.
-    assert len(reads) <= UNKNOWN_READS * (1 + int(seconds)) and seconds < 9, (len(reads), seconds)
+    # At most UNKNOWN_READS in each second the flood lasted (a slow machine makes it last longer), not one a call:
+    # the seconds it touched, the first of which an earlier miss may have begun (the repeated key's, above).
+    assert len(reads) <= UNKNOWN_READS * (2 + int(seconds)) and seconds < 9, (len(reads), seconds)
     time.sleep(CACHE_SECONDS)  # the known key's entry is out of date: it is read again, flood or not
     statuses = Counter(call(f"sk-made-up-again-{n:08d}") for n in range(UNKNOWN_READS + 10))
     assert statuses[503] > 0 and call(known) == 200
