@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
 
 from flask import Flask
 
@@ -11,7 +10,7 @@ from passthru import __version__, exchange, health, metrics, routes
 from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
-from passthru.forward import new_session
+from passthru.forward import Forwarder
 from passthru.key_api import build_key_api
 from passthru.keystore.store import LazyStore
 from passthru.logs import access_line, configure_logging, log
@@ -42,7 +41,6 @@ def create_app(
     configure_logging(settings.secrets, detailed_debug, server.json_logs)
     heap.limit_arenas()
     app = Flask("passthru", static_folder=None)
-    hosts = {urlsplit(ep.target).netloc for ep in settings.endpoints}
     authenticator = store = None
     if settings.master_key is not None:
         # config.py sets database_url exactly when master_key is: virtual keys come with the master key.
@@ -52,8 +50,9 @@ def create_app(
         authenticator = Authenticator(settings.master_key, store)
         app.register_blueprint(metrics.labelled(build_key_api(authenticator, settings.master_key)))
         log.debug("key store: %s, opened on first use", settings.database_shown)
-    session = new_session(len(hosts))
-    app.register_blueprint(routes.build_blueprint(settings, session, authenticator, server.trusted_proxy))
+    # This worker's transport: its Session and connection pools, made here, after gunicorn forked.
+    forwarder = Forwarder(settings.endpoints, server.trusted_proxy)
+    app.register_blueprint(routes.build_blueprint(settings, forwarder, authenticator))
     app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store)))
     metrics_blueprint = metrics.build_blueprint(
         authenticator if settings.metrics_require_auth else None, server.metrics_dir

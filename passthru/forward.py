@@ -1,7 +1,8 @@
 """The hot path: send the upstream request on the pooled Session and relay the answer as it arrives.
 
-What is sent (target, headers, body) is built by upstream_request.py; this module owns the Session, the call, the
-answer's headers and streamed body, and upstream failures turned into our errors. Nothing here reads a body whole.
+What is sent (target, headers, body) is built by upstream_request.py; this module's Forwarder owns the Session, each
+route's pool, the call, the answer's headers and streamed body, and upstream failures turned into our errors.
+Nothing here reads a body whole.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -19,13 +21,14 @@ from requests.adapters import HTTPAdapter
 from werkzeug.wrappers import Response
 
 from passthru import metrics
-from passthru.config import HEADER_NAME
+from passthru.config import HEADER_NAME, Endpoint
 from passthru.errors import PassthruError, RequestError, UpstreamError, UpstreamTimeout
 from passthru.exchange import Exchange
 from passthru.upstream_request import (
     HOP_BY_HOP,
     CallerBody,
     Route,
+    compile_route,
     connection_tokens,
     request_body,
     upstream_headers,
@@ -116,60 +119,72 @@ class UpstreamResponse(Response):
     default_mimetype = None
 
 
-def forward(
-    route: Route, subpath: str | None, exchange: Exchange, environ: dict[str, Any], drop: frozenset[str]
-) -> Response:
-    """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
-    body, length = request_body(environ)
-    exchange.body = body
-    path = route.endpoint.path
-    method = environ["REQUEST_METHOD"]
-    target = upstream_target(route, subpath, environ.get("QUERY_STRING", ""))
-    headers = upstream_headers(route, environ, drop, exchange.request_id)
-    if length is not None:
-        headers["Content-Length"] = length
-    started = time.perf_counter()
-    try:
-        # No retries (a body cannot be sent twice), no redirects (relayed, not followed), nothing decoded or
-        # preloaded: the answer is relayed as it arrives, and its connection is released when the body is done.
-        upstream = route.pool.urlopen(
-            method,
-            target,
-            body=body,  # type: ignore[arg-type]  # urllib3 only calls body.read()
-            headers=headers,
-            retries=False,
-            redirect=False,
-            assert_same_host=False,
-            timeout=route.timeout,
-            preload_content=False,
-            decode_content=False,
-            release_conn=False,
-            chunked=body is not None and length is None,
-        )
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _upstream_failure(exc, body, route) from exc
-    exchange.upstream_seconds = time.perf_counter() - started
-    status = upstream.status
-    if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
-        log.debug(
-            "forward %s %s -> %s%s headers=[%s] request_length=%s -> %s response_length=%s",
-            method, path, route.endpoint.target_shown, f" +/{subpath}" if subpath else "", ", ".join(headers),
-            length or ("chunked" if body is not None else 0), status,
-            upstream.headers.get("Content-Length", "chunked/close"),
-        )  # fmt: skip
-    try:
-        relayed = response_headers(upstream.headers)
-    except UpstreamError:
-        upstream.close()  # the answer cannot be relayed: neither can this connection carry another one
-        upstream.release_conn()
-        metrics.UPSTREAM_ERRORS.labels(path, "malformed").inc()
-        log.warning("upstream on %s answered with a header that cannot be relayed", path)
-        raise
-    relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path)
-    response = UpstreamResponse(relay, status=status, headers=relayed, direct_passthrough=True)
-    # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
-    response.call_on_close(relay.close)
-    return response
+class Forwarder:
+    """The transport of one worker: its Session, whose adapter holds the pooled connections (TLS verified as requests
+    verifies it); each route's pool, found once; and every call, its failures turned into passthru's errors."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], trusted_proxy: Callable[[str], bool]) -> None:
+        self.session = new_session(len({urlsplit(endpoint.target).netloc for endpoint in endpoints}))
+        self.trusted_proxy = trusted_proxy
+
+    def route(self, endpoint: Endpoint) -> Route:
+        """The endpoint compiled for the hot path, bound to its target host's pool in this worker's Session."""
+        return compile_route(endpoint, self.session, self.trusted_proxy)
+
+    def forward(
+        self, route: Route, subpath: str | None, exchange: Exchange, environ: dict[str, Any], drop: frozenset[str]
+    ) -> Response:
+        """Send the caller's request upstream and return the upstream's answer, streaming, as a WSGI response."""
+        body, length = request_body(environ)
+        exchange.body = body
+        path = route.label
+        method = environ["REQUEST_METHOD"]
+        target = upstream_target(route, subpath, environ.get("QUERY_STRING", ""))
+        headers = upstream_headers(route, environ, drop, exchange.request_id)
+        if length is not None:
+            headers["Content-Length"] = length
+        started = time.perf_counter()
+        try:
+            # No retries (a body cannot be sent twice), no redirects (relayed, not followed), nothing decoded or
+            # preloaded: the answer is relayed as it arrives, and its connection is released when the body is done.
+            upstream = route.pool.urlopen(
+                method,
+                target,
+                body=body,  # type: ignore[arg-type]  # urllib3 only calls body.read()
+                headers=headers,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                timeout=route.timeout,
+                preload_content=False,
+                decode_content=False,
+                release_conn=False,
+                chunked=body is not None and length is None,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _upstream_failure(exc, body, route) from exc
+        exchange.upstream_seconds = time.perf_counter() - started
+        status = upstream.status
+        if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
+            log.debug(
+                "forward %s %s -> %s%s headers=[%s] request_length=%s -> %s response_length=%s",
+                method, path, route.target_shown, f" +/{subpath}" if subpath else "", ", ".join(headers),
+                length or ("chunked" if body is not None else 0), status,
+                upstream.headers.get("Content-Length", "chunked/close"),
+            )  # fmt: skip
+        try:
+            relayed = response_headers(upstream.headers)
+        except UpstreamError:
+            upstream.close()  # the answer cannot be relayed: neither can this connection carry another one
+            upstream.release_conn()
+            metrics.UPSTREAM_ERRORS.labels(path, "malformed").inc()
+            log.warning("upstream on %s answered with a header that cannot be relayed", path)
+            raise
+        relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path)
+        response = UpstreamResponse(relay, status=status, headers=relayed, direct_passthrough=True)
+        # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
+        response.call_on_close(relay.close)
+        return response
 
 
 def response_headers(headers: urllib3.HTTPHeaderDict) -> list[tuple[str, str]]:
@@ -210,11 +225,11 @@ def _upstream_failure(exc: BaseException, body: CallerBody | None, route: Route)
         kind = "timeout"
     else:
         kind = "reset"
-    path = route.endpoint.path
+    path = route.label
     metrics.UPSTREAM_ERRORS.labels(path, kind).inc()
     log.warning("upstream %s on %s: %s", kind, path, _describe(exc))
     if kind == "timeout":
-        return UpstreamTimeout(f"the upstream did not answer within {route.endpoint.timeout:g}s")
+        return UpstreamTimeout(f"the upstream did not answer within {route.seconds:g}s")
     return UpstreamError("the upstream could not be reached or broke the connection")
 
 

@@ -8,13 +8,12 @@ inside it: the path that picks the route, and so its auth, methods and cost, is 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-import requests
 from flask import Blueprint, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -22,11 +21,11 @@ from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response
 
 from passthru.auth import Authenticator, digest, headers_carrying, read_key
-from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, Settings
+from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, Endpoint, Settings
 from passthru.errors import RequestError
 from passthru.exchange import of
-from passthru.forward import forward
-from passthru.upstream_request import Route, compile_route
+from passthru.forward import Forwarder
+from passthru.upstream_request import Route
 
 SEGMENT_SAFE = "!$&'()*+,;=:@-._~"  # RFC 3986 pchar minus "%": a decoded segment is re-encoded with these kept
 # What no segment may hold once decoded, even twice (as a careless upstream might decode): a slash or backslash
@@ -121,6 +120,7 @@ def _loose(segment: str) -> str:
 class Served:
     """One route as the table serves it: what to forward, the key check when auth is on, the methods allowed."""
 
+    endpoint: Endpoint  # what the key check weighs: the route's path (allowed_routes) and cost
     route: Route
     authenticator: Authenticator | None  # None on an auth: false route
     methods: frozenset[str]
@@ -162,7 +162,7 @@ def _lookup(
         # /api/admin/ is /api/admin's: its sub-path "" when it has sub-paths, else nothing (never a broader route's).
         if not trailing:
             return served, None
-        return (served, "") if served.route.endpoint.include_subpath else None
+        return (served, "") if served.route.include_subpath else None
     for depth in range(len(decoded) - 1, -1, -1) if prefixes else ():
         served = prefixes.get(_key(decoded[:depth]))
         if served is not None:
@@ -182,12 +182,7 @@ def _any_path_but(own: tuple[str, ...]) -> type[BaseConverter]:
     return AnyPath
 
 
-def build_table(
-    settings: Settings,
-    session: requests.Session,
-    authenticator: Authenticator | None,
-    trusted_proxy: Callable[[str], bool],
-) -> RouteTable:
+def build_table(settings: Settings, forwarder: Forwarder, authenticator: Authenticator | None) -> RouteTable:
     """Each endpoint compiled and bound to its key check, under its decoded path (config.py refuses clashes)."""
     exact: dict[str, Served] = {}
     prefixes: dict[str, Served] = {}
@@ -196,7 +191,8 @@ def build_table(
     for endpoint in settings.endpoints:
         methods = set(endpoint.methods) | ({"HEAD"} if "GET" in endpoint.methods else set())
         served = Served(
-            compile_route(endpoint, session, trusted_proxy),
+            endpoint,
+            forwarder.route(endpoint),
             authenticator if endpoint.auth else None,
             frozenset(methods),
         )
@@ -209,17 +205,12 @@ def build_table(
     return RouteTable(exact, prefixes, loose_exact, loose_prefixes)
 
 
-def build_blueprint(
-    settings: Settings,
-    session: requests.Session,
-    authenticator: Authenticator | None,
-    trusted_proxy: Callable[[str], bool],
-) -> Blueprint:
+def build_blueprint(settings: Settings, forwarder: Forwarder, authenticator: Authenticator | None) -> Blueprint:
     """A fresh Blueprint whose one catch-all rule hands every path werkzeug does not know to the route table."""
     blueprint = Blueprint("passthru", __name__)
     # The master key is stripped from relayed headers on every route, authenticated or not.
     proxy_keys = (digest(settings.master_key),) if settings.master_key else ()
-    view = partial(_serve, build_table(settings, session, authenticator, trusted_proxy), proxy_keys)
+    view = partial(_serve, build_table(settings, forwarder, authenticator), forwarder, proxy_keys)
     converter = _any_path_but(BUILT_IN_PATHS + (KEY_API_PATHS if settings.master_key else ()))
 
     def add_converter(state: BlueprintSetupState) -> None:
@@ -238,21 +229,21 @@ def build_blueprint(
     return blueprint
 
 
-def _serve(table: RouteTable, proxy_keys: tuple[bytes, ...], anything: str) -> Response:
+def _serve(table: RouteTable, forwarder: Forwarder, proxy_keys: tuple[bytes, ...], anything: str) -> Response:
     environ = request.environ
     served, subpath = table.find(resolve_path(raw_path(environ)))
     route = served.route
     exchange = of(environ)
-    exchange.route = route.endpoint.path
+    exchange.route = route.label
     if environ["REQUEST_METHOD"] not in served.methods:
         # This route's 405: a method it does not serve never falls through to a broader route's sub-path.
         raise MethodNotAllowed(valid_methods=sorted(served.methods))
     drop: frozenset[str] = frozenset()
     if served.authenticator is not None:
         found = read_key(environ)
-        exchange.on_finish = served.authenticator.admit(found[0] if found else None, route.endpoint)
+        exchange.on_finish = served.authenticator.admit(found[0] if found else None, served.endpoint)
         if found:
             proxy_keys = (*proxy_keys, digest(found[0]))
-    if route.endpoint.forward_headers and proxy_keys:
+    if route.forward_headers and proxy_keys:
         drop = headers_carrying(environ, proxy_keys)
-    return forward(route, subpath, exchange, environ, drop)
+    return forwarder.forward(route, subpath, exchange, environ, drop)

@@ -46,9 +46,14 @@ QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]^_`{|}~"
 
 @dataclass(frozen=True)
 class Route:
-    """An Endpoint turned into what the hot path needs, computed once at start-up."""
+    """An Endpoint turned into what the hot path needs, computed once at start-up: nothing per request reads the
+    Endpoint itself."""
 
-    endpoint: Endpoint
+    label: str  # the route's path on passthru: its name in metrics, logs and spend entries
+    target_shown: str  # the target with environment-derived parts masked, for debug lines
+    forward_headers: bool
+    include_subpath: bool
+    seconds: float  # the route's timeout, for the 504's message
     pool: urllib3.HTTPConnectionPool  # the target host's pool in the Session's adapter; TLS verified as requests does
     path: str  # the target's path, without its query
     query: str  # the target's own query, put before the caller's
@@ -70,7 +75,11 @@ def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: 
     pool = adapter.get_connection_with_tls_context(probe, verify=True)
     assert isinstance(pool, urllib3.HTTPConnectionPool)
     return Route(
-        endpoint=endpoint,
+        label=endpoint.path,
+        target_shown=endpoint.target_shown,
+        forward_headers=endpoint.forward_headers,
+        include_subpath=endpoint.include_subpath,
+        seconds=endpoint.timeout,
         pool=pool,
         path=parts.path or "/",
         query=parts.query,
@@ -115,7 +124,7 @@ def upstream_headers(
     headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
     peer = environ.get("REMOTE_ADDR", "")
     trusted = route.trusted_proxy(peer)  # a trusted front (nginx) speaks for the real client; anyone else does not
-    if route.endpoint.forward_headers:
+    if route.forward_headers:
         skip = REQUEST_DROP | route.header_names | drop | connection_tokens(environ.get("HTTP_CONNECTION"))
         if not trusted:
             skip = skip | CLIENT_ADDRESS
