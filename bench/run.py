@@ -1,6 +1,6 @@
 """One-command benchmark of passthru against nginx and a bare Flask ceiling: `.venv/bin/python bench/run.py [--quick]`.
 
-Starts nginx (a fixed upstream and a proxy to it), tests/upstream.py (SSE), bench/ceiling.py and passthru under
+Starts nginx (a fixed upstream and a proxy to it), tests/rig/upstream.py (SSE), bench/ceiling.py and passthru under
 deploy/gunicorn.conf.py (a second passthru keeps its keys in PostgreSQL), all on free 127.0.0.1 ports; measures every
 configuration in alternating rounds (ratios within one run are what count on a noisy machine), then slow streams
 and slow request heads under the default and the gevent config; prints a markdown report and writes it to
@@ -362,7 +362,7 @@ class PyUpstream:
 
 
 def start_py_upstream(tmp: Path) -> PyUpstream:
-    """bench/py_upstream.py (tests/upstream.py in its own process); it prints its port."""
+    """bench/py_upstream.py (tests/rig/upstream.py in its own process); it prints its port."""
     child = CHILDREN.spawn("py-upstream", [sys.executable, str(BENCH / "py_upstream.py")], log=tmp / "py-upstream.log",
                            stdin=subprocess.PIPE, stdout_pipe=True)  # fmt: skip
     assert child.proc.stdout is not None
@@ -736,11 +736,11 @@ class SlowHeads:
 
 
 def slow_heads(port: int, count: int, seconds: float) -> SlowHeads:
-    """`count` connections trickling one never-ending request head each, a byte a second (tests/trickle.py: one
+    """`count` connections trickling one never-ending request head each, a byte a second (tests/rig/trickle.py: one
     thread, each connection opened again when the server drops it), while a small POST on a fresh connection goes
     every 0.5 s for `seconds`: what a client without nginx in front can do to one worker.
     """
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "rig"))
     from trickle import Trickle  # standard library only, shared with tests/abuse
 
     head = f"POST /small HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n".encode()
@@ -1278,7 +1278,7 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
             "and charged by the store, in leases of up to 64 calls (leases.py; a key near its limits is decided "
             "call by call).",
             ""]  # fmt: skip
-    out += [f"## SSE ({plan.sse_events} events, {gap_nominal:.0f} ms apart, tests/upstream.py in its own process; "
+    out += [f"## SSE ({plan.sse_events} events, {gap_nominal:.0f} ms apart, tests/rig/upstream.py in its own process; "
             f"new connection per stream)", "", "| path | first event p50 | first event max | gap p50 | gap p99 |",
             "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name in res.sse_first:
@@ -1320,7 +1320,7 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         "## Slow heads",
         "",
         f"A fresh passthru of one worker per gunicorn config; {plan.slow_heads} connections each trickling a request "
-        "head that never ends, a byte a second, each opened again as soon as passthru drops it (tests/trickle.py), "
+        "head that never ends, a byte a second, each opened again as soon as passthru drops it (tests/rig/trickle.py), "
         f"while a small POST on a fresh connection goes every 0.5 s for {plan.slow_heads_seconds:.0f} s.",
         "",
     ]

@@ -245,7 +245,7 @@ class Recorded:
 class Recorder:
     """A RawUpstream script that reads each request whole, records it, and answers 200 {"ok": true}.
 
-    Unlike tests/upstream.py's /echo it never sends back what it received: the abuse suites inject secrets
+    Unlike upstream.py's /echo it never sends back what it received: the abuse suites inject secrets
     upstream and grep every answer for them. Requests whose body broke off are not recorded.
     """
 
