@@ -21,9 +21,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from conftest import Gunicorn, start_gunicorn, write_config
 from upstream import wait_until
-from wire import Evidence, RawUpstream, Recorder, Reply, exchange, port_of, workers
+from wire import Evidence, OneWorker, RawUpstream, Recorder, Reply, exchange, one_worker, workers
 
 MASTER = "sk-abuse-master-" + secrets.token_hex(12)
 UPSTREAM_KEY = "up-abuse-key-" + secrets.token_hex(12)
@@ -34,10 +33,7 @@ EVIDENCE = Evidence()
 
 
 @dataclass
-class Rig:
-    server: Gunicorn
-    port: int
-    worker: int
+class Rig(OneWorker):
     recorder: Recorder  # what the upstream received, whole requests only
 
 
@@ -53,16 +49,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         {"path": "/open", "target": f"{upstream.url}/open", "forward_headers": True,
          "headers": {"X-Upstream-Key": "os.environ/UPSTREAM_KEY"}},
     ]  # fmt: skip
-    env = {"MK": MASTER, "UPSTREAM_KEY": UPSTREAM_KEY, "QUERY_KEY": QUERY_KEY,
-           "GUNICORN_CMD_ARGS": "--log-level debug"}  # fmt: skip
+    env = {"MK": MASTER, "UPSTREAM_KEY": UPSTREAM_KEY, "QUERY_KEY": QUERY_KEY}
     try:
-        config = write_config(directory, entries, master_key="os.environ/MK")
-        server = start_gunicorn(config, directory / "gunicorn.log", env)
-        EVIDENCE.log(server.log)
-        try:
-            yield Rig(server, port_of(server), workers(server, 1)[0], recorder)
-        finally:
-            server.stop()
+        with one_worker(directory, entries, env, EVIDENCE) as served:
+            yield Rig(served.server, served.port, served.worker, recorder)
     finally:
         upstream.close()
 

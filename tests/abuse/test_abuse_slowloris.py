@@ -14,14 +14,13 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Gunicorn, start_gunicorn, write_config
+from conftest import ROOT
 from gunicorn.config import Config
 from trickle import Trickle
-from wire import Evidence, RawUpstream, Recorder, exchange, open_fds, port_of, workers
+from wire import Evidence, OneWorker, RawUpstream, Recorder, exchange, one_worker, open_fds, workers
 
 from passthru.server.heads import DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_VARIABLE
 from passthru.server.worker import head_limits
@@ -49,11 +48,7 @@ LATE = 2.5
 EVIDENCE = Evidence()
 
 
-@dataclass
-class Rig:
-    server: Gunicorn
-    port: int
-    worker: int
+Rig = OneWorker
 
 
 @contextlib.contextmanager
@@ -62,15 +57,10 @@ def serving(directory: Path, conf: str, env: dict[str, str]) -> Iterator[Rig]:
     upstream = RawUpstream(Recorder())
     entries = [{"path": "/open", "target": f"{upstream.url}/open", "auth": True,
                 "headers": {"Authorization": "bearer os.environ/UPSTREAM_KEY"}}]  # fmt: skip
-    env = {"MK": MASTER, "UPSTREAM_KEY": UPSTREAM_KEY, "GUNICORN_CMD_ARGS": "--log-level debug", **env}
     try:
-        server = start_gunicorn(write_config(directory, entries, master_key="os.environ/MK"),
-                                directory / "gunicorn.log", env, conf=conf)  # fmt: skip
-        EVIDENCE.log(server.log)
-        try:
-            yield Rig(server, port_of(server), workers(server, 1)[0])
-        finally:
-            server.stop()
+        with one_worker(directory, entries, {"MK": MASTER, "UPSTREAM_KEY": UPSTREAM_KEY, **env}, EVIDENCE,
+                        conf=conf) as served:  # fmt: skip
+            yield served
     finally:
         upstream.close()
 

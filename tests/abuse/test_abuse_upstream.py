@@ -15,9 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Gunicorn, start_gunicorn, write_config
 from upstream import wait_until
-from wire import Conn, Evidence, MiB, RawUpstream, Recorder, Reply, Script, exchange, memory_kib, port_of, workers
+from wire import (
+    Conn,
+    Evidence,
+    MiB,
+    OneWorker,
+    RawUpstream,
+    Recorder,
+    Reply,
+    Script,
+    exchange,
+    memory_kib,
+    one_worker,
+    workers,
+)
 
 MASTER = "sk-hostile-master-" + secrets.token_hex(12)
 UPSTREAM_KEY = "up-hostile-key-" + secrets.token_hex(12)
@@ -27,10 +39,7 @@ EVIDENCE = Evidence()
 
 
 @dataclass
-class Rig:
-    server: Gunicorn
-    port: int
-    worker: int
+class Rig(OneWorker):
     hostile: RawUpstream  # its script is set by each test
 
     def call(self, label: str, path: str = "/hostile") -> Reply:
@@ -51,17 +60,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     secret = {"Authorization": "bearer os.environ/UPSTREAM_KEY"}
     entries = [{"path": "/hostile", "target": hostile.url, "auth": True, "headers": secret, "timeout": 3},
                {"path": "/ok", "target": normal.url, "auth": True, "headers": secret}]  # fmt: skip
-    env = {"MK": MASTER, "UPSTREAM_KEY": UPSTREAM_KEY, "GUNICORN_CMD_ARGS": "--log-level debug"}
+    env = {"MK": MASTER, "UPSTREAM_KEY": UPSTREAM_KEY}
     try:
-        config = write_config(directory, entries, master_key="os.environ/MK")
-        server = start_gunicorn(config, directory / "gunicorn.log", env)
-        EVIDENCE.log(server.log)
-        try:
-            rig = Rig(server, port_of(server), workers(server, 1)[0], hostile)
+        with one_worker(directory, entries, env, EVIDENCE) as served:
+            rig = Rig(served.server, served.port, served.worker, hostile)
             rig.still_serving()  # warm: imports done and the pool made before memory is measured
             yield rig
-        finally:
-            server.stop()
     finally:
         hostile.close()
         normal.close()

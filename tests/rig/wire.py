@@ -12,12 +12,12 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from conftest import Gunicorn
+from conftest import Gunicorn, start_gunicorn, write_config
 
 MiB = 1 << 20
 HEAD_LIMIT = 2 * MiB  # what a RawUpstream reads of a request head before it gives up on it
@@ -25,6 +25,35 @@ HEAD_LIMIT = 2 * MiB  # what a RawUpstream reads of a request head before it giv
 
 def port_of(server: Gunicorn) -> int:
     return int(server.url.rsplit(":", 1)[1])
+
+
+@dataclass
+class OneWorker:
+    """A real gunicorn serving passthru with one worker, as the suites attack it: its port and its worker's pid."""
+
+    server: Gunicorn
+    port: int
+    worker: int
+
+
+@contextlib.contextmanager
+def one_worker(
+    directory: Path,
+    entries: list[dict[str, Any]],
+    env: dict[str, str],
+    evidence: Evidence,
+    conf: str = "deploy/gunicorn.conf.py",
+) -> Iterator[OneWorker]:
+    """gunicorn under `conf` with these routes, the master key from $MK, debug logging (so that the suites see
+    every line a secret could leak into) and its log kept as evidence; stopped (bounded) on the way out."""
+    env = {"GUNICORN_CMD_ARGS": "--log-level debug", **env}
+    server = start_gunicorn(write_config(directory, entries, master_key="os.environ/MK"), directory / "gunicorn.log",
+                            env, conf=conf)  # fmt: skip
+    evidence.log(server.log)
+    try:
+        yield OneWorker(server, port_of(server), workers(server, 1)[0])
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------------------------------
