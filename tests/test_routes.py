@@ -4,7 +4,6 @@ auth, methods, allowed_routes and cost — never a broader route's policy for a 
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import pytest
 import requests
 from conftest import Gunicorn, start_gunicorn, write_config
 from upstream import Upstream, start_upstream, wait_until
+from wire import Reply, exchange, port_of
 
 from passthru.errors import RequestError
 from passthru.routes import PLAIN_PATH, ResolvedPath, raw_path, resolve_path, resolve_path_slowly
@@ -124,19 +124,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         upstream.stop()
 
 
-def send(rig: Rig, method: str, target: str, key: str | None = None) -> tuple[int, dict[str, str]]:
-    """A raw request (the target exactly as written, as curl --path-as-is sends it): status and headers."""
-    port = int(rig.server.url.rsplit(":", 1)[1])
+def send(rig: Rig, method: str, target: str, key: str | None = None) -> Reply:
+    """A raw request (the target exactly as written, as curl --path-as-is sends it)."""
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
     head = f"{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n{auth}\r\n{{}}"
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head.encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}
+    return exchange(port_of(rig.server), head.encode())
 
 
 def spend_routes(rig: Rig) -> list[str]:
@@ -182,7 +174,7 @@ def test_the_route_that_owns_the_resolved_path_applies_its_policy(rig: Rig, targ
     results = []
     for method, key in calls:
         before = len(rig.upstream.requests)
-        status, headers = send(rig, method, target, key)
+        status = send(rig, method, target, key).status
         hits = [seen.target for seen in rig.upstream.requests[before:]]
         results.append((status, hits))
     if owner == "narrow":
@@ -199,9 +191,9 @@ def test_the_route_that_owns_the_resolved_path_applies_its_policy(rig: Rig, targ
 
 
 def test_a_method_the_narrow_route_does_not_serve_gets_its_405(rig: Rig) -> None:
-    status, headers = send(rig, "DELETE", "/api/admin", rig.free)
-    assert status == 405
-    assert headers["allow"] == "GET, HEAD"
+    reply = send(rig, "DELETE", "/api/admin", rig.free)
+    assert reply.status == 405
+    assert reply.header("Allow") == ["GET, HEAD"]
 
 
 def test_yaml_order_does_not_matter(upstream: Upstream, tmp_path: Path) -> None:
@@ -221,8 +213,8 @@ def test_yaml_order_does_not_matter(upstream: Upstream, tmp_path: Path) -> None:
 
 def test_passthrus_own_paths_are_not_reached_through_dot_segments(rig: Rig) -> None:
     """werkzeug matches them on the raw path; a spelling with dot segments is the route table's, which has none."""
-    assert send(rig, "POST", "/key/generate", MASTER)[0] == 200  # the real path answers
-    assert send(rig, "POST", "/api/../key/generate", MASTER)[0] == 404
+    assert send(rig, "POST", "/key/generate", MASTER).status == 200  # the real path answers
+    assert send(rig, "POST", "/api/../key/generate", MASTER).status == 404
 
 
 def test_the_plain_path_shortcut_agrees_with_the_full_resolution() -> None:
