@@ -191,8 +191,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
 
 
 @dataclass
-class Gunicorn:
-    """A real gunicorn running the shipped deploy/gunicorn.conf.py; its output goes to a file (a pipe can fill)."""
+class Server:
+    """A real server process on a loopback port (gunicorn, nginx); its output goes to a file (a pipe can fill)."""
 
     process: subprocess.Popen[bytes]
     url: str
@@ -211,6 +211,24 @@ class Gunicorn:
                 self.process.wait(5)
 
 
+Gunicorn = Server  # a real gunicorn running a shipped deploy/gunicorn*.conf.py
+
+
+def start_server(args: list[str], port: int, log: Path, what: str, env: dict[str, str] | None = None) -> Server:
+    """Start a server with its output in `log` and wait (bounded) until it accepts on 127.0.0.1:port; if it does
+    not, stop it and fail with what it said."""
+    with log.open("wb") as handle:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_for_port(port, 15, alive=lambda: process.poll() is None)
+    except AssertionError:
+        server.stop()
+        raise AssertionError(f"{what} did not start:\n{server.output()}") from None
+    return server
+
+
 def start_gunicorn(config: Path | None, log: Path, env: dict[str, str] | None = None, workers: int = 1,
                    conf: str = "deploy/gunicorn.conf.py") -> Gunicorn:  # fmt: skip
     """Start `gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free port and wait until it accepts.
@@ -225,19 +243,7 @@ def start_gunicorn(config: Path | None, log: Path, env: dict[str, str] | None = 
     if config is not None:
         environment["PASSTHRU_CONFIG"] = str(config)
     environment.update(env or {})
-    handle = log.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", conf, "wsgi:app"],
-        cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    handle.close()
-    server = Gunicorn(process, f"http://127.0.0.1:{port}", log)
-    try:
-        wait_for_port(port, 15, alive=lambda: process.poll() is None)
-    except AssertionError:
-        server.stop()
-        raise AssertionError(f"gunicorn did not start:\n{server.output()}") from None
-    return server
+    return start_server([sys.executable, "-m", "gunicorn", "-c", conf, "wsgi:app"], port, log, "gunicorn", environment)
 
 
 @pytest.fixture

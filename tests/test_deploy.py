@@ -15,14 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import conftest
 import pytest
 import requests
-from conftest import ROOT, Gunicorn, free_port, importable, require, start_gunicorn, wait_for_port
+from conftest import ROOT, Gunicorn, Server, free_port, importable, require, start_gunicorn, start_server, wait_for_port
 from upstream import Upstream, pattern_sha256, wait_until
 
 MIB = 1 << 20
@@ -64,27 +63,7 @@ def assert_events_one_by_one(arrivals: list[tuple[float, bytes]]) -> None:
 # --- nginx in front of gunicorn (deploy/nginx.conf) ---------------------------------------------------------
 
 
-@dataclass
-class Nginx:
-    process: subprocess.Popen[bytes]
-    url: str
-    directory: Path
-
-    def output(self) -> str:
-        return "\n".join(
-            f"--- {name}\n{(self.directory / name).read_text(errors='replace')}"
-            for name in ("stderr.log", "error.log")
-            if (self.directory / name).exists()
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: nginx's fast shutdown
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+Nginx = Server  # SIGTERM is nginx's fast shutdown; its errors go to the same output (-e stderr)
 
 
 def nginx_binary() -> str | None:
@@ -110,7 +89,7 @@ def render_nginx_conf(directory: Path, listen_port: int, passthru_port: int) -> 
     conf = directory / "nginx.conf"
     conf.write_text(
         f"{user}worker_processes 1;\n"
-        f"error_log {directory / 'error.log'} notice;\n"
+        "error_log stderr notice;\n"  # into the output start_server keeps, which tests read (buffering notices)
         f"pid {directory / 'nginx.pid'};\n"
         "events { worker_connections 1024; }\n"  # room for more slow clients than passthru has threads
         "http {\n"
@@ -130,18 +109,9 @@ def start_nginx(directory: Path, passthru_port: int) -> Nginx:
     directory.mkdir()
     port = free_port()
     conf = render_nginx_conf(directory, port, passthru_port)
-    with (directory / "stderr.log").open("wb") as stderr:
-        process = subprocess.Popen(
-            [binary, "-p", directory, "-c", conf, "-e", directory / "error.log", "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    server = Nginx(process, f"http://127.0.0.1:{port}", directory)
-    try:
-        wait_for_port(port, 10, alive=lambda: process.poll() is None)
-    except AssertionError:
-        server.stop()
-        raise AssertionError(f"nginx did not start:\n{server.output()}") from None
-    return server
+    # -e stderr: nginx's own errors land in the output start_server shows when it does not start.
+    args = [binary, "-p", str(directory), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"]
+    return start_server(args, port, directory / "stderr.log", "nginx")
 
 
 @pytest.fixture
