@@ -2,7 +2,8 @@
 
     records.py   what the store takes and returns, and the Protocols the app's modules depend on
     store.py     the store of a server process: opened on first use, migrated by the gunicorn master in a child
-    sql.py       the store on SQLAlchemy Core: the per-call admission and spend statements, and the /key/* operations
+    sql.py       the store on SQLAlchemy Core: each call's admission and spend, and the /key/* operations
+    statements.py  the per-call statements (admission, leases, charge, spend log), built once per engine
     guard.py     every call into the store: driver errors as 503, a store that stalls or is down failed fast
     leases.py    a busy key's calls admitted a few at a time
     spend.py     the spend log writer, one thread per worker, in batches

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,16 +23,14 @@ from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError
 
 from passthru.errors import RequestError
-from passthru.keystore.engine import READ_ONLY, Statement, dbapi_cursor, ensure_schema, open_engine, pool_slots
+from passthru.keystore.engine import READ_ONLY, dbapi_cursor, ensure_schema, open_engine, pool_slots
 from passthru.keystore.guard import StoreGuard
 from passthru.keystore.records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry, Unused
 from passthru.keystore.schema import keys, spend_logs, store_now
+from passthru.keystore.statements import RECORD_ROWS, per_call_statements
 
 log = logging.getLogger("passthru")
 
-# Spend log rows per INSERT at most: 7 values each stays under 999, the oldest SQLite's limit on parameters. A power
-# of two, so that every INSERT has one of eight sizes (see record).
-RECORD_ROWS = 128
 WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
 
 
@@ -47,64 +44,7 @@ class SqlKeyStore:
         # As many threads inside the store as its pool has connections: none ever waits in the pool (guard.py).
         self._guard = StoreGuard(pool_slots(engine))
         self._reads = engine.execution_options(**{READ_ONLY: True})
-        c, now = keys.c, store_now()
-        fresh = c.window_start + window <= now  # the key's last window is over: this call opens a new one
-        calls, room = sa.bindparam("calls", type_=sa.Integer), sa.bindparam("room", type_=sa.Integer)
-        cost, hold = sa.bindparam("cost", type_=sa.Double), sa.bindparam("hold", type_=sa.Double)
-        # Counts and charges `calls` calls, if `room` calls made one by one would all be admitted, and the key's
-        # expiry and rpm window last `hold` seconds more. One call (calls = room = 1, hold = 0) is admit; more is
-        # a lease (leases.py).
-        admit = (
-            sa.update(keys)
-            .where(
-                c.token == sa.bindparam("t"),
-                sa.not_(c.blocked),
-                sa.or_(c.expires.is_(None), c.expires > now + hold),
-                sa.or_(c.max_budget.is_(None), c.spend + (room - 1) * cost < c.max_budget),
-                sa.or_(
-                    c.rpm_limit.is_(None),
-                    sa.and_(fresh, room <= c.rpm_limit),
-                    sa.and_(c.window_start + window > now + hold, c.window_count + room <= c.rpm_limit),
-                ),
-            )
-            .values(
-                window_start=sa.case((fresh, now), else_=c.window_start),
-                window_count=sa.case((fresh, calls), else_=c.window_count + calls),
-                spend=c.spend + calls * cost,
-            )
-        )
-        why = sa.select(
-            c.blocked, c.expires, c.max_budget, c.spend, c.rpm_limit, c.window_start, c.window_count, now
-        ).where(c.token == sa.bindparam("t"))
-        charge = sa.update(keys).where(c.token == sa.bindparam("t")).values(spend=c.spend + sa.bindparam("amount"))
-        # Leased calls not used: their cost back, and their count too while their window lasts.
-        give_back = (
-            sa.update(keys)
-            .where(c.token == sa.bindparam("t"))
-            .values(
-                spend=c.spend - sa.bindparam("amount", type_=sa.Double),
-                window_count=sa.case(
-                    (c.window_start == sa.bindparam("window_start", type_=sa.Double), c.window_count - calls),
-                    else_=c.window_count,
-                ),
-            )
-        )
-        window_of = sa.select(c.window_start).where(c.token == sa.bindparam("t"))
-        self._admit, self._why, self._charge, self._give_back, self._window_of = (
-            Statement(engine, s) for s in (admit, why, charge, give_back, window_of)
-        )
-        self._sqlite = engine.dialect.name == "sqlite"
-        # The spend log's INSERTs of 1, 2, 4 ... RECORD_ROWS rows (see record), with the driver's own placeholder.
-        mark = "?" if self._sqlite else "%s"
-        into = f"INSERT INTO {spend_logs.name} ({', '.join(spend_logs.c.keys())}) VALUES "
-        row = f"({', '.join([mark] * len(spend_logs.c))})"
-        # An entry already written is skipped, not an error: a batch that failed midway is retried whole (record).
-        self._record_sql = {
-            1 << n: f"{into}{', '.join([row] * (1 << n))} ON CONFLICT (request_id) DO NOTHING"
-            for n in range(RECORD_ROWS.bit_length())
-        }
-        self._record_values = operator.attrgetter(*spend_logs.c.keys())  # SpendEntry's fields, named as the columns
-        self._find = sa.select(keys).where(c.token == sa.bindparam("t"))
+        self._sql = per_call_statements(engine, window)
 
     def ping(self) -> None:
         """One round trip to the store: KeyStoreError when it cannot be reached (readiness asks this)."""
@@ -116,18 +56,18 @@ class SqlKeyStore:
     def find(self, token: str) -> KeyInfo | None:
         """The key with this hash, or None."""
         with self._guard("reading a key"), self._reads.connect() as conn:
-            row = conn.execute(self._find, {"t": token}).first()
+            row = conn.execute(self._sql.find, {"t": token}).first()
         return None if row is None else _info(row)
 
     def admit(self, token: str, cost: float) -> Refusal | None:
         """Count one call against the key and add its cost, atomically; or say why the key may not call now."""
-        one = self._admit.args({"t": token, "cost": cost, "calls": 1, "room": 1, "hold": 0.0})
+        one = self._sql.admit.args({"t": token, "cost": cost, "calls": 1, "room": 1, "hold": 0.0})
         for _ in range(3):
             with self._guard("checking a key"), dbapi_cursor(self.engine) as cursor:
-                cursor.execute(self._admit.sql, one)
+                cursor.execute(self._sql.admit.sql, one)
                 if cursor.rowcount == 1:  # the key was admissible, and is now counted
                     return None
-                cursor.execute(self._why.sql, self._why.args({"t": token}))
+                cursor.execute(self._sql.why.sql, self._sql.why.args({"t": token}))
                 row = cursor.fetchone()
             refusal = self._refusal(row)
             if refusal is not None:
@@ -138,13 +78,13 @@ class SqlKeyStore:
     def lease(self, token: str, cost: float, calls: int, room: int, hold: float) -> float | None:
         """Count and charge `calls` calls at once, if `room` calls one by one would all be admitted and the key's
         expiry and rpm window last `hold` seconds more: the start of the window they count in, or None if not."""
-        args = self._admit.args({"t": token, "cost": cost, "calls": calls, "room": room, "hold": hold})
+        args = self._sql.admit.args({"t": token, "cost": cost, "calls": calls, "room": room, "hold": hold})
         with self._guard("checking a key"), dbapi_cursor(self.engine) as cursor:
-            cursor.execute(self._admit.sql, args)
+            cursor.execute(self._sql.admit.sql, args)
             if cursor.rowcount != 1:
                 return None
             # Read after, not RETURNING (see the module docstring). It cannot have moved: the window lasts `hold`.
-            cursor.execute(self._window_of.sql, self._window_of.args({"t": token}))
+            cursor.execute(self._sql.window_of.sql, self._sql.window_of.args({"t": token}))
             row = cursor.fetchone()
         return None if row is None else float(row[0])
 
@@ -178,25 +118,27 @@ class SqlKeyStore:
         On SQLite, entries alone are written without a transaction, one INSERT at a time: when one fails, those
         before it are written, and SpendWriter retries the whole batch. Their ids make the retry skip them.
         """
-        charged = [self._charge.args({"t": token, "amount": amount}) for token, amount in (charges or {}).items()]
+        charged = [self._sql.charge.args({"t": token, "amount": amount}) for token, amount in (charges or {}).items()]
         given_back = [
-            self._give_back.args({"t": u.token, "calls": u.calls, "amount": u.amount, "window_start": u.window_start})
+            self._sql.give_back.args(
+                {"t": u.token, "calls": u.calls, "amount": u.amount, "window_start": u.window_start}
+            )
             for u in unused
         ]
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
-        atomic = not self._sqlite or bool(charged) or bool(given_back)
+        atomic = not self._sql.sqlite or bool(charged) or bool(given_back)
         with self._guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
             start = 0
             while start < len(entries):
                 left = len(entries) - start
                 size = RECORD_ROWS if left >= RECORD_ROWS else 1 << (left.bit_length() - 1)
-                values = [value for entry in entries[start : start + size] for value in self._record_values(entry)]
-                cursor.execute(self._record_sql[size], values)
+                values = [value for entry in entries[start : start + size] for value in self._sql.record_values(entry)]
+                cursor.execute(self._sql.record[size], values)
                 start += size
             if charged:
-                cursor.executemany(self._charge.sql, charged)
+                cursor.executemany(self._sql.charge.sql, charged)
             if given_back:
-                cursor.executemany(self._give_back.sql, given_back)
+                cursor.executemany(self._sql.give_back.sql, given_back)
 
     # --- administration ---------------------------------------------------------------------------------------
 
