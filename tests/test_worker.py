@@ -134,3 +134,33 @@ def test_max_requests_closes_the_connection_at_the_limit(gunicorn: Callable[...,
     with closing(http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)) as fresh:
         fresh.request("GET", "/echo/after")
         assert fresh.getresponse().status == 200
+
+
+def test_a_worker_whose_threads_are_all_busy_leaves_new_connections_to_the_others(
+    gunicorn: Callable[..., Gunicorn], upstream: Upstream
+) -> None:
+    """Four workers of one thread each, four long streams opened one after another: each is answered at once, as a
+    worker with no free thread stops accepting. Before, whichever worker woke first took the next connection, and
+    a busy one queued it behind its stream (all four landing on four different workers happened about one time in
+    eleven)."""
+    entries = [{"path": "/s", "target": f"{upstream.url}/sse?n=2&gap=30"}]
+    server = gunicorn(entries, env={"GUNICORN_CMD_ARGS": "--threads 1"}, workers=4)
+    port = port_of(server)
+    streams = []
+    try:
+        for n in range(4):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            streams.append(sock)
+            sock.sendall(b"GET /s HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = b""
+            while b"data:" not in data:  # the first event; the second is 30 s away
+                try:
+                    piece = sock.recv(4096)
+                except TimeoutError:
+                    waited = f"stream {n + 1} of 4 got no answer in 5 s: it waited for a busy worker"
+                    raise AssertionError(waited) from None
+                assert piece, f"stream {n + 1} was closed"
+                data += piece
+    finally:
+        for sock in streams:
+            sock.close()

@@ -87,6 +87,28 @@ class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn shi
         self._reads_heads = not self.cfg.is_ssl and self.cfg.proxy_protocol == "off" and self.cfg.protocol == "http"
         # Connections whose head is arriving, in order of their deadlines (each is its start + header_timeout).
         self._heads: dict[Any, _Head] = {}
+        # Connections handed to the thread pool and not finished yet (served, or queued for a thread): main thread only.
+        self._in_threads = 0
+
+    # ---- accepting only while a thread is free, in the main thread
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's switch for accepting, held off while every thread has a connection: the kernel then gives new
+        connections to a worker with a free thread, instead of this one queueing them behind long streams (one worker
+        took 299 of 300 slow streams at once in bench/, and held 128 of them)."""
+        super().set_accept_enabled(enabled and self._in_threads < self.cfg.threads)
+
+    def _to_thread(self, conn: Any) -> None:
+        """gthread's enqueue_req, counted: the connection now holds, or waits for, a thread."""
+        self._in_threads += 1
+        super().enqueue_req(conn)
+        if self._in_threads >= self.cfg.threads:
+            self.set_accept_enabled(False)  # gthread's loop turns it back on once a thread is free (above)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        """gthread's finish_request, with the connection's thread counted free again."""
+        self._in_threads -= 1
+        super().finish_request(conn, fs)
 
     # ---- request heads, in the main thread
 
@@ -94,7 +116,7 @@ class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn shi
         """A connection with a request to read (new, readable again, or with bytes of one read ahead): give it a
         thread once its head is whole."""
         if not self._reads_heads or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
-            super().enqueue_req(conn)
+            self._to_thread(conn)
             return
         if conn.parser is None:
             # Made here rather than in the thread (TConn.init), which then only makes the socket blocking.
@@ -136,7 +158,7 @@ class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn shi
             self._forget(conn)
             conn.parser.unreader.unread(bytes(data))
             conn.data_ready = True  # the bytes are read: gthread's handle() must not wait for the socket
-            super().enqueue_req(conn)
+            self._to_thread(conn)
             return True
         if len(data) <= self._line_limit + 4 or (data.find(b"\r\n", 2) >= 0 and len(data) <= self._head_limit):
             return False
