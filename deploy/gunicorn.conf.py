@@ -34,8 +34,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
 # Threads per worker = calls one worker holds open at once. Threads start only when needed, so an idle worker pays
 # nothing for them. A worker whose threads are all busy stops accepting, and the kernel gives new connections to the
 # others (passthru/server/worker.py); gunicorn alone does not spread them evenly (bench/ saw one worker take 299 of
-# 300 streams at once). 128, not 64: headroom for a 2-core host to hold 200+ slow streams in 4 workers. passthru's pool keeps up to 256 connections per upstream host
-# (forward.POOL_SIZE): more than these threads can use.
+# 300 streams at once). 128, not 64: headroom for a 2-core host to hold 200+ slow streams in 4 workers. passthru's
+# pool keeps up to 256 connections per upstream host (forward.POOL_SIZE): more than these threads can use.
 threads = 128
 # Connections one worker holds at once, calls in flight and request heads still arriving included: it stops accepting
 # at this many. passthru's worker reads heads in its poller (a few KiB each, no thread) and drops one not whole
