@@ -22,6 +22,7 @@ import yaml
 from passthru.config_fields import FieldReader, kind
 from passthru.errors import ConfigError
 from passthru.keystore.url import read_database_url
+from passthru.paths import DOTS, FORBIDDEN, loose
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
@@ -29,8 +30,6 @@ DEFAULT_TIMEOUT = 600.0
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # fullmatch it
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
-# What a path segment may not hold once decoded (routes.py refuses it in requests, so no request could match).
-ESCAPED_SEPARATOR = re.compile(r"[/\\\x00-\x1f\x7f]")
 LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
@@ -147,7 +146,7 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         if clash:
             raise reader.error(f"{_where(ep.index, ep.path)}.path", f"clashes with passthru's built-in route {clash}")
         # Paths that one request could name in two spellings (letter case, escapes, ;parameters) are one path.
-        same = "/".join(unquote(segment).split(";", 1)[0].casefold() for segment in ep.path.split("/"))
+        same = "/".join(loose(unquote(segment)) for segment in ep.path.split("/"))
         if same in seen:
             where = _where(ep.index, ep.path)
             raise reader.error(f"{where}.path", f"duplicates the path of entry [{seen[same]}]")
@@ -168,23 +167,14 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     elif general.get("database_url") is not None:
         warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
                         "only used for virtual keys, which need the master key")  # fmt: skip
-    return Settings(
-        source,
-        master_key,
-        endpoints,
-        metrics_require_auth,
-        frozenset(reader.secrets),
-        tuple(warnings),
-        database_url,
-        database_shown,
-    )
+    secrets = frozenset(reader.secrets)
+    return Settings(source, master_key, endpoints, metrics_require_auth, secrets, tuple(warnings), database_url,
+                    database_shown)  # fmt: skip
 
 
 def _serves(endpoint: Endpoint, path: str) -> bool:
     """Whether a request for `path` would reach this endpoint's rules."""
-    if endpoint.path == path:
-        return True
-    return endpoint.include_subpath and path.startswith(endpoint.path.rstrip("/") + "/")
+    return endpoint.path == path or endpoint.include_subpath and path.startswith(endpoint.path.rstrip("/") + "/")
 
 
 def _where(index: int, path: str | None) -> str:
@@ -232,9 +222,9 @@ def _route_path(reader: FieldReader, value: Any, field: str) -> str:
         raise reader.error(field, "must start with /")
     if "//" in value or not ROUTE_PATH.match(value):
         raise reader.error(field, "must be a plain URL path: letters, digits and -._~!$&'()*+,;=:@% between slashes")
-    if any(unquote(segment) in (".", "..") for segment in value.split("/")):
+    if any(unquote(segment) in DOTS for segment in value.split("/")):
         raise reader.error(field, "must not contain . or .. segments")
-    if any(ESCAPED_SEPARATOR.search(unquote(segment)) for segment in value.split("/")):
+    if any(FORBIDDEN.search(unquote(segment)) for segment in value.split("/")):
         raise reader.error(field, "must not hide a slash, backslash or control character in an escape")
     return value.rstrip("/") or "/"
 

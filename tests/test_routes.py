@@ -17,7 +17,7 @@ from upstream import Upstream, start_upstream, wait_until
 from wire import Reply, exchange, port_of
 
 from passthru.errors import RequestError
-from passthru.routes import PLAIN_PATH, ResolvedPath, raw_path, resolve_path, resolve_path_slowly
+from passthru.paths import PLAIN_PATH, ResolvedPath, raw_path, resolve_path, resolve_path_slowly
 
 MASTER = "sk-master-routes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
