@@ -12,7 +12,7 @@ from typing import Any
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
 from passthru.exchange import Finish
-from passthru.keystore.records import KeyInfo, KeyStore, Opened, Refusal, Store
+from passthru.keystore.records import CallStore, KeyInfo, Opened, Refusal, Store
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -193,7 +193,7 @@ class RecentKeys:
         self._second = 0.0  # when the current second of the flood bound began
         self._misses = 0  # reads in it that found no key
 
-    def get(self, store: KeyStore, token: str) -> KeyInfo | None:
+    def get(self, store: CallStore, token: str) -> KeyInfo | None:
         """The key's stored fields, at most `seconds` old; None when the store has no such key."""
         now = time.monotonic()
         entry = self._entries.get(token)

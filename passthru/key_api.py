@@ -30,9 +30,9 @@ from passthru.key_fields import (
     Fields,
     token_of,
 )
-from passthru.keystore.records import KeyInfo, KeyStore, NewKey, SpendEntry
+from passthru.keystore.records import KeyAdmin, KeyInfo, NewKey, SpendEntry
 
-Operation = Callable[[KeyStore, Fields], Any]
+Operation = Callable[[KeyAdmin, Fields], Any]
 
 NEW_KEY_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "rpm_limit", "allowed_routes", "metadata"})
 UPDATE_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes",
@@ -61,7 +61,7 @@ def shown(info: KeyInfo) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def generate_key(store: KeyStore, body: Fields, *, master_key: str | None = None) -> dict[str, Any]:
+def generate_key(store: KeyAdmin, body: Fields, *, master_key: str | None = None) -> dict[str, Any]:
     """POST /key/generate: the only answer that ever carries the key itself."""
     fields = key_fields.known(body, NEW_KEY_FIELDS)
     key = fields.get("key")
@@ -82,7 +82,7 @@ def generate_key(store: KeyStore, body: Fields, *, master_key: str | None = None
     return {"key": key, **shown(info), "token_id": info.token}
 
 
-def key_info(store: KeyStore, args: Fields) -> dict[str, Any]:
+def key_info(store: KeyAdmin, args: Fields) -> dict[str, Any]:
     """GET /key/info?key=…: the key's fields and spend (the key may be given as its hashed token)."""
     token = token_of(args.get("key"))
     info = store.find(token)
@@ -91,7 +91,7 @@ def key_info(store: KeyStore, args: Fields) -> dict[str, Any]:
     return {"key": token, "info": shown(info)}
 
 
-def update_key(store: KeyStore, body: Fields) -> dict[str, Any]:
+def update_key(store: KeyAdmin, body: Fields) -> dict[str, Any]:
     """POST /key/update: change the fields given; null clears a limit, a duration counts from now."""
     fields = key_fields.known(body, UPDATE_FIELDS)
     token = token_of(fields.pop("key", None))
@@ -121,7 +121,7 @@ def update_key(store: KeyStore, body: Fields) -> dict[str, Any]:
     return {"key": token, **shown(info)}
 
 
-def delete_keys(store: KeyStore, body: Fields) -> dict[str, Any]:
+def delete_keys(store: KeyAdmin, body: Fields) -> dict[str, Any]:
     """POST /key/delete {"keys": […]}: all of them, or none when one does not exist."""
     keys = body.get("keys")
     if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_KEYS_PER_DELETE:
@@ -133,7 +133,7 @@ def delete_keys(store: KeyStore, body: Fields) -> dict[str, Any]:
     return {"deleted_keys": keys}
 
 
-def set_blocked(store: KeyStore, body: Fields, *, blocked: bool) -> dict[str, Any]:
+def set_blocked(store: KeyAdmin, body: Fields, *, blocked: bool) -> dict[str, Any]:
     """POST /key/block and /key/unblock {"key": …}: the key's fields after the change."""
     info = store.update(token_of(body.get("key")), {"blocked": blocked})
     if info is None:
@@ -141,7 +141,7 @@ def set_blocked(store: KeyStore, body: Fields, *, blocked: bool) -> dict[str, An
     return {"key": info.token, **shown(info)}
 
 
-def list_keys(store: KeyStore, args: Fields) -> dict[str, Any]:
+def list_keys(store: KeyAdmin, args: Fields) -> dict[str, Any]:
     """GET /key/list?page=&size=&key_alias=&return_full_object=: hashed tokens (or whole keys), newest first."""
     page = key_fields.positive_int(args, "page", 1, MAX_PAGE)
     size = key_fields.positive_int(args, "size", 10, MAX_PAGE_SIZE)
@@ -155,7 +155,7 @@ def list_keys(store: KeyStore, args: Fields) -> dict[str, Any]:
     }
 
 
-def spend_logs(store: KeyStore, args: Fields) -> list[dict[str, Any]]:
+def spend_logs(store: KeyAdmin, args: Fields) -> list[dict[str, Any]]:
     """GET /spend/logs?key=&start_date=&end_date=: one entry per call made with a virtual key, newest first."""
     param = "key" if args.get("key") else "api_key"  # api_key is LiteLLM's name for it
     key = args.get(param)
@@ -182,7 +182,7 @@ def build_key_api(authenticator: Authenticator, master_key: str) -> Blueprint:
 
     def bind(operation: Operation, from_body: bool) -> Callable[[], Response]:
         def view() -> Response:
-            keys = authenticator.require_admin(request.environ).keys
+            keys = authenticator.require_admin(request.environ).admin
             if from_body:
                 request.max_content_length = MAX_BODY_BYTES  # past it werkzeug answers 413
                 try:

@@ -14,7 +14,7 @@ from passthru import key_api, key_fields
 from passthru.config import Settings, load_settings
 from passthru.errors import ConfigError, PassthruError
 from passthru.keystore.engine import migrate
-from passthru.keystore.records import KeyStore
+from passthru.keystore.records import KeyAdmin
 from passthru.keystore.sql import open_store
 from passthru.logs import configure_logging
 from passthru.server_config import read_server_settings
@@ -104,7 +104,7 @@ def keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_operation(args: argparse.Namespace, store: KeyStore, master_key: str | None) -> Any:
+def _key_operation(args: argparse.Namespace, store: KeyAdmin, master_key: str | None) -> Any:
     """The API's own operation for the command, fed with the command line's values."""
     if args.command == "generate":
         fields = {name: value for name, value in vars(args).items()

@@ -1,4 +1,5 @@
-"""The key store: virtual keys and their spend, behind the KeyStore Protocol (records.py).
+"""The key store: virtual keys and their spend, behind the Protocols in records.py: CallStore for each
+call, KeyAdmin for /key/* and `passthru keys`.
 
     records.py   what the store takes and returns, and the Protocols the app's modules depend on
     store.py     the store of a server process: opened on first use, migrated by the gunicorn master in a child

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from passthru.keystore.records import KeyInfo, KeyStore, Refusal, Unused
+from passthru.keystore.records import CallStore, KeyInfo, Refusal, Unused
 
 HOLD = 1.0  # seconds a lease is used for: the bound on blocking, deleting and expiry (auth.CACHE_SECONDS)
 MOST = 64  # calls in one lease at most
@@ -46,7 +46,7 @@ class Lease:
 class Leases:
     """The leases of one worker; `admit` is the whole per-call check of a counted key."""
 
-    def __init__(self, store: KeyStore, hold: float = HOLD, most: int = MOST) -> None:
+    def __init__(self, store: CallStore, hold: float = HOLD, most: int = MOST) -> None:
         self.store = store
         self.hold = hold
         self.most = most

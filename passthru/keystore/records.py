@@ -1,5 +1,6 @@
-"""What the key store takes and returns: its records and the KeyStore Protocol, free of SQLAlchemy, so the app's
-modules (auth, key_api, spend, store) use them at run time while the driver loads only with the store (store.py).
+"""What the key store takes and returns: its records and Protocols (the per-call side apart from the /key/* side),
+free of SQLAlchemy, so the app's modules (auth, key_api, spend, store) use them at run time while the driver loads
+only with the store (store.py).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limi
                        "blocked"})  # fmt: skip
 
 
-class KeyStore(Protocol):
-    """What passthru needs from a key store: the per-call check and log, and the /key/* operations."""
+class KeyReads(Protocol):
+    """What both sides of the store read: a key by its token, whether the store answers, how often keys changed."""
 
     # How many key changes (create, update, block, delete) this process made through the store: what a worker
     # remembers of keys (auth.RecentKeys) is out of date once it moves, so a change is seen at once by the worker that
@@ -100,6 +101,12 @@ class KeyStore(Protocol):
 
     def find(self, token: str) -> KeyInfo | None: ...
 
+    def ping(self) -> None: ...
+
+
+class CallStore(KeyReads, Protocol):
+    """The per-call side: admitting a counted key's call (one by one or in leases) and writing spend entries."""
+
     def admit(self, token: str, cost: float) -> Refusal | None: ...
 
     def lease(self, token: str, cost: float, calls: int, room: int, hold: float) -> float | None: ...
@@ -107,6 +114,10 @@ class KeyStore(Protocol):
     def record(
         self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
     ) -> None: ...
+
+
+class KeyAdmin(KeyReads, Protocol):
+    """The /key/* side (and `passthru keys`): keys made, changed, listed and deleted, and the spend log read."""
 
     def create(self, new: NewKey) -> KeyInfo: ...
 
@@ -118,7 +129,9 @@ class KeyStore(Protocol):
 
     def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
 
-    def ping(self) -> None: ...
+
+class KeyStore(CallStore, KeyAdmin, Protocol):
+    """A whole key store (sql.SqlKeyStore): both sides, and closing it."""
 
     def close(self) -> None: ...
 
@@ -141,7 +154,10 @@ class Opened(Protocol):
     """The store as a worker uses it once opened (store.OpenedStore)."""
 
     @property
-    def keys(self) -> KeyStore: ...
+    def keys(self) -> CallStore: ...
+
+    @property
+    def admin(self) -> KeyAdmin: ...
 
     @property
     def leases(self) -> Admission: ...

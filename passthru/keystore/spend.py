@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from passthru.errors import KeyStoreError
-from passthru.keystore.records import KeyStore, SpendEntry, Unused
+from passthru.keystore.records import CallStore, SpendEntry, Unused
 
 log = logging.getLogger("passthru")
 
@@ -45,7 +45,7 @@ def entry_id(now: float) -> str:
 class SpendWriter:
     """Queues entries from any thread; a daemon thread, started on first use (after gunicorn forks), writes them."""
 
-    def __init__(self, store: KeyStore, unused: Callable[[bool], list[Unused]] | None = None) -> None:
+    def __init__(self, store: CallStore, unused: Callable[[bool], list[Unused]] | None = None) -> None:
         self.store = store
         # Leased calls to give back (Leases.unused): asked each round, written with the entries.
         self._unused_source = unused

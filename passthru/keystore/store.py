@@ -48,6 +48,11 @@ class OpenedStore:
     spend: SpendWriter
     leases: Leases
 
+    @property
+    def admin(self) -> KeyStore:
+        """The same store, as the /key/* API uses it (records.KeyAdmin)."""
+        return self.keys
+
 
 class LazyStore:
     """The key store at `url`, opened by the first call to `open()` in this process: a virtual key, the key API, or a
