@@ -15,7 +15,6 @@ import atexit
 import datetime
 import functools
 import http.client
-import importlib.util
 import json
 import os
 import platform
@@ -36,6 +35,19 @@ from typing import Any
 
 # bench/ is not a package: run as a script, run.py has its directory on sys.path. Like this file, its modules import
 # only the standard library at the top, so that they load under any Python before run.py re-runs itself in the venv.
+from plan import (
+    DEFAULT_CONF,
+    FULL,
+    GEVENT_CONF,
+    GIB,
+    MIB,
+    QUICK,
+    Plan,
+    SlowCase,
+    gevent_installed,
+    same_file,
+    slow_cases,
+)
 from procs import (
     BENCH,
     CHILDREN,
@@ -67,43 +79,6 @@ from servers import (
 )
 
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-DEFAULT_CONF = "deploy/gunicorn.conf.py"
-GEVENT_CONF = "deploy/gunicorn.gevent.conf.py"
-GIB = 1 << 30
-MIB = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plan: what one run measures, and for how long
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Durations and sizes of one run; --quick shrinks them."""
-
-    rounds: int
-    throughput_seconds: int  # wrk -t2 -c32 per configuration per round
-    latency_seconds: int  # wrk -t1 -c1 per configuration per round
-    transfer_bytes: int  # one download and one upload per round, each way direct and through passthru
-    sse_streams: int  # per configuration per round
-    sse_events: int
-    sse_gap: float
-    startups: int  # fresh gunicorn starts timed, per app
-    slow_streams: int  # SSE streams opened at once against a fresh passthru (gthread: --conf and --slow-conf)
-    gevent_streams: int  # the same under deploy/gunicorn.gevent.conf.py, which is meant to hold thousands
-    slow_window: float  # seconds allowed for them all to get their first event
-    slow_heads: int  # connections trickling request heads a byte a second to one fresh worker, per config
-    slow_heads_seconds: float  # how long normal requests are timed beside them
-    repeat_pairs: int  # downloads + uploads of transfer_bytes, one after another, through a fresh one-worker passthru
-    watchdog: int  # the whole run is cut after this many seconds
-
-
-FULL = Plan(rounds=3, throughput_seconds=10, latency_seconds=5, transfer_bytes=GIB, sse_streams=10, sse_events=11,
-            sse_gap=0.02, startups=3, slow_streams=300, gevent_streams=1000, slow_window=15.0, slow_heads=1000,
-            slow_heads_seconds=12.0, repeat_pairs=8, watchdog=1260)  # fmt: skip
-QUICK = Plan(rounds=3, throughput_seconds=3, latency_seconds=2, transfer_bytes=256 * MIB, sse_streams=4, sse_events=11,
-             sse_gap=0.02, startups=2, slow_streams=300, gevent_streams=1000, slow_window=10.0, slow_heads=1000,
-             slow_heads_seconds=8.0, repeat_pairs=4, watchdog=540)  # fmt: skip
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
@@ -396,39 +371,6 @@ class Load:
     key: str | None
     server_pids: Callable[[], list[int]]
     store_cpu: Callable[[], dict[int, float]] | None = None  # a CPU reading of the key store's own server, if any
-
-
-@dataclass(frozen=True)
-class SlowCase:
-    """One slow-streams row: a fresh passthru under `conf`, `streams` SSE streams opened at once, `target` to hold."""
-
-    conf: str
-    streams: int
-    target: int
-
-
-def same_file(a: str, b: str) -> bool:
-    return (ROOT / a).resolve() == (ROOT / b).resolve()
-
-
-def gevent_installed() -> bool:
-    return importlib.util.find_spec("gevent") is not None
-
-
-def slow_cases(plan: Plan, args: argparse.Namespace) -> list[SlowCase]:
-    """--conf (300 streams, 200 to hold), the gevent config (1,000 and 1,000; the issue's targets), each --slow-conf.
-
-    A config named twice runs once. The gevent row needs gevent (requirements-gevent.txt): without it the row is
-    left out and the report says so, rather than the run failing at its very end.
-    """
-    cases: dict[Path, SlowCase] = {}
-    for conf in (args.conf, GEVENT_CONF, *args.slow_conf):
-        if same_file(conf, GEVENT_CONF):
-            if gevent_installed():
-                cases.setdefault((ROOT / conf).resolve(), SlowCase(conf, plan.gevent_streams, 1000))
-        else:
-            cases.setdefault((ROOT / conf).resolve(), SlowCase(conf, plan.slow_streams, 200))
-    return list(cases.values())
 
 
 @dataclass
