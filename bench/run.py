@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# bench/ is not a package: run as a script, run.py has its directory on sys.path. Like this file, its modules import
-# only the standard library at the top, so that they load under any Python before run.py re-runs itself in the venv.
-from load import download, measured, slow_heads, slow_streams, sse_stream, upload, warm, wrk
-from plan import DEFAULT_CONF, FULL, GEVENT_CONF, QUICK, Plan, gevent_installed, slow_cases
-from procs import BENCH, CHILDREN, ROOT, children_of, memory_kb, raise_fd_limit, request
-from report import Results, median, report
-from servers import (
+# bench/ is not a package: its modules are found on sys.path, where a script's own directory is, and where this puts
+# it for `python -m bench.run` too. Like this file, they import only the standard library at the top, so that they
+# load under any Python before run.py re-runs itself in the venv.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from load import download, measured, slow_heads, slow_streams, sse_stream, upload, warm, wrk  # noqa: E402
+from plan import DEFAULT_CONF, FULL, GEVENT_CONF, QUICK, Plan, gevent_installed, slow_cases  # noqa: E402
+from procs import BENCH, CHILDREN, ROOT, children_of, memory_kb, raise_fd_limit, request  # noqa: E402
+from report import Results, median, report  # noqa: E402
+from servers import (  # noqa: E402
     MASTER_KEY,
     PG_SERVER,
     Gunicorn,
