@@ -12,7 +12,7 @@ if key ~= nil and key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
 end
 
--- One JSON line run.py parses instead of wrk's human summary; latencies in microseconds.
+-- One JSON line bench/load.py parses instead of wrk's human summary; latencies in microseconds.
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

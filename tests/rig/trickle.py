@@ -1,4 +1,4 @@
-"""Many connections trickling request heads a byte at a time, all driven from one thread (tests/abuse, bench/run.py).
+"""Many connections trickling request heads a byte at a time, all driven from one thread (tests/abuse, bench/load.py).
 
 Standard library only. A connection the server closes is opened again (up to a bound), so the count holds for the
 whole run, as an attacker's would; how long each one stayed open is recorded. Loopback only, and every wait bounded.
