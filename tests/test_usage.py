@@ -154,6 +154,12 @@ def test_any_sse_line_end_in_every_split(line_end: bytes, name: str) -> None:
         assert read(tapped(name), [body[:at], body[at:]]) == expected(name), at
 
 
+def test_a_line_end_split_between_chunks_is_one_line_end() -> None:
+    event = b'data: {"type": "message_delta",\r\ndata: "usage": {"output_tokens": 15}}\r\n\r\n'
+    for at in range(len(event) + 1):  # a \r at one chunk's end and a \n at the next one's start: no blank line
+        assert read(tapped("x.sse"), [event[:at], event[at:]]) == Usage(REQUEST_MODEL, 0, 15, 15), at
+
+
 def test_the_last_json_line_needs_no_newline() -> None:
     name = "cohere_v1_chat_stream.jsonl"
     assert read(tapped(name), [body_of(name).rstrip(b"\n")]) == expected(name)
@@ -292,6 +298,13 @@ def test_an_event_over_the_cap_is_skipped_and_the_counts_after_it_are_read(name:
     assert tap.lost is not None and str(EVENT_CAP) in tap.lost
 
 
+def test_the_end_of_a_skipped_event_may_be_split_between_chunks() -> None:
+    name = "anthropic_messages_stream.sse"
+    huge = b'data: {"usage": {"input_tokens": 1000000}, "image": "' + b"A" * EVENT_CAP + b'"}'
+    tap = tapped(name)
+    assert read(tap, [huge + b"\n", b"\n" + body_of(name)]) == expected(name)
+
+
 def test_an_event_at_the_cap_is_read() -> None:
     head = b'data: {"usage": {"prompt_tokens": 7}, "pad": "'
     event = head + b"x" * (EVENT_CAP - len(head) - 2) + b'"}'
@@ -387,10 +400,16 @@ def tally_of(*answers: Any) -> Usage | None:
     return tally.usage(REQUEST_MODEL)
 
 
-def test_a_later_count_without_a_total_makes_the_earlier_total_add_up_again() -> None:
-    first = {"usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}}
+def test_a_later_event_overrides_what_it_reports_and_keeps_the_rest() -> None:
+    first = {"message": {"usage": {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 1}}}
     later = {"usage": {"output_tokens": 5}}
-    assert tally_of(first, later) == Usage(REQUEST_MODEL, 10, 5, 15)
+    assert tally_of(first, later) == Usage(REQUEST_MODEL, 14, 5, 19, 0, 4)
+    assert tally_of(first, later, {"usage": {"cache_read_input_tokens": 0}}) == Usage(REQUEST_MODEL, 10, 5, 15)
+
+
+def test_gemini_tool_use_prompts_count_as_prompt() -> None:
+    metadata = {"promptTokenCount": 10, "toolUsePromptTokenCount": 7, "candidatesTokenCount": 3, "totalTokenCount": 20}
+    assert tally_of({"usageMetadata": metadata}) == Usage(REQUEST_MODEL, 17, 3, 20)
 
 
 @pytest.mark.parametrize(
@@ -464,6 +483,7 @@ def test_any_bytes_never_raise(kind: tuple[str, str | None], chunks: list[bytes]
                      id="nested-one-skipped"),
         pytest.param(b'{"metadata": {"model": "nested"}, "stream": true}', None, id="only-nested"),
         pytest.param(b'{"prompt": "\\"model\\": \\"evil\\"", "model": "real"}', "real", id="in-a-string"),
+        pytest.param(b'{"base_model": "base", "model": "real"}', "real", id="a-key-ending-in-model"),
         pytest.param(b'{"model": "gpt-4', None, id="cut-in-the-value"),
         pytest.param(b'{"model": "gpt-4o"', "gpt-4o", id="cut-after-the-value"),
         pytest.param(b'{"messages": [{"role": "user", "content": "a long prompt', None, id="cut-before"),
@@ -500,7 +520,7 @@ JSON_VALUES = st.recursive(
 
 @settings(max_examples=500, deadline=None)
 @given(
-    answer=st.dictionaries(st.sampled_from(["model", "messages", "stream", "modelx", "x"]), JSON_VALUES, max_size=5),
+    answer=st.dictionaries(st.sampled_from(["model", "messages", "modelx", "x_model", "x"]), JSON_VALUES, max_size=5),
     cut=st.integers(min_value=0, max_value=2000),
     indent=st.sampled_from([None, 1]),
 )
