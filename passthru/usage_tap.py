@@ -109,12 +109,20 @@ class _Events:
         self.lost: str | None = None
 
     def feed(self, chunk: bytes) -> None:
+        separator = self.separator
+        if not (self.buffer or self.skipping or self.cr) and chunk.find(separator) == len(chunk) - len(separator) > 0:
+            if b"\r" not in chunk:  # the usual chunk of a stream: one whole event, read without a copy
+                if len(chunk) - len(separator) > EVENT_CAP:
+                    self.lost = OVER_CAP
+                else:
+                    self._read(chunk[: -len(separator)], self.tally)
+                return
         if self.cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self.cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:  # SSE ends a line with \r\n, \n or \r: one kind of end lets one search find the events
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer, separator = self.buffer, self.separator
+        buffer = self.buffer
         start = max(len(buffer) - len(separator) + 1, 0)  # a separator may straddle the two chunks
         buffer += chunk
         begin, end = 0, buffer.find(separator, start)

@@ -131,6 +131,19 @@ ENCODINGS = [
 ]
 
 
+@pytest.mark.parametrize("name", [name for name in NAMES if not name.endswith(".json")])
+def test_usage_from_streams_one_event_a_chunk(name: str) -> None:
+    separator = b"\r\n\r\n" if name.startswith("gemini") else b"\n" if name.endswith(".jsonl") else b"\n\n"
+    events = [event + separator for event in body_of(name).split(separator)[:-1]]
+    assert b"".join(events) == body_of(name)
+    assert read(tapped(name), events) == expected(name)
+    huge = b'{"usage": {"input_tokens": 1000000}, "image": "' + b"A" * EVENT_CAP + b'"}'
+    huge = (huge if name.endswith(".jsonl") else b"data: " + huge) + separator
+    tap = tapped(name)
+    assert read(tap, [*events, huge]) == expected(name)  # one whole event over the cap: not read
+    assert tap.lost is not None
+
+
 @pytest.mark.parametrize(("encoding", "compress"), ENCODINGS)
 @pytest.mark.parametrize("name", NAMES)
 def test_usage_from_compressed_answers(name: str, encoding: str, compress: Any) -> None:
