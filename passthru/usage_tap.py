@@ -110,13 +110,14 @@ class _Events:
 
     def feed(self, chunk: bytes) -> None:
         separator = self.separator
-        if not (self.buffer or self.skipping or self.cr) and chunk.find(separator) == len(chunk) - len(separator) > 0:
-            if b"\r" not in chunk:  # the usual chunk of a stream: one whole event, read without a copy
-                if len(chunk) - len(separator) > EVENT_CAP:
-                    self.lost = OVER_CAP
-                else:
-                    self._read(chunk[: -len(separator)], self.tally)
-                return
+        end = len(chunk) - len(separator)
+        if end > 0 and chunk.find(separator) == end and not (self.buffer or self.skipping or self.cr or b"\r" in chunk):
+            # The usual chunk of a stream: one whole event, and nothing waiting before it. Read it without a copy.
+            if end > EVENT_CAP:
+                self.lost = OVER_CAP
+            else:
+                self._read(chunk[:end], self.tally)
+            return
         if self.cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self.cr = chunk[-1:] == b"\r"
