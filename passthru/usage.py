@@ -14,6 +14,7 @@ from typing import Any
 
 PREFIX_CAP = 4 << 10  # the request's first bytes read for its "model"
 MODEL_CAP = 256  # a longer "model" is not a model name anyone prices
+COUNT_CAP = 1 << 53  # a count past this is no count (and 10**4000 tokens would not even make a float price)
 COST_HEADER = "x-litellm-response-cost"
 # Where an answer (or one event of a stream) keeps its counts: OpenAI, Anthropic and Cohere v2 in "usage", Gemini in
 # "usageMetadata", Cohere v1 in "meta". A key inside a JSON string has its quotes escaped: text that mentions usage
@@ -138,7 +139,7 @@ class Tally:
 
 def _int(part: dict[str, Any], key: str) -> int | None:
     value = part.get(key)
-    return value if type(value) is int and value >= 0 else None  # not a bool, a float or a negative
+    return value if type(value) is int and 0 <= value < COUNT_CAP else None  # not a bool, a float or a negative
 
 
 def _add(first: int | None, second: int | None) -> int | None:
@@ -150,6 +151,8 @@ def model_from_prefix(prefix: bytes) -> str | None:
 
     The object is walked key by key, each value read whole (so a "model" nested in a value is never taken), up to the
     top-level "model"; a prefix that ends first, inside that value or before it, gives None, as does anything not JSON.
+    So does a second "model" further on: a duplicate key is read last-wins by most parsers, and which one the upstream
+    reads is not ours to guess (a nested one there costs an answer we could have given, never a wrong one).
     """
     if b'"model"' not in prefix:
         return None
@@ -169,7 +172,9 @@ def model_from_prefix(prefix: bytes) -> str | None:
                 return None
             value, at = _DECODER.raw_decode(text, _skip(text, at + 1))  # raises on a value the prefix cut off
             if key == "model":
-                return value if isinstance(value, str) and 0 < len(value) <= MODEL_CAP else None
+                if text.find('"model"', at) >= 0 or not isinstance(value, str):
+                    return None
+                return value if 0 < len(value) <= MODEL_CAP else None
             at = _skip(text, at)
             if text[at] != ",":
                 return None

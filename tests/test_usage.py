@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import zlib
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from urllib3 import HTTPHeaderDict
 
 from passthru.usage import (
+    COUNT_CAP,
     MODEL_CAP,
     PREFIX_CAP,
     Tally,
@@ -428,7 +430,7 @@ def test_gemini_tool_use_prompts_count_as_prompt() -> None:
 @pytest.mark.parametrize(
     "counts",
     [{"prompt_tokens": True}, {"prompt_tokens": -1}, {"prompt_tokens": 1.5}, {"prompt_tokens": "7"},
-     {"prompt_tokens": None}, {"prompt_tokens": [1]}],
+     {"prompt_tokens": None}, {"prompt_tokens": [1]}, {"prompt_tokens": 1 << 53}, {"prompt_tokens": 10**4000}],
 )  # fmt: skip
 def test_counts_that_are_not_whole_numbers_are_not_counts(counts: dict[str, Any]) -> None:
     assert tally_of({"usage": counts}) is None
@@ -497,6 +499,10 @@ def test_any_bytes_never_raise(kind: tuple[str, str | None], chunks: list[bytes]
         pytest.param(b'{"metadata": {"model": "nested"}, "stream": true}', None, id="only-nested"),
         pytest.param(b'{"prompt": "\\"model\\": \\"evil\\"", "model": "real"}', "real", id="in-a-string"),
         pytest.param(b'{"base_model": "base", "model": "real"}', "real", id="a-key-ending-in-model"),
+        pytest.param(b'{"model": "cheap", "stream": true, "model": "dear"}', None, id="a-duplicate-key"),
+        pytest.param(b'{"model": "m", "messages": [{"content": "x"}], "metadata": {"model": "n"}}', None,
+                     id="nested-after-the-model-too"),
+        pytest.param(b'{"model": "m", "messages": [{"content": "say \\"model\\""}]}', "m", id="mentioned-after"),
         pytest.param(b'{"model": "gpt-4', None, id="cut-in-the-value"),
         pytest.param(b'{"model": "gpt-4o"', "gpt-4o", id="cut-after-the-value"),
         pytest.param(b'{"messages": [{"role": "user", "content": "a long prompt', None, id="cut-before"),
@@ -543,7 +549,7 @@ def test_model_from_prefix_is_the_top_level_model_or_none(answer: dict[str, Any]
     found = model_from_prefix(body[:cut])
     assert found is None or found == model  # never a wrong answer
     whole = isinstance(model, str) and 0 < len(model) <= MODEL_CAP and len(body) <= PREFIX_CAP
-    if whole:
+    if whole and body.count(b'"model"') == 1:  # a nested "model" after the top-level one gives None
         assert model_from_prefix(body) == model
 
 
@@ -563,6 +569,15 @@ def test_response_cost(value: str, cost: float | None) -> None:
 def test_response_cost_header_name_in_any_case_and_absent() -> None:
     assert response_cost(HTTPHeaderDict({"X-LiteLLM-Response-Cost": "0.25"})) == 0.25
     assert response_cost(HTTPHeaderDict({"content-type": "application/json"})) is None
+
+
+def test_the_largest_counts_still_make_a_price() -> None:
+    body = (
+        b'{"usage": {"input_tokens": 9007199254740991, "cache_read_input_tokens": 9007199254740991, "output_tokens": '
+    )
+    usage = read(tapped("x.json"), [body + b"9" * 4000 + b"}}"])  # a count 4,000 digits long is no count
+    assert usage == Usage(REQUEST_MODEL, 2 * (COUNT_CAP - 1), 0, 2 * (COUNT_CAP - 1), 0, COUNT_CAP - 1)
+    assert math.isfinite(price(usage, None, 1.0, 1e-6, 1e-6))
 
 
 def test_price() -> None:
