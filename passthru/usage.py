@@ -14,6 +14,7 @@ from typing import Any
 
 PREFIX_CAP = 4 << 10  # the request's first bytes read for its "model"
 MODEL_CAP = 256  # a longer "model" is not a model name anyone prices
+COUNT_CAP = 1 << 53  # a count past this is no count (and 10**4000 tokens would not even make a float price)
 COST_HEADER = "x-litellm-response-cost"
 # Where an answer (or one event of a stream) keeps its counts: OpenAI, Anthropic and Cohere v2 in "usage", Gemini in
 # "usageMetadata", Cohere v1 in "meta". A key inside a JSON string has its quotes escaped: text that mentions usage
@@ -30,7 +31,9 @@ class Usage:
 
     Counts an answer left out are 0, not None: an embedding has no completion, and a price needs a number. An answer
     that reported no counts at all has no Usage. prompt_tokens includes Anthropic's cache tokens (LiteLLM's Anthropic
-    transformation adds both), which are also given apart for whoever prices them differently.
+    transformation adds both), which are also given apart for whoever prices them differently. total_tokens is
+    prompt + completion: each shape's own total is that sum (Gemini's counts thinking and tool-use prompts, and so
+    do prompt and completion here), and Anthropic and Cohere give none.
     """
 
     model: str | None
@@ -56,7 +59,6 @@ class Tally:
     model: str | None = None
     input: int | None = None
     output: int | None = None
-    total: int | None = None
     cache_creation: int | None = None
     cache_read: int | None = None
 
@@ -76,13 +78,12 @@ class Tally:
 
     def usage(self, request_model: str | None) -> Usage | None:
         """The Usage seen so far, the answer's model first; None while no count was seen."""
-        if self.input is None and self.output is None and self.total is None:
+        if self.input is None and self.output is None:
             return None
         cache_creation, cache_read = self.cache_creation or 0, self.cache_read or 0
         prompt = (self.input or 0) + cache_creation + cache_read
         completion = self.output or 0
-        total = prompt + completion if self.total is None else self.total
-        return Usage(self.model or request_model, prompt, completion, total, cache_creation, cache_read)
+        return Usage(self.model or request_model, prompt, completion, prompt + completion, cache_creation, cache_read)
 
     def _part(self, part: dict[str, Any]) -> None:
         if self.model is None:
@@ -97,11 +98,10 @@ class Tally:
             else:
                 self._openai_or_anthropic(usage)
         elif isinstance(metadata, dict):
-            # Gemini bills thinking as output and tool-use prompts as input; its totalTokenCount counts both.
+            # Gemini bills thinking as output and tool-use prompts as input (its totalTokenCount counts both).
             self._count(
                 _add(_int(metadata, "promptTokenCount"), _int(metadata, "toolUsePromptTokenCount")),
                 _add(_int(metadata, "candidatesTokenCount"), _int(metadata, "thoughtsTokenCount")),
-                _int(metadata, "totalTokenCount"),
             )
         elif isinstance(meta, dict):
             self._cohere(meta.get("billed_units"), meta.get("tokens"))  # v1
@@ -118,7 +118,6 @@ class Tally:
         self._count(
             _int(usage, "input_tokens") if prompt is None else prompt,  # Responses API and Anthropic: input/output
             _int(usage, "output_tokens") if completion is None else completion,
-            _int(usage, "total_tokens"),
         )
 
     def _cohere(self, billed: Any, tokens: Any) -> None:
@@ -129,21 +128,18 @@ class Tally:
         self._count(
             _int(tokens, "input_tokens") if input is None else input,
             _int(tokens, "output_tokens") if output is None else output,
-            None,
         )
 
-    def _count(self, input: int | None, output: int | None, total: int | None) -> None:
+    def _count(self, input: int | None, output: int | None) -> None:
         if input is not None:
             self.input = input
         if output is not None:
             self.output = output
-        if total is not None or input is not None or output is not None:
-            self.total = total  # an earlier event's total no longer adds up: None, and usage() adds it up again
 
 
 def _int(part: dict[str, Any], key: str) -> int | None:
     value = part.get(key)
-    return value if type(value) is int and value >= 0 else None  # not a bool, a float or a negative
+    return value if type(value) is int and 0 <= value < COUNT_CAP else None  # not a bool, a float or a negative
 
 
 def _add(first: int | None, second: int | None) -> int | None:
@@ -155,6 +151,8 @@ def model_from_prefix(prefix: bytes) -> str | None:
 
     The object is walked key by key, each value read whole (so a "model" nested in a value is never taken), up to the
     top-level "model"; a prefix that ends first, inside that value or before it, gives None, as does anything not JSON.
+    So does a second "model" further on: a duplicate key is read last-wins by most parsers, and which one the upstream
+    reads is not ours to guess (a nested one there costs an answer we could have given, never a wrong one).
     """
     if b'"model"' not in prefix:
         return None
@@ -174,7 +172,9 @@ def model_from_prefix(prefix: bytes) -> str | None:
                 return None
             value, at = _DECODER.raw_decode(text, _skip(text, at + 1))  # raises on a value the prefix cut off
             if key == "model":
-                return value if isinstance(value, str) and 0 < len(value) <= MODEL_CAP else None
+                if text.find('"model"', at) >= 0 or not isinstance(value, str):
+                    return None
+                return value if 0 < len(value) <= MODEL_CAP else None
             at = _skip(text, at)
             if text[at] != ",":
                 return None

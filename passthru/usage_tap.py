@@ -109,12 +109,21 @@ class _Events:
         self.lost: str | None = None
 
     def feed(self, chunk: bytes) -> None:
+        separator = self.separator
+        end = len(chunk) - len(separator)
+        if end > 0 and chunk.find(separator) == end and not (self.buffer or self.skipping or self.cr or b"\r" in chunk):
+            # The usual chunk of a stream: one whole event, and nothing waiting before it. Read it without a copy.
+            if end > EVENT_CAP:
+                self.lost = OVER_CAP
+            else:
+                self._read(chunk[:end], self.tally)
+            return
         if self.cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self.cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:  # SSE ends a line with \r\n, \n or \r: one kind of end lets one search find the events
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer, separator = self.buffer, self.separator
+        buffer = self.buffer
         start = max(len(buffer) - len(separator) + 1, 0)  # a separator may straddle the two chunks
         buffer += chunk
         begin, end = 0, buffer.find(separator, start)

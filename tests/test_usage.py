@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import zlib
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from urllib3 import HTTPHeaderDict
 
 from passthru.usage import (
+    COUNT_CAP,
     MODEL_CAP,
     PREFIX_CAP,
     Tally,
@@ -131,6 +133,19 @@ ENCODINGS = [
 ]
 
 
+@pytest.mark.parametrize("name", [name for name in NAMES if not name.endswith(".json")])
+def test_usage_from_streams_one_event_a_chunk(name: str) -> None:
+    separator = b"\r\n\r\n" if name.startswith("gemini") else b"\n" if name.endswith(".jsonl") else b"\n\n"
+    events = [event + separator for event in body_of(name).split(separator)[:-1]]
+    assert b"".join(events) == body_of(name)
+    assert read(tapped(name), events) == expected(name)
+    huge = b'{"usage": {"input_tokens": 1000000}, "image": "' + b"A" * EVENT_CAP + b'"}'
+    huge = (huge if name.endswith(".jsonl") else b"data: " + huge) + separator
+    tap = tapped(name)
+    assert read(tap, [*events, huge]) == expected(name)  # one whole event over the cap: not read
+    assert tap.lost is not None
+
+
 @pytest.mark.parametrize(("encoding", "compress"), ENCODINGS)
 @pytest.mark.parametrize("name", NAMES)
 def test_usage_from_compressed_answers(name: str, encoding: str, compress: Any) -> None:
@@ -152,6 +167,12 @@ def test_any_sse_line_end_in_every_split(line_end: bytes, name: str) -> None:
     body = body_of(name).replace(b"\r\n", b"\n").replace(b"\n", line_end)
     for at in range(len(body) + 1):  # a \r\n split between two chunks is one line end, not two
         assert read(tapped(name), [body[:at], body[at:]]) == expected(name), at
+
+
+def test_a_line_end_split_between_chunks_is_one_line_end() -> None:
+    event = b'data: {"type": "message_delta",\r\ndata: "usage": {"output_tokens": 15}}\r\n\r\n'
+    for at in range(len(event) + 1):  # a \r at one chunk's end and a \n at the next one's start: no blank line
+        assert read(tapped("x.sse"), [event[:at], event[at:]]) == Usage(REQUEST_MODEL, 0, 15, 15), at
 
 
 def test_the_last_json_line_needs_no_newline() -> None:
@@ -292,6 +313,13 @@ def test_an_event_over_the_cap_is_skipped_and_the_counts_after_it_are_read(name:
     assert tap.lost is not None and str(EVENT_CAP) in tap.lost
 
 
+def test_the_end_of_a_skipped_event_may_be_split_between_chunks() -> None:
+    name = "anthropic_messages_stream.sse"
+    huge = b'data: {"usage": {"input_tokens": 1000000}, "image": "' + b"A" * EVENT_CAP + b'"}'
+    tap = tapped(name)
+    assert read(tap, [huge + b"\n", b"\n" + body_of(name)]) == expected(name)
+
+
 def test_an_event_at_the_cap_is_read() -> None:
     head = b'data: {"usage": {"prompt_tokens": 7}, "pad": "'
     event = head + b"x" * (EVENT_CAP - len(head) - 2) + b'"}'
@@ -387,16 +415,22 @@ def tally_of(*answers: Any) -> Usage | None:
     return tally.usage(REQUEST_MODEL)
 
 
-def test_a_later_count_without_a_total_makes_the_earlier_total_add_up_again() -> None:
-    first = {"usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}}
+def test_a_later_event_overrides_what_it_reports_and_keeps_the_rest() -> None:
+    first = {"message": {"usage": {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 1}}}
     later = {"usage": {"output_tokens": 5}}
-    assert tally_of(first, later) == Usage(REQUEST_MODEL, 10, 5, 15)
+    assert tally_of(first, later) == Usage(REQUEST_MODEL, 14, 5, 19, 0, 4)
+    assert tally_of(first, later, {"usage": {"cache_read_input_tokens": 0}}) == Usage(REQUEST_MODEL, 10, 5, 15)
+
+
+def test_gemini_tool_use_prompts_count_as_prompt() -> None:
+    metadata = {"promptTokenCount": 10, "toolUsePromptTokenCount": 7, "candidatesTokenCount": 3, "totalTokenCount": 20}
+    assert tally_of({"usageMetadata": metadata}) == Usage(REQUEST_MODEL, 17, 3, 20)
 
 
 @pytest.mark.parametrize(
     "counts",
     [{"prompt_tokens": True}, {"prompt_tokens": -1}, {"prompt_tokens": 1.5}, {"prompt_tokens": "7"},
-     {"prompt_tokens": None}, {"prompt_tokens": [1]}],
+     {"prompt_tokens": None}, {"prompt_tokens": [1]}, {"prompt_tokens": 1 << 53}, {"prompt_tokens": 10**4000}],
 )  # fmt: skip
 def test_counts_that_are_not_whole_numbers_are_not_counts(counts: dict[str, Any]) -> None:
     assert tally_of({"usage": counts}) is None
@@ -464,6 +498,11 @@ def test_any_bytes_never_raise(kind: tuple[str, str | None], chunks: list[bytes]
                      id="nested-one-skipped"),
         pytest.param(b'{"metadata": {"model": "nested"}, "stream": true}', None, id="only-nested"),
         pytest.param(b'{"prompt": "\\"model\\": \\"evil\\"", "model": "real"}', "real", id="in-a-string"),
+        pytest.param(b'{"base_model": "base", "model": "real"}', "real", id="a-key-ending-in-model"),
+        pytest.param(b'{"model": "cheap", "stream": true, "model": "dear"}', None, id="a-duplicate-key"),
+        pytest.param(b'{"model": "m", "messages": [{"content": "x"}], "metadata": {"model": "n"}}', None,
+                     id="nested-after-the-model-too"),
+        pytest.param(b'{"model": "m", "messages": [{"content": "say \\"model\\""}]}', "m", id="mentioned-after"),
         pytest.param(b'{"model": "gpt-4', None, id="cut-in-the-value"),
         pytest.param(b'{"model": "gpt-4o"', "gpt-4o", id="cut-after-the-value"),
         pytest.param(b'{"messages": [{"role": "user", "content": "a long prompt', None, id="cut-before"),
@@ -500,7 +539,7 @@ JSON_VALUES = st.recursive(
 
 @settings(max_examples=500, deadline=None)
 @given(
-    answer=st.dictionaries(st.sampled_from(["model", "messages", "stream", "modelx", "x"]), JSON_VALUES, max_size=5),
+    answer=st.dictionaries(st.sampled_from(["model", "messages", "modelx", "x_model", "x"]), JSON_VALUES, max_size=5),
     cut=st.integers(min_value=0, max_value=2000),
     indent=st.sampled_from([None, 1]),
 )
@@ -510,7 +549,7 @@ def test_model_from_prefix_is_the_top_level_model_or_none(answer: dict[str, Any]
     found = model_from_prefix(body[:cut])
     assert found is None or found == model  # never a wrong answer
     whole = isinstance(model, str) and 0 < len(model) <= MODEL_CAP and len(body) <= PREFIX_CAP
-    if whole:
+    if whole and body.count(b'"model"') == 1:  # a nested "model" after the top-level one gives None
         assert model_from_prefix(body) == model
 
 
@@ -530,6 +569,15 @@ def test_response_cost(value: str, cost: float | None) -> None:
 def test_response_cost_header_name_in_any_case_and_absent() -> None:
     assert response_cost(HTTPHeaderDict({"X-LiteLLM-Response-Cost": "0.25"})) == 0.25
     assert response_cost(HTTPHeaderDict({"content-type": "application/json"})) is None
+
+
+def test_the_largest_counts_still_make_a_price() -> None:
+    body = (
+        b'{"usage": {"input_tokens": 9007199254740991, "cache_read_input_tokens": 9007199254740991, "output_tokens": '
+    )
+    usage = read(tapped("x.json"), [body + b"9" * 4000 + b"}}"])  # a count 4,000 digits long is no count
+    assert usage == Usage(REQUEST_MODEL, 2 * (COUNT_CAP - 1), 0, 2 * (COUNT_CAP - 1), 0, COUNT_CAP - 1)
+    assert math.isfinite(price(usage, None, 1.0, 1e-6, 1e-6))
 
 
 def test_price() -> None:
