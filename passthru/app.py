@@ -6,13 +6,13 @@ import os
 
 from flask import Flask
 
-from passthru import __version__, exchange, health, metrics, routes
+from passthru import __version__, exchange, health, metrics, pricing, routes
 from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
 from passthru.forward import Forwarder
 from passthru.key_api import build_key_api
-from passthru.keystore.store import LazyStore
+from passthru.keystore.store import LazyStore, spend_recorder
 from passthru.logs import access_line, configure_logging, log
 from passthru.server import heap
 from passthru.server_config import ServerSettings, load_from_environment, read_server_settings
@@ -59,8 +59,10 @@ def create_app(
     )
     app.register_blueprint(metrics.labelled(metrics_blueprint))
     register_error_handlers(app)
-    # What each owner records once an answer is done: metrics, the spend entry, the heap trim, the access line.
-    recorders = (metrics.record, exchange.charge, heap.record, access_line)
+    # What each owner records once an answer is done: the usage and spend first, which the others read; metrics, the
+    # spend log entry (every pass-through call, when there is a key store), the heap trim, the access line.
+    spend_log = () if store is None else (spend_recorder(store),)
+    recorders = (pricing.meter, metrics.record, *spend_log, heap.record, access_line)
     app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
     for warning in () if server.config_accepted else settings.warnings:

@@ -11,7 +11,6 @@ from typing import Any
 
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
-from passthru.exchange import Finish
 from passthru.keystore.records import CallStore, KeyInfo, Opened, Refusal, Store
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
@@ -104,13 +103,17 @@ class Authenticator:
             raise AuthError(INVALID_KEY)
         return opened, info
 
-    def admit(self, key: str | None, endpoint: Endpoint) -> Finish | None:
+    def admit(self, key: str | None, endpoint: Endpoint) -> tuple[str, float]:
         """May this key call this route? The master key always; a virtual key when it is allowed the route and, for
         a key with limits or an expiry, the store (or a lease, keystore/leases.py) admits the call; otherwise from
-        what this worker read of it (KeyInfo.counted says why). Returns the call's spend entry, to write at its end."""
+        what this worker read of it (KeyInfo.counted says why).
+
+        Returns the token the call is logged and charged under (the master key's hash for its calls, as LiteLLM logs
+        them) and what the store already charged (a counted key's cost_per_request): the rest is charged at the end.
+        """
         found = self.identify(key)
         if found is None:
-            return None
+            return self.master.hex(), 0.0
         opened, info = found
         if not route_allowed(info.allowed_routes, endpoint.path):
             raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
@@ -120,8 +123,7 @@ class Authenticator:
                 raise refused(refusal)
         elif info.blocked:
             raise key_refused("blocked")
-        token, route, cost, charge = info.token, endpoint.path, endpoint.cost_per_request, not info.counted
-        return lambda status, seconds: opened.spend.add(token, route, status, cost, seconds, charge=charge)
+        return info.token, endpoint.cost_per_request if info.counted else 0.0
 
     def require_master(self, environ: Mapping[str, Any]) -> None:
         """/metrics when protected: the master key passes, anything else is 401 (the store is never opened)."""

@@ -13,7 +13,7 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,6 +23,7 @@ from passthru.config_fields import FieldReader, kind
 from passthru.errors import ConfigError
 from passthru.keystore.url import read_database_url
 from passthru.paths import DOTS, FORBIDDEN, loose
+from passthru.pricing import PRICE_FIELDS, Prices, read_model_prices, read_prices
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
@@ -33,9 +34,15 @@ ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
 LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
-    "default_query_params", "cost_per_request",
+    "default_query_params", "cost_per_request", *PRICE_FIELDS,
 )  # fmt: skip
-GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url")  # passthru's keys
+GENERAL_FIELDS = (
+    "master_key",
+    "pass_through_endpoints",
+    "metrics_require_auth",
+    "database_url",
+    "model_prices",
+)  # passthru's keys
 # passthru's own routes: a pass-through path may not take them (it would shadow them or be shadowed).
 BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
@@ -59,6 +66,7 @@ class Endpoint:
     timeout: float
     default_query_params: tuple[tuple[str, str], ...]
     cost_per_request: float
+    prices: Prices  # the route's own per-token prices (pricing.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class Settings:
     # The key store's SQLAlchemy URL, set exactly when master_key is (virtual keys are administered with it).
     database_url: str | None = None
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
+    model_prices: Mapping[str, Prices] = field(default_factory=dict)  # general_settings.model_prices
 
 
 def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -167,9 +176,10 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     elif general.get("database_url") is not None:
         warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
                         "only used for virtual keys, which need the master key")  # fmt: skip
+    model_prices = read_model_prices(reader, general.get("model_prices"))
     secrets = frozenset(reader.secrets)
     return Settings(source, master_key, endpoints, metrics_require_auth, secrets, tuple(warnings), database_url,
-                    database_shown)  # fmt: skip
+                    database_shown, model_prices)  # fmt: skip
 
 
 def _serves(endpoint: Endpoint, path: str) -> bool:
@@ -209,9 +219,10 @@ def _endpoint(reader: FieldReader, index: int, entry: Any) -> Endpoint:
         forward_headers=reader.boolean(entry, "forward_headers", where),
         include_subpath=reader.boolean(entry, "include_subpath", where),
         methods=methods,
-        timeout=_number(reader, entry.get("timeout", DEFAULT_TIMEOUT), f"{where}.timeout", positive=True),
+        timeout=reader.number(entry.get("timeout", DEFAULT_TIMEOUT), f"{where}.timeout", positive=True),
         default_query_params=tuple(reader.mapping(entry, "default_query_params", where, secret=False)),
-        cost_per_request=_number(reader, entry.get("cost_per_request", 0), f"{where}.cost_per_request"),
+        cost_per_request=reader.number(entry.get("cost_per_request", 0), f"{where}.cost_per_request"),
+        prices=read_prices(reader, entry, where),
     )
 
 
@@ -284,11 +295,3 @@ def _methods(reader: FieldReader, value: Any, field: str) -> tuple[str, ...]:
         if item.upper() not in methods:
             methods.append(item.upper())
     return tuple(methods)
-
-
-def _number(reader: FieldReader, value: Any, field: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise reader.error(field, f"must be a number, not {kind(value)}")
-    if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
-        raise reader.error(field, "must be a positive number" if positive else "must be zero or more")
-    return float(value)

@@ -59,6 +59,14 @@ class FieldReader:
             raise self.error(f"{where}.{key}", f"must be true or false, not {kind(value)}{hint}")
         return value
 
+    def number(self, value: Any, field: str, *, positive: bool = False) -> float:
+        """A finite number, zero or more (more than zero with `positive`)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(field, f"must be a number, not {kind(value)}")
+        if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
+            raise self.error(field, "must be a positive number" if positive else "must be zero or more")
+        return float(value)
+
     def mapping(self, entry: dict[str, Any], key: str, where: str, *, secret: bool) -> list[tuple[str, str]]:
         value = entry.get(key) or {}
         if not isinstance(value, dict):

@@ -1,6 +1,7 @@
 """One Exchange per request: made when the request arrives, filled in by the stages it passes, finished once when its
-answer's body is done (or the client went away). Each owner then records its own part from it: metrics, the key
-store's spend entry, the heap trim, the access line — bound at start-up in app.py, in that order.
+answer's body is done (or the client went away). Each owner then records its own part from it: the usage and spend
+(pricing.meter), metrics, the key store's spend entry, the heap trim, the access line — bound at start-up in app.py,
+in that order.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from passthru.logs import REQUEST_ID, log, printable
+
+if TYPE_CHECKING:
+    from passthru.pricing import Pricing
+    from passthru.usage import Usage
+    from passthru.usage_tap import Tap
 
 ENVIRON_KEY = "passthru.exchange"
 UNMATCHED = "(none)"  # the route of requests that matched no route
@@ -23,14 +29,14 @@ REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-# Called when the answer's body is done, with its status and the seconds since the request came in (auth.Finish).
-Finish = Callable[[int, float], None]
 
 
 class Counted(Protocol):
-    """What the exchange reads of the caller's body: the bytes read from it so far (upstream_request.CallerBody)."""
+    """What the exchange reads of the caller's body (upstream_request.CallerBody): the bytes read from it so far,
+    and the first of them, where a JSON request names its model."""
 
     received: int
+    head: bytes
 
 
 @dataclass(eq=False, slots=True)
@@ -44,7 +50,14 @@ class Exchange:
     route: str = UNMATCHED  # the route's path (or passthru's own path) that served it: the metrics label
     body: Counted | None = None  # the caller's body as it is streamed upstream
     upstream_seconds: float | None = None  # until the upstream's headers arrived
-    on_finish: Finish | None = None  # the key store's spend entry, when a virtual key made the call
+    pricing: Pricing | None = None  # the route's prices: set on pass-through calls only, which are metered
+    caller: str | None = None  # the token of the key that made the call (the master key's hash for its calls)
+    precharged: float = 0.0  # what the key store charged the key at admission
+    tap: Tap | None = None  # reads the usage from a JSON or SSE answer as it is relayed (usage.py)
+    response_cost: float | None = None  # the upstream's x-litellm-response-cost
+    usage: Usage | None = None  # set when finished (pricing.meter): the tokens the answer reported
+    model: str | None = None  # set when finished (pricing.meter): the answer's model, else the request's
+    spend: float | None = None  # set when finished (pricing.meter): what the call cost
     status: int = 0  # the answer's status, once started
     sent: int = 0  # answer body bytes the server took
     complete: bool = False  # the whole answer went out (not cut off by the upstream or the client)
@@ -63,12 +76,6 @@ def of(environ: dict[str, Any]) -> Exchange:
     """The exchange of the request this WSGI environ belongs to."""
     exchange: Exchange = environ[ENVIRON_KEY]
     return exchange
-
-
-def charge(exchange: Exchange) -> None:
-    """The key store's part: the spend entry of a call made with a virtual key (the check left it to do)."""
-    if exchange.on_finish is not None:
-        exchange.on_finish(exchange.status or 500, exchange.seconds)
 
 
 class Exchanges:

@@ -34,6 +34,8 @@ from passthru.upstream_request import (
     upstream_headers,
     upstream_target,
 )
+from passthru.usage import response_cost
+from passthru.usage_tap import Tap, tap_for
 
 log = logging.getLogger("passthru")
 
@@ -71,16 +73,17 @@ def new_session(upstream_hosts: int) -> requests.Session:
 class UpstreamBody:
     """The upstream's body relayed piece by piece as it arrives; closing it frees the upstream connection."""
 
-    def __init__(self, raw: urllib3.BaseHTTPResponse, bodiless: bool, route: str) -> None:
+    def __init__(self, raw: urllib3.BaseHTTPResponse, bodiless: bool, route: str, tap: Tap | None) -> None:
         self._raw = raw
         self._bodiless = bodiless
         self._route = route
+        self._tap = tap
         self._done = False
         self._closed = False
         metrics.in_flight(route).inc()
 
     def __iter__(self) -> Iterator[bytes]:
-        read1 = self._raw.read1
+        read1, tap = self._raw.read1, self._tap
         try:
             while True:
                 # read1, not stream() or iter_content(): whatever has arrived, undecoded (gzip stays gzip).
@@ -88,6 +91,8 @@ class UpstreamBody:
                 if not chunk:
                     break
                 yield chunk
+                if tap is not None:  # after the caller has the chunk: the tap never holds an event back
+                    tap.feed(chunk)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             kind = "timeout" if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)) else "reset"
             metrics.UPSTREAM_ERRORS.labels(self._route, kind).inc()
@@ -180,7 +185,12 @@ class Forwarder:
             metrics.UPSTREAM_ERRORS.labels(path, "malformed").inc()
             log.warning("upstream on %s answered with a header that cannot be relayed", path)
             raise
-        relay = UpstreamBody(upstream, method == "HEAD" or status in (204, 304) or status < 200, path)
+        bodiless = method == "HEAD" or status in (204, 304) or status < 200
+        headers_in = upstream.headers
+        exchange.response_cost = response_cost(headers_in)
+        if not bodiless:
+            exchange.tap = tap_for(headers_in.get("Content-Type"), headers_in.get("Content-Encoding"), None)
+        relay = UpstreamBody(upstream, bodiless, path, exchange.tap)
         response = UpstreamResponse(relay, status=status, headers=relayed, direct_passthrough=True)
         # For HEAD/204/304 werkzeug never iterates the body; for the rest the server closes it. Either way: freed.
         response.call_on_close(relay.close)

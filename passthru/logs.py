@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
-ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s"
+ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s%s"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
@@ -141,9 +141,18 @@ def access_line(exchange: Exchange) -> None:
         "duration_ms": round(exchange.seconds * 1000, 1),
         "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None, "complete": exchange.complete,
     }  # fmt: skip
+    usage, spent = "", ""
+    if exchange.usage is not None:
+        prompt, completion = exchange.usage.prompt_tokens, exchange.usage.completion_tokens
+        fields.update(model=exchange.model, prompt_tokens=prompt, completion_tokens=completion)
+        usage = f" tokens={prompt}+{completion}"
+    if exchange.spend:
+        fields["spend"] = exchange.spend
+        spent = f" spend={exchange.spend:.6g}"
     args = (
         exchange.method, path, status or "-", exchange.sent, exchange.seconds * 1000,
         f"{upstream * 1000:.1f}ms" if upstream is not None else "-", "" if exchange.complete else " incomplete",
+        usage + spent,
     )  # fmt: skip
     # Made and handled here: log.info would first search the stack for the calling line, which no one reads.
     record = log.makeRecord(log.name, logging.INFO, __file__, 0, ACCESS_LINE, args, None, extra={"access": fields})

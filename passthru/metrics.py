@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -49,11 +49,17 @@ IN_FLIGHT = Gauge(
     "passthru_streams_in_flight", "Upstream answers being relayed now", ["route"], multiprocess_mode="livesum"
 )
 UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["route", "kind"])
+TOKENS = Counter("passthru_tokens", "Tokens the answers reported", ["route", "model", "kind"])
+SPEND = Counter("passthru_spend", "What pass-through calls cost (pricing.py)", ["route"])
 
 
 # Label values come from callers too (any method name on any path): anything else is counted as "other", so a
 # caller cannot grow the number of series without bound.
 METHODS = frozenset(ALL_METHODS)
+# Models are named by answers, so by upstreams and callers: those in model_prices always have their own series, the
+# first MODELS others a worker sees too, and the rest count as "other".
+MODELS = 50
+_models: set[str] = set()
 
 
 @lru_cache(maxsize=1024)
@@ -89,6 +95,37 @@ def record(exchange: Exchange) -> None:
     received = exchange.received
     if received:
         bytes_in.inc(received)
+    if exchange.pricing is None:
+        return
+    usage = exchange.usage
+    if usage is not None:
+        tokens_in, tokens_out = _tokens(exchange.route, _model(exchange.model, exchange.pricing.models))
+        tokens_in.inc(usage.prompt_tokens)
+        tokens_out.inc(usage.completion_tokens)
+    if exchange.spend:
+        _spend(exchange.route).inc(exchange.spend)
+
+
+def _model(model: str | None, priced: Mapping[str, object]) -> str:
+    """The model's label: its name when priced or among the first MODELS seen, else "other"."""
+    if model is None:
+        return "unknown"
+    if model in priced or model in _models:
+        return model
+    if len(_models) < MODELS:
+        _models.add(model)  # threads may add a few past MODELS at once: bounded all the same
+        return model
+    return "other"
+
+
+@lru_cache(maxsize=1024)
+def _tokens(route: str, model: str) -> tuple[Any, Any]:
+    return TOKENS.labels(route, model, "input"), TOKENS.labels(route, model, "output")
+
+
+@lru_cache(maxsize=256)
+def _spend(route: str) -> Any:
+    return SPEND.labels(route)
 
 
 def labelled(blueprint: Blueprint) -> Blueprint:

@@ -25,6 +25,7 @@ from passthru.errors import RequestError
 from passthru.exchange import of
 from passthru.forward import Forwarder
 from passthru.paths import ResolvedPath, loose, raw_path, resolve_path
+from passthru.pricing import Pricing
 from passthru.upstream_request import Route
 
 
@@ -34,12 +35,14 @@ def _key(segments: tuple[str, ...] | list[str]) -> str:
 
 @dataclass(frozen=True)
 class Served:
-    """One route as the table serves it: what to forward, the key check when auth is on, the methods allowed."""
+    """One route as the table serves it: what to forward, the key check when auth is on, the methods allowed, what
+    its calls cost."""
 
     endpoint: Endpoint  # what the key check weighs: the route's path (allowed_routes) and cost
     route: Route
     authenticator: Authenticator | None  # None on an auth: false route
     methods: frozenset[str]
+    pricing: Pricing
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ def build_table(settings: Settings, forwarder: Forwarder, authenticator: Authent
             forwarder.route(endpoint),
             authenticator if endpoint.auth else None,
             frozenset(methods),
+            Pricing(endpoint.cost_per_request, endpoint.prices, settings.model_prices),
         )
         segments = [unquote(part, encoding="latin-1") for part in endpoint.path.split("/") if part]
         exact[_key(segments)] = served
@@ -157,9 +161,10 @@ def _serve(table: RouteTable, forwarder: Forwarder, proxy_keys: tuple[bytes, ...
     drop: frozenset[str] = frozenset()
     if served.authenticator is not None:
         found = read_key(environ)
-        exchange.on_finish = served.authenticator.admit(found[0] if found else None, served.endpoint)
+        exchange.caller, exchange.precharged = served.authenticator.admit(found[0] if found else None, served.endpoint)
         if found:
             proxy_keys = (*proxy_keys, digest(found[0]))
     if route.forward_headers and proxy_keys:
         drop = headers_carrying(environ, proxy_keys)
+    exchange.pricing = served.pricing  # admitted: from here on the call is metered, logged and charged
     return forwarder.forward(route, subpath, exchange, environ, drop)

@@ -19,6 +19,7 @@ from requests.structures import CaseInsensitiveDict
 
 from passthru.config import Endpoint
 from passthru.errors import RequestError
+from passthru.usage import PREFIX_CAP
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the pre-standard Proxy-Connection and Keep-Alive.
 HOP_BY_HOP = frozenset(
@@ -178,6 +179,7 @@ class CallerBody:
         self._left = length
         self.received = 0
         self.broken = False
+        self.head = b""  # the body's first bytes, for its "model" (pricing.meter): a bounded copy, never the body
 
     def read(self, size: int = -1) -> bytes:
         if self._left is not None:
@@ -194,6 +196,8 @@ class CallerBody:
                 self.broken = True
                 raise OSError(errno.ECONNABORTED, "the caller's body ended before its Content-Length")
             self._left -= len(data)
+        if len(self.head) < PREFIX_CAP:
+            self.head += data[: PREFIX_CAP - len(self.head)]
         self.received += len(data)
         return data
 

@@ -1,6 +1,6 @@
-"""What an LLM answer says it used, in the shapes OpenAI, Anthropic, Gemini and Cohere send, and what the call costs:
-the request's model from its first bytes, the upstream's own cost header, the route's prices. usage_tap.py reads the
-answers as they are relayed and hands each JSON document here.
+"""What an LLM answer says it used, in the shapes OpenAI, Anthropic, Gemini and Cohere send: the tokens, the model
+(else the request's, from its first bytes), and the upstream's own cost header; pricing.py prices them. usage_tap.py
+reads the answers as they are relayed and hands each JSON document here.
 """
 
 from __future__ import annotations
@@ -197,23 +197,3 @@ def response_cost(headers: Mapping[str, str]) -> float | None:
         return None
     cost = float(value)
     return cost if math.isfinite(cost) else None  # "1e999" overflows to inf
-
-
-def price(
-    usage: Usage | None,
-    cost: float | None,
-    cost_per_request: float = 0.0,
-    input_cost_per_token: float = 0.0,
-    output_cost_per_token: float = 0.0,
-) -> float:
-    """What the call costs: the upstream's own figure when it gave one, else the route's prices on the tokens seen.
-
-    The header's cost replaces cost_per_request too: it is the whole call's cost as the upstream reckoned it, and a
-    per-request price on top would charge the caller twice for one call.
-    """
-    if cost is not None:
-        return cost
-    if usage is None:
-        return cost_per_request
-    tokens = usage.prompt_tokens * input_cost_per_token + usage.completion_tokens * output_cost_per_token
-    return cost_per_request + tokens

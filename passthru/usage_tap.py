@@ -16,6 +16,9 @@ JSON_CAP = 1 << 20  # a JSON answer is held up to this and parsed at its end; pa
 EVENT_CAP = 256 << 10  # one event (or JSON line) waiting for its end; a longer one is skipped
 OVER_CAP = f"an event over {EVENT_CAP} bytes"
 PIECE = 64 << 10  # decompressed bytes made at a time: what a compressed chunk may grow to in memory at once
+# Decompressed bytes read of one answer at most: a small compressed answer can inflate to gigabytes (a bomb), which
+# bounded memory alone would still let cost seconds of CPU. Far past any LLM answer or stream's text.
+INFLATE_CAP = 64 << 20
 # JSON lines: Cohere v1's stream (application/stream+json), Ollama's (application/x-ndjson)
 LINE_TYPES = frozenset(
     ("application/x-ndjson", "application/jsonl", "application/x-jsonlines", "application/stream+json")
@@ -162,13 +165,14 @@ class _Events:
 class _Inflated:
     """A gzip or deflate answer, decompressed for the inner tap alone, at most PIECE bytes at a time."""
 
-    __slots__ = ("broken", "head", "inflater", "inner")
+    __slots__ = ("broken", "head", "inflated", "inflater", "inner")
 
     def __init__(self, inner: _Body | _Events, deflate: bool) -> None:
         self.inner = inner
         self.head = b""  # deflate: the first bytes, until there are two to tell zlib-wrapped from raw
         self.inflater = None if deflate else zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip, or zlib mislabelled
         self.broken: str | None = None
+        self.inflated = 0
 
     @property
     def lost(self) -> str | None:
@@ -191,6 +195,10 @@ class _Inflated:
             while chunk and not inflater.eof:
                 piece = inflater.decompress(chunk, PIECE)
                 chunk = inflater.unconsumed_tail
+                self.inflated += len(piece)
+                if self.inflated > INFLATE_CAP:
+                    self.broken = f"an answer that decompresses to over {INFLATE_CAP} bytes"
+                    return
                 inner.feed(piece)
         except zlib.error:
             self.broken = "an answer that does not decompress"

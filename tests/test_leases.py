@@ -17,7 +17,7 @@ from upstream import wait_until
 
 from passthru.keystore.engine import open_engine
 from passthru.keystore.leases import SHARE, Leases
-from passthru.keystore.records import Refusal, Unused
+from passthru.keystore.records import Charge, Refusal, Unused
 from passthru.keystore.schema import keys
 from passthru.keystore.spend import SpendWriter
 from passthru.keystore.sql import SqlKeyStore, open_store
@@ -220,11 +220,11 @@ def test_the_spend_writer_gives_back_unused_calls(store: SqlKeyStore) -> None:
     try:
         for _ in range(4):  # leases of 1, 2 and 4: 7 charged for 4
             assert leases.admit(info, 1.0) is None
-            writer.add(token, "/r", 200, 1.0, 0.0)
+            writer.add(Charge("", token, "/r", 200, 1.0, 1.0, 0.0))
         assert window(store, token)[2] == 7.0
         assert wait_until(lambda: window(store, token)[1:] == (4, 4.0), 2)  # the lease's time over: given back
         assert leases.admit(info, 1.0) is None  # asked again: a lease of 1 (the last one outlived its calls)
-        writer.add(token, "/r", 200, 1.0, 0.0)
+        writer.add(Charge("", token, "/r", 200, 1.0, 1.0, 0.0))
     finally:
         assert writer.close()  # a worker's exit ends every lease
     assert window(store, token)[1:] == (5, 5.0)

@@ -7,15 +7,17 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
 from conftest import Gunicorn
-from upstream import Upstream, wait_until
+from upstream import Answer, Upstream, wait_until
 
 from passthru.logs import Redact, TextFormatter
 
 Serve = Callable[..., str]
+FIXTURES = Path(__file__).parent / "fixtures" / "usage"
 
 
 def test_request_id_round_trip(serve: Serve, upstream: Upstream) -> None:
@@ -161,3 +163,36 @@ def test_log_time_made_once_a_second_reads_as_loggings_own() -> None:
 )
 def test_redact_masks_anything_shaped_like_a_virtual_key(text: str, expected: str) -> None:
     assert Redact([]).mask(text) == expected
+
+
+def test_access_line_carries_the_calls_tokens_and_spend(
+    serve: Serve, upstream: Upstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstream.answers["chat"] = Answer("application/json", (FIXTURES / "openai_chat.json").read_bytes())
+    base = serve([{"path": "/chat", "target": f"{upstream.url}/answer/chat", "cost_per_request": 0.01,
+                   "output_cost_per_token": 0.001}])  # fmt: skip
+    assert requests.post(f"{base}/chat", data=b"{}", timeout=10).status_code == 200
+    seen = ""
+
+    def line() -> str | None:
+        nonlocal seen
+        seen += capsys.readouterr().err
+        return next((text for text in seen.splitlines() if "POST /chat 200" in text), None)
+
+    assert wait_until(lambda: line() is not None, 5), seen
+    assert str(line()).endswith(" tokens=1117+46 spend=0.056")  # 0.01 + 46 × 0.001
+
+
+def test_json_access_entry_carries_the_model_tokens_and_spend(
+    gunicorn: Callable[..., Gunicorn], upstream: Upstream
+) -> None:
+    upstream.answers["chat"] = Answer("application/json", (FIXTURES / "openai_chat.json").read_bytes())
+    route = {"path": "/chat", "target": f"{upstream.url}/answer/chat", "input_cost_per_token": 0.001}
+    server = gunicorn([route], env={"JSON_LOGS": "true"})
+    response = requests.post(f"{server.url}/chat", data=b"{}", headers={"x-request-id": "json-2"}, timeout=10)
+    assert response.status_code == 200
+    assert wait_until(lambda: "json-2" in server.output(), 5)
+    entries = [json.loads(line) for line in server.output().splitlines() if line.strip()]
+    (access,) = [e for e in entries if e.get("request_id") == "json-2" and "status" in e]
+    assert (access["model"], access["prompt_tokens"], access["completion_tokens"]) == ("gpt-4o-2024-08-06", 1117, 46)
+    assert access["spend"] == pytest.approx(1.117)

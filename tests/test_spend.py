@@ -12,7 +12,7 @@ from upstream import wait_until
 
 from passthru.errors import KeyStoreError
 from passthru.keystore import spend
-from passthru.keystore.records import NewKey, SpendEntry, Unused
+from passthru.keystore.records import Charge, NewKey, SpendEntry, Unused
 from passthru.keystore.spend import SpendWriter
 from passthru.keystore.sql import open_store
 
@@ -45,7 +45,7 @@ def test_entries_reach_a_real_store_in_batches(tmp_path: Path) -> None:
     try:
         token = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
         for n in range(1200):
-            writer.add(token, f"/r{n}", 200, 0.5, 0.01)
+            writer.add(Charge("", token, f"/r{n}", 200, 0.5, 0.5, 0.01))
         assert writer.flush(10)
         entries = store.spend_logs(token, None, None, 5000)
         assert len(entries) == 1200 and len({e.request_id for e in entries}) == 1200
@@ -79,8 +79,10 @@ def test_uncharged_costs_reach_the_key_with_the_entries(tmp_path: Path) -> None:
         one = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
         two = store.create(NewKey(token="b" * 64, key_name="sk-...bbbb")).token
         for n in range(700):  # more than one batch
-            writer.add(one, f"/r{n}", 200, 0.25, 0.01, charge=True)
-            writer.add(two, f"/r{n}", 200, 1.0, 0.01, charge=n % 2 == 0)  # odd ones were charged at admission
+            writer.add(Charge("", one, f"/r{n}", 200, 0.25, 0.0, 0.01))
+            writer.add(
+                Charge("", two, f"/r{n}", 200, 1.0, 0.0 if n % 2 == 0 else 1.0, 0.01)
+            )  # odd ones were charged at admission
         assert writer.flush(10)
         assert store.find(one).spend == pytest.approx(175.0)
         assert store.find(two).spend == pytest.approx(350.0)
@@ -94,7 +96,7 @@ def test_entries_are_kept_in_order_while_the_store_is_down() -> None:
     store = FlakyStore(failures=3)
     writer = SpendWriter(store)  # type: ignore[arg-type]
     for n in range(5):
-        writer.add("t" * 64, f"/{n}", 200, 0.0, 0.0)
+        writer.add(Charge("", "t" * 64, f"/{n}", 200, 0.0, 0.0, 0.0))
     assert wait_until(lambda: store.written() == [f"/{n}" for n in range(5)], 5)
     writer.close()
 
@@ -109,7 +111,7 @@ def test_callers_arriving_together_start_one_writer_thread() -> None:
 
     def call(n: int) -> None:
         barrier.wait(5)
-        writer.add("t" * 64, f"/{n}", 200, 0.0, 0.0)
+        writer.add(Charge("", "t" * 64, f"/{n}", 200, 0.0, 0.0, 0.0))
 
     before = set(threading.enumerate())
     threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
@@ -129,7 +131,7 @@ def test_callers_arriving_together_start_one_writer_thread() -> None:
 def test_flush_gives_up_after_its_timeout() -> None:
     store = FlakyStore(failures=10**6)
     writer = SpendWriter(store)  # type: ignore[arg-type]
-    writer.add("t" * 64, "/x", 200, 0.0, 0.0)
+    writer.add(Charge("", "t" * 64, "/x", 200, 0.0, 0.0, 0.0))
     assert writer.flush(0.3) is False
     writer.close(0.1)
 
@@ -139,7 +141,7 @@ def test_the_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     store = FlakyStore(failures=10**6)
     writer = SpendWriter(store)  # type: ignore[arg-type]
     for n in range(25):
-        writer.add("t" * 64, f"/{n}", 200, 0.0, 0.0)
+        writer.add(Charge("", "t" * 64, f"/{n}", 200, 0.0, 0.0, 0.0))
     # At most BACKLOG queued, plus one batch the writer thread may hold while its write fails.
     assert len(writer._pending) <= 2 * 10
     store.failures = 0

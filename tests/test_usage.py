@@ -1,6 +1,6 @@
 """Usage read from answers (usage.py, usage_tap.py): every provider shape in tests/fixtures/usage, fed whole and in
 every split, plain, gzip and deflate; the caps, the zip bomb, a stream cut short; the request's model from its first
-bytes; the cost header and the price. Hostile bytes never raise and never grow a buffer past its cap."""
+bytes; the cost header. Hostile bytes never raise and never grow a buffer past its cap."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from urllib3 import HTTPHeaderDict
 
+from passthru import usage_tap
+from passthru.pricing import Prices, Pricing
 from passthru.usage import (
     COUNT_CAP,
     MODEL_CAP,
@@ -25,7 +27,6 @@ from passthru.usage import (
     Tally,
     Usage,
     model_from_prefix,
-    price,
     response_cost,
     worth_reading,
 )
@@ -389,6 +390,18 @@ def test_a_zip_bomb_event_stream_stays_within_its_cap_and_reads_the_counts_after
     assert tap.lost is not None and str(EVENT_CAP) in tap.lost
 
 
+def test_a_zip_bomb_stream_stops_being_decompressed_past_the_inflate_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded memory alone would let a small bomb cost seconds of CPU: past INFLATE_CAP the tap stops reading."""
+    monkeypatch.setattr(usage_tap, "INFLATE_CAP", 4 << 20)
+    packed = bomb(16 << 20, before=b"data: ", after=b'\n\ndata: {"usage": {"input_tokens": 5}}\n\n')
+    tap = tapped("x.sse", "gzip")
+    recorder = tap.inner = Recorder()
+    for at in range(0, len(packed), 16384):
+        tap.feed(packed[at : at + 16384])
+    assert recorder.total <= 4 << 20 and not tap.inflater.eof
+    assert tap.usage() is None and tap.lost == f"an answer that decompresses to over {4 << 20} bytes"
+
+
 def test_bytes_after_the_gzip_end_are_not_kept() -> None:
     tap = tapped("x.json", "gzip")
     tap.feed(gzip.compress(body_of("openai_chat.json")))
@@ -577,13 +590,4 @@ def test_the_largest_counts_still_make_a_price() -> None:
     )
     usage = read(tapped("x.json"), [body + b"9" * 4000 + b"}}"])  # a count 4,000 digits long is no count
     assert usage == Usage(REQUEST_MODEL, 2 * (COUNT_CAP - 1), 0, 2 * (COUNT_CAP - 1), 0, COUNT_CAP - 1)
-    assert math.isfinite(price(usage, None, 1.0, 1e-6, 1e-6))
-
-
-def test_price() -> None:
-    usage = Usage("m", prompt_tokens=1000, completion_tokens=100, total_tokens=1100)
-    assert price(usage, None, 0.01, 1e-6, 2e-6) == pytest.approx(0.01 + 0.001 + 0.0002)
-    assert price(usage, 0.5, 0.01, 1e-6, 2e-6) == 0.5  # the header's cost is the whole call's, per request included
-    assert price(None, None, 0.01, 1e-6, 2e-6) == 0.01
-    assert price(None, 0.0, 0.01) == 0.0
-    assert price(usage, None) == 0.0
+    assert math.isfinite(Pricing(1.0, Prices(1e-6, 1e-6), {}).cost(usage, None))

@@ -67,6 +67,24 @@ class SpendEntry:
 
 
 @dataclass(frozen=True)
+class Charge:
+    """A finished pass-through call, as the spend log writes it and its key is charged (spend.SpendWriter.add)."""
+
+    request_id: str  # the exchange's id: what the caller got in x-request-id
+    token: str | None  # the key's token (sha256 hex); the master key's hash for its calls; None on an open route
+    route: str  # the configured route path
+    status: int
+    spend: float  # the call's whole cost: cost_per_request + tokens x prices, or the upstream's response cost
+    precharged: float  # what the store already added to the key's spend at admission (counted keys); 0 otherwise
+    seconds: float  # from the call's start to its answer's end
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
 class Refusal:
     """Why the store refused a call; auth.py turns it into LiteLLM's error."""
 
@@ -145,9 +163,7 @@ class Admission(Protocol):
 class SpendLog(Protocol):
     """Queues a finished call's spend log entry, written in batches off the request thread (spend.SpendWriter)."""
 
-    def add(
-        self, token: str, route: str, status: int, cost: float, seconds: float, *, charge: bool = False
-    ) -> None: ...
+    def add(self, charge: Charge) -> None: ...
 
 
 class Opened(Protocol):

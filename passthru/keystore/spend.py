@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from passthru.errors import KeyStoreError
-from passthru.keystore.records import CallStore, SpendEntry, Unused
+from passthru.keystore.records import CallStore, Charge, SpendEntry, Unused
 
 log = logging.getLogger("passthru")
 
@@ -51,8 +51,8 @@ class SpendWriter:
         self._unused_source = unused
         self._unused: list[Unused] = []  # asked for, not yet written (only the writing thread touches it)
         self._ending = False  # the worker is exiting: every lease ends and gives back what is left
-        # Each entry with whether its cost is still to be added to its key's spend (not charged at admission).
-        self._pending: deque[tuple[SpendEntry, bool]] = deque()  # append and popleft are atomic: no lock needed
+        # Each entry with what is still to be added to its key's spend (not charged at admission).
+        self._pending: deque[tuple[SpendEntry, float]] = deque()  # append and popleft are atomic: no lock needed
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -61,13 +61,16 @@ class SpendWriter:
         self._dropped = 0
         self._closed = False
 
-    def add(self, token: str, route: str, status: int, cost: float, seconds: float, *, charge: bool = False) -> None:
-        """Queue the entry of a call that just finished (`seconds` after it started); with `charge`, its cost is
-        added to the key's spend when the entry is written (the store did not charge it at admission)."""
+    def add(self, charge: Charge) -> None:
+        """Queue the entry of a call that just finished; what admission did not charge its key is added to the key's
+        spend when the entry is written."""
+        if charge.token is None:
+            return  # the spend log's schema has no entries without a key yet
         now = time.time()
-        entry = SpendEntry(entry_id(now), token, route, status, cost, now - seconds, seconds)
+        entry = SpendEntry(entry_id(now), charge.token, charge.route, charge.status, charge.spend, now - charge.seconds,
+                           charge.seconds)  # fmt: skip
         self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
-        self._pending.append((entry, charge))
+        self._pending.append((entry, charge.spend - charge.precharged))
         if len(self._pending) > BACKLOG:
             self._pending.popleft()
             self._dropped += 1
@@ -97,8 +100,8 @@ class SpendWriter:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
             charges: dict[str, float] = {}
             for entry, charge in batch:
-                if charge and entry.spend:
-                    charges[entry.token] = charges.get(entry.token, 0.0) + entry.spend
+                if charge:
+                    charges[entry.token] = charges.get(entry.token, 0.0) + charge
             try:
                 self.store.record([entry for entry, _ in batch], charges, self._unused)
             except KeyStoreError:

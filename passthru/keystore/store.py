@@ -18,14 +18,17 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import unquote
 
 from passthru.errors import KeyStoreError
 from passthru.keystore.leases import Leases
-from passthru.keystore.records import KeyStore
+from passthru.keystore.records import Charge, KeyStore, Store
 from passthru.keystore.spend import SpendWriter
 from passthru.keystore.url import password_spans
+
+if TYPE_CHECKING:
+    from passthru.exchange import Exchange, Recorder
 
 log = logging.getLogger("passthru")
 
@@ -200,3 +203,30 @@ def _read_all(fd: int, deadline: float) -> bytes | None:
 def _marker(url: str) -> str:
     """What MIGRATED_VARIABLE holds for a store: a digest of its URL, which itself may carry a password."""
     return hashlib.sha256(url.encode()).hexdigest()
+
+
+def spend_recorder(store: Store) -> Recorder:
+    """The key store's part of a finished exchange: every pass-through call's spend log entry (an open route's with
+    no key), and its key charged what admission did not. Queued for the worker's writer thread (spend.py)."""
+
+    def charge(exchange: Exchange) -> None:
+        if exchange.pricing is None:  # not a pass-through call, or refused before it was sent
+            return
+        usage = exchange.usage
+        store.open().spend.add(
+            Charge(
+                request_id=exchange.request_id,
+                token=exchange.caller,
+                route=exchange.route,
+                status=exchange.status or 500,
+                spend=exchange.spend or 0.0,
+                precharged=exchange.precharged,
+                seconds=exchange.seconds,
+                model=exchange.model,
+                prompt_tokens=None if usage is None else usage.prompt_tokens,
+                completion_tokens=None if usage is None else usage.completion_tokens,
+                total_tokens=None if usage is None else usage.total_tokens,
+            )
+        )
+
+    return charge

@@ -99,6 +99,23 @@ class Recorded:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """An answer a test gives the upstream to send at /answer/<name>: a JSON body, or a stream of events."""
+
+    content_type: str
+    body: bytes
+    stream: bool = False
+
+    def events(self) -> list[bytes]:
+        """The stream's events, each with the blank line (or, for JSON lines, the newline) that ends it."""
+        ends = b"\n" if self.content_type.endswith("json") else b"\n\n"
+        if b"\r\n\r\n" in self.body:
+            ends = b"\r\n\r\n"
+        pieces = self.body.split(ends)
+        return [piece + ends for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # socketserver's default backlog of 5 overflows when a proxy opens connections in bursts (200 aborted uploads
@@ -159,6 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
         q = dict(parse_qsl(query, keep_blank_values=True))
         if path.startswith("/status/") and path.removeprefix("/status/").isdigit():
             self._status(int(path.removeprefix("/status/")), q)
+        elif path.startswith("/answer/") and path.removeprefix("/answer/") in self.server.upstream.answers:
+            self._answer(self.server.upstream.answers[path.removeprefix("/answer/")], q)
         elif path in _POST_ONLY and self.command != "POST":
             self._json(405, {"message": "method not allowed"}, (("Allow", "POST"),))
         elif path in _ROUTES:
@@ -305,6 +324,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"HTTP/1.1 abc nonsense\r\n\r\n")
         self.close_connection = True
 
+    def _answer(self, answer: Answer, q: dict[str, str]) -> None:
+        """A test's answer (Upstream.answers): gzip-encoded with ?gzip=1; a stream sent an event at a time, chunked,
+        ?gap seconds apart; any ?cost as x-litellm-response-cost."""
+        extra = (("x-litellm-response-cost", q["cost"]),) if "cost" in q else ()
+        body = answer.body
+        if q.get("gzip"):
+            body, extra = gzip.compress(body, mtime=0), (*extra, ("Content-Encoding", "gzip"))
+        if not answer.stream:
+            self._reply(200, body, answer.content_type, extra)
+            return
+        self._start(200, [("Content-Type", answer.content_type), ("Transfer-Encoding", "chunked"), *extra])
+        self._stream(self._spaced(answer.events(), float(q.get("gap", 0))), chunked=True)
+
+    def _spaced(self, events: list[bytes], gap: float) -> Iterator[bytes]:
+        for i, event in enumerate(events):
+            if i and gap and self.server.stopping.wait(gap):
+                raise ConnectionAbortedError("upstream stopping")
+            yield event
+
     def _rerank(self, q: dict[str, str]) -> None:
         self._json(200, RERANK_RESPONSE)
 
@@ -322,6 +360,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
+        self.answers: dict[str, Answer] = {}  # served at /answer/<name>
         self.langfuse_auth = ("pk-lf-test", "sk-lf-test")
         self._server = _Server(self)
         self.port: int = self._server.server_address[1]
