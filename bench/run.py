@@ -43,6 +43,7 @@ from servers import (  # noqa: E402
     create_pg_database,
     ensure_tools,
     make_virtual_key,
+    openai_answer,
     passthru_config,
     pg_cpu,
     pg_other_sessions,
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> str:
     conf = args.conf
     nginx = start_nginx(tools["nginx"], tmp, BODY, plan.transfer_bytes)
     py = start_py_upstream(tmp)
-    config = passthru_config(tmp, nginx, py)
+    config = passthru_config(tmp, nginx, py, keys=False)
+    config_keys = passthru_config(tmp, nginx, py, keys=True)
     log(f"nginx upstream :{nginx.upstream_port}, nginx proxy :{nginx.proxy_port}, Python upstream :{py.port}")
 
     # Start-up to first answer and idle RSS: fresh starts, passthru and ceiling alternating; the last ones serve.
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> str:
     # The same passthru, config and gunicorn config, serving the virtual keys, started after the timed starts: one
     # with its own SQLite store, one with its store in PostgreSQL. Apart from `passthru`, so that its workers show
     # what one that only passes calls through weighs after the load, and these what the key store adds.
-    passthru_keys = start_gunicorn("passthru-keys", "wsgi:app", conf, config, tmp, "/small",
+    passthru_keys = start_gunicorn("passthru-keys", "wsgi:app", conf, config_keys, tmp, "/small",
                                    f"sqlite:///{tmp / 'keys-sqlite.db'}")  # fmt: skip
     settled_workers(passthru_keys)
     # No server on 127.0.0.1:5432 skips the PostgreSQL rows, not the run.
@@ -144,25 +146,33 @@ def run(args: argparse.Namespace) -> str:
         res.pg_skipped = f"no PostgreSQL at {PG_SERVER.split('@', 1)[1]} ({str(exc).strip().splitlines()[0]})"
         log(f"PostgreSQL rows skipped: {res.pg_skipped}")
     if pg_db is not None:
-        passthru_pg = start_gunicorn("passthru-pg", "wsgi:app", conf, config, tmp, "/small", pg_db.url)
+        passthru_pg = start_gunicorn("passthru-pg", "wsgi:app", conf, config_keys, tmp, "/small", pg_db.url)
         settled_workers(passthru_pg)
         log(f"passthru-pg: keys in PostgreSQL database {pg_db.name}")
 
     # The same passthru under the gevent config, for its latency and key-path rows (only with gevent installed).
     passthru_gevent = None
     if gevent_installed():
-        passthru_gevent = start_gunicorn("passthru-gevent", "wsgi:app", GEVENT_CONF, config, tmp, "/small",
+        passthru_gevent = start_gunicorn("passthru-gevent", "wsgi:app", GEVENT_CONF, config_keys, tmp, "/small",
                                          f"sqlite:///{tmp / 'keys-gevent.db'}")  # fmt: skip
         settled_workers(passthru_gevent)
 
-    check_answers(nginx, ceiling, passthru, py, BODY)
+    # The floor: Flask and urllib3's pool with nothing of passthru's (bench/floor.py), under the same config.
+    floor = start_gunicorn("floor", "bench.floor:app", conf, config, tmp, "/small",
+                           FLOOR_UPSTREAM=f"http://127.0.0.1:{nginx.upstream_port}/small")  # fmt: skip
+    settled_workers(floor)
+
+    check_answers(nginx, ceiling, floor, passthru, passthru_keys, py, BODY)
     nginx_workers = nginx.child.proc.pid
     loads = [Load("nginx direct", nginx.upstream_port, "/small", None, lambda: children_of(nginx_workers)),
              Load("nginx proxy", nginx.proxy_port, "/small", None, lambda: children_of(nginx_workers)),
              Load("ceiling", ceiling.port, "/small", None, ceiling.workers),
+             Load("floor", floor.port, "/small", None, floor.workers),
              Load("passthru", passthru.port, "/small", None, passthru.workers),
-             Load("passthru auth", passthru.port, "/small-auth", MASTER_KEY, passthru.workers),
+             Load("passthru usage json", passthru.port, "/usage-json", None, passthru.workers),
+             Load("passthru usage bin", passthru.port, "/usage-bin", None, passthru.workers),
              Load("passthru-keys", passthru_keys.port, "/small", None, passthru_keys.workers),
+             Load("passthru-keys auth", passthru_keys.port, "/small-auth", MASTER_KEY, passthru_keys.workers),
              Load("passthru-keys virtual key", passthru_keys.port, "/small-auth",
                   make_virtual_key(passthru_keys.port), passthru_keys.workers),
              Load("passthru-keys virtual key with limits", passthru_keys.port, "/small-auth",
@@ -229,6 +239,7 @@ def run(args: argparse.Namespace) -> str:
         res.add(res.idle_rss_kb, f"{name} after run", max(rss, default=0))
         log(f"idle worker RSS after the run, {name}: {[r // 1024 for r in rss]} MB")
     CHILDREN.stop(ceiling.child)
+    CHILDREN.stop(floor.child)
     CHILDREN.stop(passthru.child)
     CHILDREN.stop(passthru_keys.child)
     if passthru_pg is not None:
@@ -280,7 +291,8 @@ def run(args: argparse.Namespace) -> str:
     return report(res, plan, args, tools)
 
 
-def check_answers(nginx: Nginx, ceiling: Gunicorn, passthru: Gunicorn, py: PyUpstream, body: bytes) -> None:
+def check_answers(nginx: Nginx, ceiling: Gunicorn, floor: Gunicorn, passthru: Gunicorn, keys: Gunicorn,
+                  py: PyUpstream, body: bytes) -> None:  # fmt: skip
     """Every configuration gives the same answer before anything is timed; auth refuses a missing key."""
     post = json.dumps({"model": "m", "query": "q", "documents": ["d"]}).encode()
     ctype = {"Content-Type": "application/json"}
@@ -288,13 +300,18 @@ def check_answers(nginx: Nginx, ceiling: Gunicorn, passthru: Gunicorn, py: PyUps
         ("nginx direct", nginx.upstream_port, "/small", ctype),
         ("nginx proxy", nginx.proxy_port, "/small", ctype),
         ("ceiling", ceiling.port, "/small", ctype),
+        ("floor", floor.port, "/small", ctype),
         ("passthru", passthru.port, "/small", ctype),
-        ("passthru auth", passthru.port, "/small-auth", {**ctype, "Authorization": f"Bearer {MASTER_KEY}"}),
+        ("passthru-keys auth", keys.port, "/small-auth", {**ctype, "Authorization": f"Bearer {MASTER_KEY}"}),
     ):
         status, answer = request(port, "POST", path, post, headers)
         if status != 200 or answer != body:
             raise RuntimeError(f"{name} answered {status} {answer[:100]!r}, not the fixed body")
-    status, _ = request(passthru.port, "POST", "/small-auth", post, ctype)
+    for path in ("/usage-json", "/usage-bin"):
+        status, answer = request(passthru.port, "POST", path, post, ctype)
+        if status != 200 or answer != openai_answer():
+            raise RuntimeError(f"passthru {path} answered {status} {answer[:100]!r}, not the OpenAI answer")
+    status, _ = request(keys.port, "POST", "/small-auth", post, ctype)
     if status != 401:
         raise RuntimeError(f"passthru auth route without a key answered {status}, not 401")
     sse_stream(passthru.port, "/py/sse?n=2&gap=0.01", 2)

@@ -20,6 +20,7 @@ from typing import Any
 from procs import (
     BENCH,
     CHILDREN,
+    ROOT,
     Child,
     children_of,
     clean_env,
@@ -85,9 +86,9 @@ def start_nginx(nginx: str, tmp: Path, body: bytes, big_size: int) -> Nginx:
     up, proxy = free_port(), free_port()
     text = (BENCH / "nginx.conf.template").read_text()
     fields = {"USER": "user root;" if os.geteuid() == 0 else "", "TMP": str(tmp), "UPSTREAM_PORT": str(up),
-              "PROXY_PORT": str(proxy), "BODY": body.decode()}  # fmt: skip
-    if "'" in fields["BODY"] or "$" in fields["BODY"]:
-        raise ValueError("the fixed body must not contain ' or $ (nginx string syntax)")
+              "PROXY_PORT": str(proxy), "BODY": body.decode(), "OPENAI": openai_answer().decode()}  # fmt: skip
+    if any("'" in fields[name] or "$" in fields[name] for name in ("BODY", "OPENAI")):
+        raise ValueError("the fixed bodies must not contain ' or $ (nginx string syntax)")
     for name, value in fields.items():
         text = text.replace(f"@@{name}@@", value)
     (tmp / "nginx.conf").write_text(text)
@@ -257,19 +258,37 @@ def pg_other_sessions(db: PgDatabase) -> int:
 # What passthru serves in the run: its routes, and virtual keys from its own /key/generate
 
 
-def passthru_config(tmp: Path, nginx: Nginx, py: PyUpstream) -> Path:
-    """The passthru config of the run: routes to the fixed upstream (with and without auth) and the Python one."""
+def passthru_config(tmp: Path, nginx: Nginx, py: PyUpstream, *, keys: bool) -> Path:
+    """The passthru config of the run: routes to the fixed upstream (with and without auth) and the Python one.
+
+    With `keys`, the master key, and so a key store, in which every pass-through call is logged: the servers that
+    serve the keys. Without, no store at all: what passing calls through costs, as most LiteLLM pass-through configs
+    (secrets injected, no master key) run.
+    """
     fixed = f"http://127.0.0.1:{nginx.upstream_port}"
-    config = {"general_settings": {"master_key": MASTER_KEY, "pass_through_endpoints": [
+    routes = [
         {"path": "/small", "target": f"{fixed}/small"},
-        {"path": "/small-auth", "target": f"{fixed}/small", "auth": True, "cost_per_request": 0.001},
         {"path": "/big", "target": f"{fixed}/big.bin"},
         {"path": "/sink", "target": f"{fixed}/sink"},
         {"path": "/py", "target": f"http://127.0.0.1:{py.port}", "include_subpath": True},
-    ]}}  # fmt: skip
-    path = tmp / "passthru.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        {"path": "/usage-json", "target": f"{fixed}/openai.json", "input_cost_per_token": 2.5e-6,
+         "output_cost_per_token": 1e-5},
+        {"path": "/usage-bin", "target": f"{fixed}/openai.bin", "input_cost_per_token": 2.5e-6,
+         "output_cost_per_token": 1e-5},
+    ]  # fmt: skip
+    general: dict[str, Any] = {"pass_through_endpoints": routes}
+    if keys:
+        general["master_key"] = MASTER_KEY
+        routes.append({"path": "/small-auth", "target": f"{fixed}/small", "auth": True, "cost_per_request": 0.001})
+    path = tmp / ("passthru-keys.yaml" if keys else "passthru.yaml")
+    path.write_text(json.dumps({"general_settings": general}, indent=2))  # JSON is YAML
     return path
+
+
+def openai_answer() -> bytes:
+    """The usage rows' answer: the test suite's OpenAI chat answer, on one line (nginx's `return` takes a string)."""
+    answer = json.loads((ROOT / "tests" / "fixtures" / "usage" / "openai_chat.json").read_bytes())
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 def make_virtual_key(port: int, *, limits: bool = False) -> str:

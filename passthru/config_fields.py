@@ -10,6 +10,7 @@ from typing import Any
 from passthru.errors import ConfigError
 
 ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
+DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 class FieldReader:
@@ -60,7 +61,13 @@ class FieldReader:
         return value
 
     def number(self, value: Any, field: str, *, positive: bool = False) -> float:
-        """A finite number, zero or more (more than zero with `positive`)."""
+        """A finite number, zero or more (more than zero with `positive`).
+
+        YAML 1.1, which PyYAML reads, takes `1e-6` and `2.5e6` for strings (a float needs a dot and a signed
+        exponent): a string that is a plain decimal number is read as the number it says, as LiteLLM reads it.
+        """
+        if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(field, f"must be a number, not {kind(value)}")
         if value < 0 or (positive and value == 0) or value != value or value == float("inf"):

@@ -173,7 +173,7 @@ def test_warning_for_unauthenticated_route_with_secrets() -> None:
                      ".methods: must be a non-empty list", id="methods-type"),
         pytest.param([{"path": "/x", "target": "http://a", "timeout": 0}], {}, ".timeout: must be a positive",
                      id="timeout-zero"),
-        pytest.param([{"path": "/x", "target": "http://a", "timeout": "5"}], {}, ".timeout: must be a number",
+        pytest.param([{"path": "/x", "target": "http://a", "timeout": "5s"}], {}, ".timeout: must be a number",
                      id="timeout-type"),
         pytest.param([{"path": "/x", "target": "http://a", "cost_per_request": -1}], {},
                      ".cost_per_request: must be zero or more", id="cost-negative"),
@@ -446,3 +446,19 @@ def test_routes_beside_the_key_api_are_fine() -> None:
     entries = [{"path": "/key", "target": "http://a"}, {"path": "/keys", "target": "http://a", "include_subpath": True},
                {"path": "/key/generate2", "target": "http://a"}]  # fmt: skip
     assert len(settings_of(entries, master_key="sk-1").endpoints) == 3
+
+
+def test_numbers_yaml_reads_as_strings_are_read_as_the_numbers_they_say(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-6 and 2.5e6 as strings: a price or timeout written so is still its number."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "general_settings:\n  model_prices: {m: {input_cost_per_token: 1e-6}}\n  pass_through_endpoints:\n"
+        "    - {path: /a, target: 'http://x', timeout: 2.5e1, cost_per_request: '0.5', output_cost_per_token: 3E-7}\n"
+    )
+    settings = load_settings(path)
+    (endpoint,) = settings.endpoints
+    assert (endpoint.timeout, endpoint.cost_per_request, endpoint.prices.output) == (25.0, 0.5, 3e-7)
+    assert settings.model_prices["m"].input == 1e-6
+    path.write_text("general_settings:\n  pass_through_endpoints:\n    - {path: /a, target: 'http://x', timeout: nan}\n")
+    with pytest.raises(ConfigError, match=r"timeout: must be a number, not the string 'nan'"):
+        load_settings(path)
