@@ -12,7 +12,7 @@ from typing import Any
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
 from passthru.exchange import Finish
-from passthru.keystore.records import CallStore, KeyInfo, Opened, Refusal, Store
+from passthru.keystore.records import CallStore, Charge, KeyInfo, Opened, Refusal, Store
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -120,8 +120,12 @@ class Authenticator:
                 raise refused(refusal)
         elif info.blocked:
             raise key_refused("blocked")
-        token, route, cost, charge = info.token, endpoint.path, endpoint.cost_per_request, not info.counted
-        return lambda status, seconds: opened.spend.add(token, route, status, cost, seconds, charge=charge)
+        token, route, cost = info.token, endpoint.path, endpoint.cost_per_request
+        precharged = cost if info.counted else 0.0  # a counted key paid cost_per_request at admission
+        return lambda status, seconds: opened.spend.add(
+            Charge(request_id="", token=token, route=route, status=status, spend=cost, precharged=precharged,
+                   seconds=seconds)
+        )  # fmt: skip
 
     def require_master(self, environ: Mapping[str, Any]) -> None:
         """/metrics when protected: the master key passes, anything else is 401 (the store is never opened)."""
@@ -158,9 +162,9 @@ def refused(refusal: Refusal) -> PassthruError:
         return BudgetExceeded(
             f"Budget has been exceeded! Current cost: {refusal.spend:g}, Max budget: {refusal.max_budget:g}"
         )
-    if refusal.reason == "rpm":
+    if refusal.reason in ("rpm", "tpm"):
         return RateLimited(
-            f"Rate limit exceeded: this key's rpm_limit is reached; retry in {refusal.retry_after}s",
+            f"Rate limit exceeded: this key's {refusal.reason}_limit is reached; retry in {refusal.retry_after}s",
             retry_after=refusal.retry_after,
         )
     return key_refused(refusal.reason)
