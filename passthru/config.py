@@ -40,7 +40,7 @@ GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth"
 BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
 KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/key/list", "/key/block",
-                 "/key/unblock", "/spend/logs")  # fmt: skip
+                 "/key/unblock", "/spend/logs", "/global/spend/report")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -434,6 +434,8 @@ def test_bad_database_url_in_the_environment_is_named() -> None:
         pytest.param({"path": "/key/generate", "target": "http://a"}, id="exact"),
         pytest.param({"path": "/spend/logs", "target": "http://a"}, id="spend-logs"),
         pytest.param({"path": "/key", "target": "http://a", "include_subpath": True}, id="prefix"),
+        pytest.param({"path": "/global/spend/report", "target": "http://a"}, id="spend-report"),
+        pytest.param({"path": "/global", "target": "http://a", "include_subpath": True}, id="report-prefix"),
     ],
 )
 def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
