@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from test_store import new_key
 
 from passthru.keystore import budget
-from passthru.keystore.records import KeyInfo
+from passthru.keystore.records import KeyInfo, Unused
 from passthru.keystore.schema import keys, store_now
 from passthru.keystore.sql import SqlKeyStore
 
@@ -83,6 +83,18 @@ def test_the_reset_happens_when_the_key_is_only_read(store: SqlKeyStore) -> None
     [listed] = store.page(1, 10, key_alias="two")[0]
     assert listed.spend == 0.0 and listed.budget_reset_at == seen_two + 3 * 3600  # three periods on: past now
     assert stored(store, two) == (0.0, seen_two + 3 * 3600)
+
+
+def test_leased_calls_given_back_after_a_reset_do_not_make_spend_negative(store: SqlKeyStore) -> None:
+    """A lease charged its calls in the old period; what it did not use goes back after the reset: the new period
+    was never charged for them, so its spend stays at 0 rather than going below."""
+    token = store.create(new_key(1, max_budget=1e6, budget_duration="1d")).token
+    start = store.lease(token, 1.0, 8, 8, 1.0)
+    assert start is not None and stored(store, token)[0] == 8.0
+    due(store, token)
+    assert store.find(token).spend == 0.0  # type: ignore[union-attr]
+    store.record([], None, [Unused(token, 5, 5.0, start)])
+    assert stored(store, token)[0] == 0.0
 
 
 def test_hosts_finding_one_reset_due_make_it_exactly_once(
