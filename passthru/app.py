@@ -61,7 +61,9 @@ def create_app(
     register_error_handlers(app)
     # What each owner records once an answer is done: the usage and spend first, which the others read; metrics, the
     # spend log entry (every pass-through call, when there is a key store), the heap trim, the access line.
-    spend_log = () if store is None else (spend_recorder(store),)
+    spend_log: tuple[exchange.Recorder, ...] = ()
+    if store is not None and authenticator is not None:
+        spend_log = (spend_recorder(store, authenticator.master.hex(), not settings.disable_spend_logs),)
     recorders = (pricing.meter, metrics.record, *spend_log, heap.record, access_line)
     app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.

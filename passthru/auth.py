@@ -160,9 +160,9 @@ def refused(refusal: Refusal) -> PassthruError:
         return BudgetExceeded(
             f"Budget has been exceeded! Current cost: {refusal.spend:g}, Max budget: {refusal.max_budget:g}"
         )
-    if refusal.reason == "rpm":
+    if refusal.reason in ("rpm", "tpm"):
         return RateLimited(
-            f"Rate limit exceeded: this key's rpm_limit is reached; retry in {refusal.retry_after}s",
+            f"Rate limit exceeded: this key's {refusal.reason}_limit is reached; retry in {refusal.retry_after}s",
             retry_after=refusal.retry_after,
         )
     return key_refused(refusal.reason)

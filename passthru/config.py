@@ -36,18 +36,13 @@ ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
     "default_query_params", "cost_per_request", *PRICE_FIELDS,
 )  # fmt: skip
-GENERAL_FIELDS = (
-    "master_key",
-    "pass_through_endpoints",
-    "metrics_require_auth",
-    "database_url",
-    "model_prices",
-)  # passthru's keys
+GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url", "model_prices",
+                  "disable_spend_logs")  # fmt: skip
 # passthru's own routes: a pass-through path may not take them (it would shadow them or be shadowed).
 BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
 KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/key/list", "/key/block",
-                 "/key/unblock", "/spend/logs")  # fmt: skip
+                 "/key/unblock", "/spend/logs", "/global/spend/report")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,6 +78,7 @@ class Settings:
     database_url: str | None = None
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
     model_prices: Mapping[str, Prices] = field(default_factory=dict)  # general_settings.model_prices
+    disable_spend_logs: bool = False  # LiteLLM's: keys are still charged, no spend log entry is written
 
 
 def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -178,8 +174,9 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
                         "only used for virtual keys, which need the master key")  # fmt: skip
     model_prices = read_model_prices(reader, general.get("model_prices"))
     secrets = frozenset(reader.secrets)
+    disable_spend_logs = reader.boolean(general, "disable_spend_logs", "general_settings")
     return Settings(source, master_key, endpoints, metrics_require_auth, secrets, tuple(warnings), database_url,
-                    database_shown, model_prices)  # fmt: skip
+                    database_shown, model_prices, disable_spend_logs)  # fmt: skip
 
 
 def _serves(endpoint: Endpoint, path: str) -> bool:

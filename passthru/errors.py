@@ -7,7 +7,7 @@
     ├── AuthError               no key, or an unknown, blocked or expired one (401)
     │   └── AccessDenied        a valid key that may not do this: route not allowed, admin-only API (403)
     ├── NotFound                the key named in a /key/* call does not exist (404)
-    ├── RateLimited             a virtual key is over its rpm_limit; carries Retry-After (429)
+    ├── RateLimited             a virtual key is over its rpm_limit or tpm_limit; carries Retry-After (429)
     ├── KeyStoreError           the key store cannot be reached or answered with an error (503)
     └── UpstreamError           the upstream refused, reset or broke the exchange (502)
         └── UpstreamTimeout     the upstream did not answer within the route's timeout (504)

@@ -1,4 +1,5 @@
-"""The virtual-key API: LiteLLM's /key/* and /spend/logs paths and field names, master key only, JSON in and out.
+"""The virtual-key API: LiteLLM's /key/*, /spend/logs and /global/spend/report paths and field names, master key only,
+JSON in and out.
 
 Each operation is a plain function of (store, fields) returning the JSON answer; the blueprint and the
 `passthru keys` command both call them, so the two cannot drift apart.
@@ -10,9 +11,9 @@ import hmac
 import json
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Response, request
 
@@ -26,17 +27,22 @@ from passthru.key_fields import (
     MAX_KEYS_PER_DELETE,
     MAX_PAGE,
     MAX_PAGE_SIZE,
+    MAX_REPORT_DAYS,
+    MAX_REPORT_ROWS,
     MAX_SPEND_LOGS,
     Fields,
     token_of,
 )
-from passthru.keystore.records import KeyAdmin, KeyInfo, NewKey, SpendEntry
+from passthru.keystore.records import KeyAdmin, KeyInfo, NewKey, ReportGroup, SpendEntry
 
 Operation = Callable[[KeyAdmin, Fields], Any]
 
-NEW_KEY_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "rpm_limit", "allowed_routes", "metadata"})
-UPDATE_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes",
-                           "metadata", "blocked"})  # fmt: skip
+NEW_KEY_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "rpm_limit", "tpm_limit", "budget_duration",
+                            "allowed_routes", "metadata"})  # fmt: skip
+UPDATE_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "tpm_limit",
+                           "budget_duration", "allowed_routes", "metadata", "blocked"})  # fmt: skip
+# /global/spend/report's group_by, and the name of each day's list of groups (LiteLLM's report says "teams").
+REPORT_GROUPS: dict[str, str] = {"api_key": "api_keys", "route": "routes", "model": "models"}
 
 
 def _when(seconds: float | None) -> str | None:
@@ -54,10 +60,12 @@ def shown(info: KeyInfo) -> dict[str, Any]:
     """A key as /key/info, /key/list and the CLI show it: LiteLLM's field names, times in ISO 8601 UTC."""
     return {
         "token": info.token, "key_name": info.key_name, "key_alias": info.key_alias, "spend": info.spend,
-        "max_budget": info.max_budget, "rpm_limit": info.rpm_limit,
+        "max_budget": info.max_budget, "budget_duration": info.budget_duration,
+        "budget_reset_at": _when(info.budget_reset_at), "rpm_limit": info.rpm_limit, "tpm_limit": info.tpm_limit,
         "allowed_routes": None if info.allowed_routes is None else list(info.allowed_routes),
         "metadata": dict(info.metadata), "blocked": info.blocked, "expires": _when(info.expires),
-        "created_at": _when(info.created_at),
+        "created_at": _when(info.created_at), "prompt_tokens": info.prompt_tokens,
+        "completion_tokens": info.completion_tokens, "total_tokens": info.total_tokens,
     }  # fmt: skip
 
 
@@ -75,6 +83,8 @@ def generate_key(store: KeyAdmin, body: Fields, *, master_key: str | None = None
         token=digest(key).hex(), key_name=f"sk-...{key[-4:]}", key_alias=key_fields.alias(fields.get("key_alias")),
         duration=key_fields.duration(fields.get("duration")), max_budget=key_fields.number(fields, "max_budget"),
         rpm_limit=key_fields.number(fields, "rpm_limit", integer=True),
+        tpm_limit=key_fields.number(fields, "tpm_limit", integer=True),
+        budget_duration=key_fields.budget_duration(fields.get("budget_duration")),
         allowed_routes=key_fields.routes(fields.get("allowed_routes")),
         metadata=key_fields.metadata(fields.get("metadata")),
     )  # fmt: skip
@@ -99,10 +109,12 @@ def update_key(store: KeyAdmin, body: Fields) -> dict[str, Any]:
     for name, value in fields.items():
         if name in ("max_budget", "spend"):
             changes[name] = key_fields.number(fields, name)
-        elif name == "rpm_limit":
+        elif name in ("rpm_limit", "tpm_limit"):
             changes[name] = key_fields.number(fields, name, integer=True)
         elif name == "duration":
             changes[name] = key_fields.duration(value)
+        elif name == "budget_duration":
+            changes[name] = key_fields.budget_duration(value)  # and a new reset time, one period from now
         elif name == "allowed_routes":
             changes[name] = key_fields.routes(value)
         elif name == "metadata":
@@ -156,7 +168,9 @@ def list_keys(store: KeyAdmin, args: Fields) -> dict[str, Any]:
 
 
 def spend_logs(store: KeyAdmin, args: Fields) -> list[dict[str, Any]]:
-    """GET /spend/logs?key=&start_date=&end_date=: one entry per call made with a virtual key, newest first."""
+    """GET /spend/logs?key=&start_date=&end_date=: one entry per pass-through call, newest first. With a key (or the
+    master key, whose calls are logged under its hash), that key's entries only; without, every entry, those of open
+    routes (api_key null) included."""
     param = "key" if args.get("key") else "api_key"  # api_key is LiteLLM's name for it
     key = args.get(param)
     token = token_of(key, param) if key else None
@@ -167,12 +181,47 @@ def spend_logs(store: KeyAdmin, args: Fields) -> list[dict[str, Any]]:
 
 
 def _entry(entry: SpendEntry) -> dict[str, Any]:
+    """LiteLLM's names for what it logs too; request_id is the call's id as its caller saw it (x-request-id), or the
+    entry's own id for entries written before the call's id was kept."""
     return {
-        "request_id": entry.request_id, "api_key": entry.token, "call_type": "pass_through_endpoint",
-        "route": entry.route, "status": "success" if entry.status < 400 else "failure", "status_code": entry.status,
-        "spend": entry.spend, "startTime": _when(entry.start_time),
+        "request_id": entry.call_id or entry.request_id, "api_key": entry.token, "call_type": "pass_through_endpoint",
+        "model": entry.model, "prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens,
+        "total_tokens": entry.total_tokens, "spend": entry.spend, "startTime": _when(entry.start_time),
         "endTime": _when(entry.start_time + entry.duration), "request_duration_ms": round(entry.duration * 1000, 3),
+        "status": "success" if entry.status < 400 else "failure", "status_code": entry.status, "route": entry.route,
+        "target": entry.target,
     }  # fmt: skip
+
+
+def spend_report(store: KeyAdmin, args: Fields) -> list[dict[str, Any]]:
+    """GET /global/spend/report?start_date=&end_date=&group_by=api_key|route|model: spend, calls and tokens per UTC
+    day and group, in the shape of LiteLLM's report by team: [{"group_by_day": …, "api_keys": [{"api_key": …,
+    "total_spend": …, "api_requests": …, "prompt_tokens": …, …}]}], days in order, the biggest spend first."""
+    group = args.get("group_by") or "api_key"
+    if group not in REPORT_GROUPS:
+        raise RequestError(f"group_by must be one of {', '.join(REPORT_GROUPS)}", param="group_by")
+    start = key_fields.instant(args.get("start_date"), "start_date", end=False)
+    end = key_fields.instant(args.get("end_date"), "end_date", end=True)
+    if start is None or end is None:
+        raise RequestError("start_date and end_date are required", param="start_date" if start is None else "end_date")
+    if not 0 < end - start <= MAX_REPORT_DAYS * 86400:
+        raise RequestError(f"end_date must be after start_date and at most {MAX_REPORT_DAYS} days later",
+                           param="end_date")  # fmt: skip
+    rows = store.spend_report(cast(ReportGroup, group), start, end, MAX_REPORT_ROWS + 1)
+    if len(rows) > MAX_REPORT_ROWS:
+        raise RequestError(f"the report would have more than {MAX_REPORT_ROWS} rows (days × groups); narrow the dates",
+                           param="end_date")  # fmt: skip
+    days: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        days.setdefault(row.day, []).append({
+            group: row.group, "total_spend": row.spend, "api_requests": row.calls, "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens, "total_tokens": row.total_tokens,
+        })  # fmt: skip
+    return [{"group_by_day": _day(day), REPORT_GROUPS[group]: groups} for day, groups in days.items()]
+
+
+def _day(day: int) -> str:
+    return (date(1970, 1, 1) + timedelta(days=day)).isoformat()
 
 
 def build_key_api(authenticator: Authenticator, master_key: str) -> Blueprint:
@@ -207,6 +256,7 @@ def build_key_api(authenticator: Authenticator, master_key: str) -> Blueprint:
         "/key/block": ("POST", partial(set_blocked, blocked=True)),
         "/key/unblock": ("POST", partial(set_blocked, blocked=False)),
         "/spend/logs": ("GET", spend_logs),
+        "/global/spend/report": ("GET", spend_report),
     }
     assert tuple(routes) == KEY_API_PATHS  # config.py refuses pass-through routes that would cover these
     for path, (method, operation) in routes.items():

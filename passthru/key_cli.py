@@ -43,6 +43,8 @@ def _keys_parser() -> argparse.ArgumentParser:
     generate.add_argument("--duration", help='how long it lasts: "30s", "10m", "1h", "7d" (default: for ever)')
     generate.add_argument("--max-budget", type=float)
     generate.add_argument("--rpm-limit", type=int)
+    generate.add_argument("--tpm-limit", type=int, help="tokens a minute, counted as answers end")
+    generate.add_argument("--budget-duration", help='spend goes back to 0 every "30d", "1mo" (a calendar month), …')
     generate.add_argument("--allowed-route", action="append", dest="allowed_routes", metavar="PATH",
                           help="a route the key may call (repeat; default: all)")  # fmt: skip
     generate.add_argument("--metadata", type=_json_object, help="a JSON object kept with the key")

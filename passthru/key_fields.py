@@ -12,12 +12,12 @@ from typing import Any
 
 from passthru.auth import digest
 from passthru.errors import RequestError
+from passthru.keystore.budget import DURATION, SECONDS
 
 Fields = Mapping[str, Any]
 
-# LiteLLM's duration strings ("30s", "10m", "1h", "7d", "2w", "1mo"); a few digits, so int() is cheap.
-DURATION = re.compile(r"([0-9]{1,20})(s|m|h|d|w|mo)")
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
+# A key's duration in seconds; a month is 30 days here (a budget_duration's month is a calendar month: budget.py).
+DURATION_UNITS = {**SECONDS, "mo": 30 * 86400}
 # A custom key: what generated keys look like, so the log filter (logs.KEY_PATTERN) recognises every key.
 CUSTOM_KEY = re.compile(r"sk-[A-Za-z0-9_-]{8,200}")
 TOKEN = re.compile(r"[0-9a-f]{64}")
@@ -28,7 +28,7 @@ MAX_SPEND_LOGS = 10_000
 # cannot hold the value (rpm_limit is a PostgreSQL integer), or an admin's typo becomes a key nobody can list.
 MAX_DURATION = 100 * 365 * 86400  # 100 years: an expiry stays a date that Python and every client can show
 MAX_AMOUNT = 1e15  # max_budget and spend: finite, and exact to the cent in a double
-MAX_RPM_LIMIT = 2**31 - 1  # the rpm_limit column is a PostgreSQL integer
+MAX_LIMIT = 2**31 - 1  # the rpm_limit and tpm_limit columns are PostgreSQL integers
 MAX_ROUTES = 100  # allowed_routes entries: each call of the key checks them in turn
 MAX_ROUTE_LENGTH = 1024
 MAX_METADATA_BYTES = 4096  # metadata as compact UTF-8 JSON: a note about the key, not a document store
@@ -37,6 +37,8 @@ MAX_KEYS_PER_DELETE = MAX_PAGE_SIZE  # a page of /key/list at a time; a statemen
 MAX_KEY_LENGTH = 1024  # a key named by value (sk-…) in a lookup; longer cannot be one (CUSTOM_KEY)
 MAX_BODY_BYTES = 256 * 1024  # a request body: every field above at its bound fits (allowed_routes: 100 KB)
 MAX_PAGE = 10**9
+MAX_REPORT_DAYS = 366  # /global/spend/report's date range: a year at most, read in one pass of the log's time index
+MAX_REPORT_ROWS = 10_000  # its days × groups: past that the range must be narrowed (a report cut short would lie)
 
 
 def _text(value: str) -> bool:
@@ -50,7 +52,7 @@ def _text(value: str) -> bool:
 
 
 def known(body: Fields, served: frozenset[str]) -> dict[str, Any]:
-    """The fields passthru serves. LiteLLM's other fields (models, team_id, tpm_limit, …) are accepted while empty,
+    """The fields passthru serves. LiteLLM's other fields (models, team_id, soft_budget, …) are accepted while empty,
     as LiteLLM's clients send them so; with a value they are refused: a limit silently not enforced is worse."""
     for name, value in body.items():
         if name not in served and value:
@@ -74,7 +76,7 @@ def number(fields: Fields, name: str, *, integer: bool = False) -> Any:
     value = fields.get(name)
     if value is None:
         return None
-    most = MAX_RPM_LIMIT if integer else MAX_AMOUNT
+    most = MAX_LIMIT if integer else MAX_AMOUNT
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise RequestError(f"{name} must be {'an integer' if integer else 'a number'} or null", param=name)
     if not 0 <= value <= most:  # NaN fails both comparisons
@@ -86,14 +88,30 @@ def duration(value: Any) -> float | None:
     """Seconds from a LiteLLM duration ("30s" … "1mo"), 100 years at most: past that an expiry is no datetime."""
     if value is None:
         return None
-    match = DURATION.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise RequestError('duration must look like "30s", "10m", "1h", "7d", "2w" or "1mo", or be null',
-                           param="duration")  # fmt: skip
-    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    count, unit = _duration_parts(value, "duration")
+    seconds = count * DURATION_UNITS[unit]
     if seconds > MAX_DURATION:
         raise RequestError(f"duration must be at most 100 years ({MAX_DURATION // 86400}d)", param="duration")
     return float(seconds)
+
+
+def budget_duration(value: Any) -> str | None:
+    """A budget period ("30s" … "1mo", a calendar month), as stored: from one unit to 100 years, its digits without
+    leading zeros. A period of 0 would never end."""
+    if value is None:
+        return None
+    count, unit = _duration_parts(value, "budget_duration")
+    if not 1 <= count * DURATION_UNITS[unit] <= MAX_DURATION:
+        raise RequestError(f"budget_duration must be from 1s to 100 years ({MAX_DURATION // 86400}d)",
+                           param="budget_duration")  # fmt: skip
+    return f"{count}{unit}"
+
+
+def _duration_parts(value: Any, param: str) -> tuple[int, str]:
+    match = DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise RequestError(f'{param} must look like "30s", "10m", "1h", "7d", "2w" or "1mo", or be null', param=param)
+    return int(match.group(1)), match.group(2)
 
 
 def routes(value: Any) -> tuple[str, ...] | None:

@@ -114,6 +114,19 @@ def store(database_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
+def other_host(database_url: str, store: Any) -> Iterator[Any]:
+    """A second store on the same database as `store`, as another host (or worker) would have."""
+    from passthru.keystore.engine import open_engine
+    from passthru.keystore.sql import SqlKeyStore
+
+    other = SqlKeyStore(open_engine(database_url))
+    try:
+        yield other
+    finally:
+        other.close()
+
+
+@pytest.fixture
 def postgres_url(postgres: str) -> Iterator[str]:
     """A fresh PostgreSQL schema's URL, for the tests that are about PostgreSQL only."""
     yield from _fresh_schema(postgres)

@@ -434,6 +434,8 @@ def test_bad_database_url_in_the_environment_is_named() -> None:
         pytest.param({"path": "/key/generate", "target": "http://a"}, id="exact"),
         pytest.param({"path": "/spend/logs", "target": "http://a"}, id="spend-logs"),
         pytest.param({"path": "/key", "target": "http://a", "include_subpath": True}, id="prefix"),
+        pytest.param({"path": "/global/spend/report", "target": "http://a"}, id="spend-report"),
+        pytest.param({"path": "/global", "target": "http://a", "include_subpath": True}, id="report-prefix"),
     ],
 )
 def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
@@ -459,6 +461,7 @@ def test_numbers_yaml_reads_as_strings_are_read_as_the_numbers_they_say(tmp_path
     (endpoint,) = settings.endpoints
     assert (endpoint.timeout, endpoint.cost_per_request, endpoint.prices.output) == (25.0, 0.5, 3e-7)
     assert settings.model_prices["m"].input == 1e-6
-    path.write_text("general_settings:\n  pass_through_endpoints:\n    - {path: /a, target: 'http://x', timeout: nan}\n")
+    path.write_text("general_settings:\n  pass_through_endpoints:\n"
+                    "    - {path: /a, target: 'http://x', timeout: nan}\n")  # fmt: skip
     with pytest.raises(ConfigError, match=r"timeout: must be a number, not the string 'nan'"):
         load_settings(path)

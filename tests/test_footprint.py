@@ -36,8 +36,12 @@ def maps_sqlalchemy(pid: int) -> bool:
     return "/site-packages/sqlalchemy/" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def test_master_key_and_open_routes_never_load_the_store(gunicorn: Callable[..., Gunicorn], upstream: Upstream) -> None:
-    server = gunicorn(entries(upstream), master_key=MASTER)
+def test_without_spend_logs_master_key_and_open_routes_never_load_the_store(
+    gunicorn: Callable[..., Gunicorn], upstream: Upstream
+) -> None:
+    """disable_spend_logs: calls no key pays for are not logged, so a worker serving only those never loads the
+    store's driver (by default every call is logged: tests/test_metering.py)."""
+    server = gunicorn(entries(upstream), master_key=MASTER, disable_spend_logs=True)
     for _ in range(3):
         assert requests.post(f"{server.url}/auth", json={}, headers=ADMIN, timeout=10).status_code == 200
         assert requests.post(f"{server.url}/open", json={}, timeout=10).status_code == 200

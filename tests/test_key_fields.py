@@ -23,6 +23,7 @@ from passthru.keystore.records import NewKey, SpendEntry
 MASTER = "sk-1234"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
 EXISTING = "sk-existing-key-0001"  # made by the `api` fixture: /key/update, block and unblock reach the store
+REPORT = "/global/spend/report"
 
 
 @pytest.fixture
@@ -90,6 +91,14 @@ BAD_FIELDS = [
     ("rpm_limit", 2**31),  # PostgreSQL's integer holds 32
     ("rpm_limit", 1.5),
     ("rpm_limit", True),
+    ("tpm_limit", 2**31),
+    ("tpm_limit", -1),
+    ("tpm_limit", "100"),
+    ("budget_duration", "0s"),  # a period that would never end
+    ("budget_duration", "36501d"),
+    ("budget_duration", "1217mo"),  # months count as 30 days against the bound, as for duration
+    ("budget_duration", "1mo\n"),
+    ("budget_duration", 86400),
     ("key_alias", "a\x00b"),  # PostgreSQL refuses NUL in text (was a 503)
     ("key_alias", "\ud800"),  # a lone surrogate, from JSON's "\ud800": cannot be encoded (was a 500)
     ("key_alias", "x" * 256),
@@ -139,6 +148,19 @@ def test_a_bad_field_is_400_naming_it_and_nothing_is_written(api: FlaskClient, n
         pytest.param("GET", "/spend/logs", {"limit": "10001"}, "limit", id="limit-huge"),
         pytest.param("GET", "/spend/logs", {"api_key": "sk-\x00"}, "api_key", id="api-key-nul"),
         pytest.param("GET", "/spend/logs", {"end_date": "10000-01-01"}, "end_date", id="year-10000"),
+        pytest.param(
+            "GET", REPORT, {"start_date": "9999-12-31", "end_date": "10000-01-01"}, "end_date", id="report-10000"
+        ),
+        pytest.param(
+            "GET", REPORT, {"start_date": "0001-01-01", "end_date": "9999-12-31"}, "end_date", id="report-long"
+        ),
+        pytest.param(
+            "GET",
+            REPORT,
+            {"start_date": "2026-01-01", "end_date": "2026-01-01", "group_by": "customer"},
+            "group_by",
+            id="report-customer",
+        ),  # fmt: skip
     ],
 )
 def test_every_operation_names_the_bad_field(
@@ -162,12 +184,18 @@ def test_bodies_too_deep_or_too_big_are_4xx(api: FlaskClient) -> None:
 
 def test_the_bounds_themselves_are_accepted(api: FlaskClient) -> None:
     fields = {"duration": "36500d", "max_budget": 1e15, "rpm_limit": 2**31 - 1, "key_alias": "é" * 255,
-              "allowed_routes": ["/" + "a" * 1023] * 100, "metadata": deep(15)}  # fmt: skip
+              "allowed_routes": ["/" + "a" * 1023] * 100, "metadata": deep(15), "tpm_limit": 2**31 - 1,
+              "budget_duration": "36500d"}  # fmt: skip
     made = send(api, "POST", "/key/generate", fields)
     assert made.status_code == 200, made.text
-    assert made.json["rpm_limit"] == 2**31 - 1 and made.json["expires"].startswith(("2126-", "2127-"))
-    updated = send(api, "POST", "/key/update", {"key": made.json["key"], "spend": 1e15, "duration": "1200mo"})
+    assert made.json["rpm_limit"] == made.json["tpm_limit"] == 2**31 - 1
+    assert made.json["expires"].startswith(("2126-", "2127-")) and made.json["budget_reset_at"][:4] in ("2126", "2127")
+    updated = send(api, "POST", "/key/update", {"key": made.json["key"], "spend": 1e15, "duration": "1200mo",
+                                                "budget_duration": "0001200mo"})  # fmt: skip
     assert updated.status_code == 200, updated.text
+    assert updated.json["budget_duration"] == "1200mo"  # stored as it is meant
+    report = send(api, "GET", "/global/spend/report", {"start_date": "9999-01-01", "end_date": "9999-12-31"})
+    assert report.status_code == 200 and report.json == []  # 365 days, up to the last a date holds
     assert everything(api)["total_count"] == 2
 
 
@@ -193,15 +221,16 @@ def test_a_stored_expiry_no_date_can_hold_still_lists(api: FlaskClient) -> None:
 
 OPERATIONS = {
     ("POST", "/key/generate"): ("key", "key_alias", "duration", "max_budget", "rpm_limit", "allowed_routes",
-                                "metadata", "models", "tpm_limit"),
+                                "metadata", "models", "tpm_limit", "budget_duration"),
     ("POST", "/key/update"): ("key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes",
-                              "metadata", "blocked", "team_id"),
+                              "metadata", "blocked", "team_id", "tpm_limit", "budget_duration"),
     ("POST", "/key/delete"): ("keys",),
     ("POST", "/key/block"): ("key",),
     ("POST", "/key/unblock"): ("key",),
     ("GET", "/key/info"): ("key",),
     ("GET", "/key/list"): ("page", "size", "key_alias", "return_full_object"),
     ("GET", "/spend/logs"): ("key", "api_key", "start_date", "end_date", "limit"),
+    ("GET", "/global/spend/report"): ("start_date", "end_date", "group_by"),
 }  # fmt: skip
 
 ZONES = [None, UTC, timezone(timedelta(hours=14)), timezone(-timedelta(hours=14))]
@@ -246,6 +275,10 @@ NEAR: dict[str, st.SearchStrategy[Any]] = {
     "max_budget": st.floats() | st.integers(min_value=10**14),
     "spend": st.floats() | st.integers(min_value=10**14),
     "rpm_limit": st.integers(min_value=2**30) | st.floats(),
+    "tpm_limit": st.integers(min_value=2**30) | st.floats(),
+    "budget_duration": st.sampled_from(["0s", "0mo", "36501d", "1201mo", "1mo\n", "1200mo", "29d"])
+    | st.builds("{}{}".format, st.integers(-1, 10**25), UNITS),
+    "group_by": st.sampled_from(["api_key", "route", "model", "team", "customer", ""]),
     "key_alias": st.text(st.characters(codec="utf-8"), min_size=200, max_size=300) | st.sampled_from(["a\x00", ""]),
     "allowed_routes": st.lists(st.text(max_size=5).map(lambda text: "/" + text), max_size=120),
     "metadata": st.recursive(st.floats() | st.text(max_size=600), lambda inner: st.dictionaries(st.text(max_size=3),

@@ -14,10 +14,14 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+import sqlalchemy as sa
 from upstream import Upstream, wait_until
 
+from passthru import key_api
 from passthru.auth import CACHE_SECONDS, UNKNOWN_READS
-from passthru.keystore.sql import SqlKeyStore
+from passthru.keystore.records import SpendEntry, Tally
+from passthru.keystore.schema import keys
+from passthru.keystore.sql import SqlKeyStore, open_store
 
 MASTER = "sk-1234"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -95,6 +99,8 @@ def test_generate_shows_the_key_once(proxy: Proxy) -> None:
     assert made["token_id"] == made["token"] == token
     assert made["key_name"] == f"sk-...{key[-4:]}"
     assert (made["key_alias"], made["max_budget"], made["rpm_limit"], made["expires"]) == ("team-a", 10, 60, None)
+    assert (made["tpm_limit"], made["budget_duration"], made["budget_reset_at"]) == (None, None, None)
+    assert (made["prompt_tokens"], made["completion_tokens"], made["total_tokens"]) == (0, 0, 0)
     assert (made["allowed_routes"], made["metadata"], made["spend"], made["blocked"]) == (
         ["/v1/rerank"],
         {"team": "a"},
@@ -149,7 +155,12 @@ def test_duration_units_set_the_expiry(proxy: Proxy, duration: str, seconds: int
         pytest.param({"key": "my-key-1234567"}, "key", id="key-prefix"),
         pytest.param({"key": "sk-short"}, "key", id="key-short"),
         pytest.param({"key": MASTER + "-not"}, None, id="ok-near-master"),
-        pytest.param({"key": "sk-1234567890", "tpm_limit": 100}, "tpm_limit", id="unsupported-limit"),
+        pytest.param({"tpm_limit": 1.5}, "tpm_limit", id="tpm-float"),
+        pytest.param({"budget_duration": "0d"}, "budget_duration", id="budget-period-of-0"),
+        pytest.param({"budget_duration": "1 month"}, "budget_duration", id="budget-period-words"),
+        pytest.param(
+            {"key": "sk-1234567890", "max_parallel_requests": 2}, "max_parallel_requests", id="unsupported-limit"
+        ),
     ],
 )
 def test_generate_refuses_bad_fields(proxy: Proxy, fields: dict[str, Any], param: str | None) -> None:
@@ -181,7 +192,8 @@ def test_litellm_fields_that_are_empty_are_accepted(proxy: Proxy) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("POST", "/key/generate"), ("GET", "/key/info"), ("POST", "/key/update"), ("POST", "/key/delete"),
-     ("GET", "/key/list"), ("POST", "/key/block"), ("POST", "/key/unblock"), ("GET", "/spend/logs")],
+     ("GET", "/key/list"), ("POST", "/key/block"), ("POST", "/key/unblock"), ("GET", "/spend/logs"),
+     ("GET", "/global/spend/report")],
 )  # fmt: skip
 def test_only_the_master_key_administers(proxy: Proxy, method: str, path: str) -> None:
     virtual = proxy.generate()["key"]
@@ -470,3 +482,168 @@ def test_unknown_keys_cost_a_bounded_number_of_store_reads(proxy: Proxy, monkeyp
     time.sleep(CACHE_SECONDS)  # the known key's entry is out of date: it is read again, flood or not
     statuses = Counter(call(f"sk-made-up-again-{n:08d}") for n in range(UNKNOWN_READS + 10))
     assert statuses[503] > 0 and call(known) == 200
+
+
+# --- tokens, budget periods, the spend log's fields and the report ----------------------------------------------
+
+
+def store_of(proxy: Proxy) -> SqlKeyStore:
+    """A store of the test's own on the server's database: what another worker or host writes, the server reads."""
+    return open_store(proxy.database_url)
+
+
+def test_tpm_limit_is_429_with_retry_after_once_the_window_holds_its_tokens(proxy: Proxy) -> None:
+    made = proxy.generate(tpm_limit=100)
+    assert proxy.info(made["key"])["tpm_limit"] == 100
+    assert proxy.call(made["key"]).status_code == 200
+    store = store_of(proxy)
+    try:
+        store.record([], {made["token"]: Tally(total_tokens=100)})  # as the spend writer counts an answer's usage
+    finally:
+        store.close()
+    response = proxy.call(made["key"])
+    assert response.status_code == 429
+    error = error_of(response)
+    retry = int(response.headers["Retry-After"])
+    assert 1 <= retry <= 60 and error["type"] == "rate_limit_error"
+    assert error["message"] == f"Rate limit exceeded: this key's tpm_limit is reached; retry in {retry}s"
+    info = proxy.info(made["key"])
+    assert (info["total_tokens"], info["spend"]) == (100, 0.25)  # the refused call cost nothing
+    updated = proxy.admin("POST", "/key/update", json={"key": made["key"], "tpm_limit": None})
+    assert updated.status_code == 200 and updated.json()["tpm_limit"] is None
+    assert proxy.call(made["key"]).status_code == 200
+
+
+def test_a_budget_period_resets_spend_when_the_key_is_only_read(proxy: Proxy) -> None:
+    made = proxy.generate(max_budget=1, budget_duration="1mo")
+    reset_at = datetime.fromisoformat(made["budget_reset_at"])
+    assert 27 * 86400 < (reset_at - datetime.now(UTC)).total_seconds() <= 31 * 86400  # a calendar month
+    assert [proxy.call(made["key"]).status_code for _ in range(5)] == [200] * 4 + [400]  # 4 × 0.25: the budget
+    store = store_of(proxy)
+    try:
+        with store.engine.begin() as conn:  # the period is over
+            conn.execute(sa.update(keys).where(keys.c.token == made["token"]).values(budget_reset_at=time.time() - 60))
+    finally:
+        store.close()
+    info = proxy.info(made["key"])  # read, not called
+    assert info["spend"] == 0.0 and datetime.fromisoformat(info["budget_reset_at"]) > datetime.now(UTC)
+    assert proxy.call(made["key"]).status_code == 200
+
+
+def test_spend_logs_show_usage_under_litellms_names(proxy: Proxy) -> None:
+    made = proxy.generate()
+    master = hashlib.sha256(MASTER.encode()).hexdigest()
+    now = time.time()
+    store = store_of(proxy)
+    try:
+        store.record([
+            SpendEntry("0190a000-0000-7000-8000-000000000001", made["token"], "/v1/rerank", 200, 0.75, now - 3, 1.5,
+                       call_id="caller-id-1", model="gpt-4o", prompt_tokens=10, completion_tokens=5, total_tokens=15,
+                       target="primary"),
+            SpendEntry("0190a000-0000-7000-8000-000000000002", None, "/open", 502, 0.0, now - 2, 0.5, call_id="c2"),
+            SpendEntry("0190a000-0000-7000-8000-000000000003", master, "/v1/rerank", 200, 0.25, now - 1, 0.1),
+        ])  # fmt: skip
+    finally:
+        store.close()
+    logs = proxy.spend_logs()
+    assert [e["request_id"] for e in logs] == ["0190a000-0000-7000-8000-000000000003", "c2", "caller-id-1"]
+    assert logs[2] == {
+        "request_id": "caller-id-1", "api_key": made["token"], "call_type": "pass_through_endpoint",
+        "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "spend": 0.75,
+        "startTime": datetime.fromtimestamp(now - 3, UTC).isoformat(),
+        "endTime": datetime.fromtimestamp(now - 1.5, UTC).isoformat(), "request_duration_ms": 1500.0,
+        "status": "success", "status_code": 200, "route": "/v1/rerank", "target": "primary",
+    }  # fmt: skip
+    assert (logs[1]["api_key"], logs[1]["model"], logs[1]["total_tokens"], logs[1]["status"]) == (None, None, None,
+                                                                                                 "failure")  # fmt: skip
+    # A key named: its entries only. The master key's calls are logged under its hash, and found by it.
+    assert [e["request_id"] for e in proxy.spend_logs(api_key=made["token"])] == ["caller-id-1"]
+    assert [e["api_key"] for e in proxy.spend_logs(api_key=MASTER)] == [master]
+
+
+def report(proxy: Proxy, **params: str) -> requests.Response:
+    return proxy.admin("GET", "/global/spend/report", params=params)
+
+
+def test_the_spend_report_sums_what_the_log_holds(proxy: Proxy) -> None:
+    """Per UTC day and per key, route or model: the sums of the log's entries (unknown tokens left out; None when
+    no entry of a group knew them), every entry counted once."""
+    one, two = proxy.generate()["token"], proxy.generate()["token"]
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    days = [(today.timestamp() - 86400 * back) for back in (2, 1, 0)]
+    entries = []
+    for n in range(60):
+        usage = {
+            "model": ("m1", "m2", None)[n % 3],
+            "prompt_tokens": n if n % 4 else None,
+            "completion_tokens": 2 * n if n % 4 else None,
+            "total_tokens": 3 * n if n % 4 else None,
+        }
+        entries.append(SpendEntry(f"0190a000-0000-7000-8000-{n:012d}", (one, two, None)[n % 3 if n % 5 else 0],
+                                  ("/v1/rerank", "/other")[n % 2], 200, 0.25 * n, days[n % 3] + n, 0.1,
+                                  **usage))  # type: ignore[arg-type]  # fmt: skip
+    store = store_of(proxy)
+    try:
+        store.record(entries)
+    finally:
+        store.close()
+    logs = proxy.spend_logs(limit="1000")
+    assert len(logs) == 60
+    for group_by, name, field in (("api_key", "api_keys", "api_key"), ("route", "routes", "route"),
+                                  ("model", "models", "model")):  # fmt: skip
+        response = report(proxy, start_date=datetime.fromtimestamp(days[0], UTC).date().isoformat(),
+                          end_date=today.date().isoformat(), group_by=group_by)  # fmt: skip
+        assert response.status_code == 200, response.text
+        got = {(day["group_by_day"], row[field]): row for day in response.json() for row in day[name]}
+        expected: dict[tuple[str, Any], dict[str, Any]] = {}
+        for entry in logs:
+            key = (entry["startTime"][:10], entry[field])
+            sums = expected.setdefault(key, {"total_spend": 0.0, "api_requests": 0, "prompt_tokens": None,
+                                             "completion_tokens": None, "total_tokens": None})  # fmt: skip
+            sums["total_spend"] += entry["spend"]
+            sums["api_requests"] += 1
+            for count in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                if entry[count] is not None:
+                    sums[count] = (sums[count] or 0) + entry[count]
+        assert set(got) == set(expected), group_by
+        for key, sums in expected.items():
+            row = got[key]
+            assert row["total_spend"] == pytest.approx(sums.pop("total_spend")), (group_by, key)
+            assert {k: row[k] for k in sums} == sums, (group_by, key)
+        assert [day["group_by_day"] for day in response.json()] == sorted({d for d, _ in got})  # days in order
+    # Only the days asked for: today's entries alone.
+    only_today = report(proxy, start_date=today.date().isoformat(), end_date=today.date().isoformat())
+    assert [day["group_by_day"] for day in only_today.json()] == [today.date().isoformat()]
+    assert sum(row["api_requests"] for row in only_today.json()[0]["api_keys"]) == 20
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        pytest.param({"end_date": "2026-01-31"}, "start_date", id="no-start"),
+        pytest.param({"start_date": "2026-01-01"}, "end_date", id="no-end"),
+        pytest.param({"start_date": "2025-01-01", "end_date": "2026-01-02"}, "end_date", id="over-366-days"),
+        pytest.param({"start_date": "2026-01-02", "end_date": "2025-12-31"}, "end_date", id="backwards"),
+        pytest.param({"start_date": "2026-01-01", "end_date": "2026-01-02", "group_by": "team"}, "group_by",
+                     id="litellm-team"),
+    ],
+)  # fmt: skip
+def test_the_spend_report_is_bounded(proxy: Proxy, params: dict[str, str], param: str) -> None:
+    response = report(proxy, **params)
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+
+
+def test_a_report_with_too_many_rows_is_refused_not_cut_short(proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(key_api, "MAX_REPORT_ROWS", 2)
+    now = time.time()
+    store = store_of(proxy)
+    try:
+        store.record([SpendEntry(f"0190a000-0000-7000-8000-{n:012d}", None, f"/r{n}", 200, 1.0, now, 0.1)
+                      for n in range(3)])  # fmt: skip
+    finally:
+        store.close()
+    today = datetime.now(UTC).date().isoformat()
+    assert report(proxy, start_date=today, end_date=today, group_by="api_key").status_code == 200  # one row
+    response = report(proxy, start_date=today, end_date=today, group_by="route")  # three
+    assert response.status_code == 400 and "narrow the dates" in error_of(response)["message"]

@@ -40,11 +40,12 @@ def test_generate_list_info_block_delete(config: Path, capsys: pytest.CaptureFix
                                          upstream: Upstream, database_url: str) -> None:  # fmt: skip
     status, made, _ = run(capsys, "keys", "generate", "--config", str(config), "--key-alias", "ci", "--duration",
                           "7d", "--max-budget", "5", "--rpm-limit", "10", "--allowed-route", "/v1/rerank",
-                          "--metadata", '{"team": "a"}')  # fmt: skip
+                          "--metadata", '{"team": "a"}', "--tpm-limit", "1000", "--budget-duration", "1mo")  # fmt: skip
     assert status == 0
     key = made["key"]
     assert (made["key_alias"], made["max_budget"], made["rpm_limit"], made["allowed_routes"]) == (
         "ci", 5.0, 10, ["/v1/rerank"])  # fmt: skip
+    assert (made["tpm_limit"], made["budget_duration"]) == (1000, "1mo") and made["budget_reset_at"] is not None
     status, listed, _ = run(capsys, "keys", "list", "--config", str(config))
     assert status == 0 and listed["total_count"] == 1
     assert [(k["key_alias"], k["token"]) for k in listed["keys"]] == [("ci", made["token"])]

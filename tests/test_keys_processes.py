@@ -25,6 +25,9 @@ from upstream import Upstream, wait_until
 from passthru.auth import CACHE_SECONDS
 from passthru.keystore.guard import STALL
 from passthru.keystore.leases import HOLD, SHARE
+from passthru.keystore.records import Charge
+from passthru.keystore.spend import SpendWriter
+from passthru.keystore.sql import open_store
 
 MASTER = "sk-master-key-for-processes"
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
@@ -101,6 +104,42 @@ def test_several_workers_share_one_sqlite_file(gunicorn: Callable[..., Gunicorn]
     assert len(access_pids(output)) >= 2, "the calls should have been spread over several workers"
     assert "database is locked" not in output and "Traceback" not in output
     assert "key store error" not in output
+
+
+def test_tpm_limit_holds_across_workers(gunicorn: Callable[..., Gunicorn], upstream: Upstream, tmp_path: Path) -> None:
+    """Four workers decide one key's calls on its tokens, counted in the store as answers end: under the limit every
+    call passes, at it every worker refuses (429, Retry-After), whichever one a call reaches. The usage reader is not
+    wired into the request path yet: the tokens are written as a worker's spend writer writes them."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    server = gunicorn(entries(upstream), workers=4, master_key=MASTER, database_url=url)
+    base = server.url
+    made = admin(base, "/key/generate", tpm_limit=1000)
+    key, token = made["key"], made["token"]
+    store = open_store(url)
+    writer = SpendWriter(store)
+    try:
+        assert burst([lambda: call(base, key)] * 40) == {200: 40}
+        writer.add(Charge("", token, "/v1/rerank", 200, 0.5, 0.5, 1.0, model="m", total_tokens=999))
+        assert writer.flush(10)
+        assert burst([lambda: call(base, key)] * 40) == {200: 40}  # 999 of 1000: not there yet
+        writer.add(Charge("", token, "/v1/rerank", 200, 0.5, 0.5, 1.0, model="m", prompt_tokens=1))
+        assert writer.flush(10)
+
+        def refused() -> int:
+            response = requests.post(f"{base}/v1/rerank", json={}, timeout=15,
+                                     headers={"Authorization": f"Bearer {key}", "Connection": "close"})  # fmt: skip
+            retry = int(response.headers.get("Retry-After", "0"))
+            return response.status_code if 1 <= retry <= 60 and "tpm_limit is reached" in response.text else -1
+
+        assert burst([refused] * 80) == {429: 80}
+    finally:
+        writer.close()
+        store.close()
+    info = requests.get(f"{base}/key/info", params={"key": token}, headers=ADMIN, timeout=15).json()["info"]
+    assert (info["total_tokens"], info["prompt_tokens"], info["spend"]) == (1000, 1, 40.0)  # 80 calls at 0.5
+    output = server.output()
+    assert len(access_pids(output)) >= 2, "the calls should have been spread over several workers"
+    assert "Traceback" not in output and "key store error" not in output
 
 
 # A passthru host (`python -m passthru`: its own gunicorn master and workers) is run and stopped like gunicorn.

@@ -8,29 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 import sqlalchemy as sa
 from test_store import new_key
 from upstream import wait_until
 
-from passthru.keystore.engine import open_engine
 from passthru.keystore.leases import SHARE, Leases
-from passthru.keystore.records import Charge, Refusal, Unused
+from passthru.keystore.records import Charge, Refusal, Tally, Unused
 from passthru.keystore.schema import keys
 from passthru.keystore.spend import SpendWriter
 from passthru.keystore.sql import SqlKeyStore, open_store
-
-
-@pytest.fixture
-def other_host(database_url: str, store: SqlKeyStore) -> Iterator[SqlKeyStore]:
-    """A second store on the same database, as another host (or worker) would have."""
-    other = SqlKeyStore(open_engine(database_url))
-    try:
-        yield other
-    finally:
-        other.close()
 
 
 class Asking:
@@ -159,6 +146,21 @@ def test_a_key_near_its_limits_or_seldom_called_is_asked_for_call_by_call(store:
     assert slow.store.asked == [1, 1, 1]  # type: ignore[attr-defined]
 
 
+def test_a_key_with_a_tpm_limit_is_never_leased(store: SqlKeyStore) -> None:
+    """Its tokens come in when calls end: no lease could know the room left, so each call asks the store, which
+    refuses the first one once the window holds tpm_limit tokens."""
+    token = store.create(new_key(1, tpm_limit=100, rpm_limit=1000)).token
+    info = store.find(token)
+    assert info is not None
+    asking = Asking(store)
+    leases = Leases(asking)  # type: ignore[arg-type]
+    assert [leases.admit(info, 0.0) for _ in range(20)] == [None] * 20
+    assert asking.asked == [1] * 20
+    store.record([], {token: Tally(total_tokens=100)})
+    refusal = leases.admit(info, 0.0)
+    assert refusal is not None and refusal.reason == "tpm"
+
+
 def test_hosts_leasing_one_key_never_pass_its_rpm_limit(store: SqlKeyStore, other_host: SqlKeyStore) -> None:
     """Two hosts, four threads each, on a key with room for leases: never more than rpm_limit admitted; once the
     hosts give back what they did not use, calls are admitted again up to exactly rpm_limit."""
@@ -220,11 +222,11 @@ def test_the_spend_writer_gives_back_unused_calls(store: SqlKeyStore) -> None:
     try:
         for _ in range(4):  # leases of 1, 2 and 4: 7 charged for 4
             assert leases.admit(info, 1.0) is None
-            writer.add(Charge("", token, "/r", 200, 1.0, 1.0, 0.0))
+            writer.add(Charge("", token, "/r", 200, 1.0, precharged=1.0, seconds=0.0))
         assert window(store, token)[2] == 7.0
         assert wait_until(lambda: window(store, token)[1:] == (4, 4.0), 2)  # the lease's time over: given back
         assert leases.admit(info, 1.0) is None  # asked again: a lease of 1 (the last one outlived its calls)
-        writer.add(Charge("", token, "/r", 200, 1.0, 1.0, 0.0))
+        writer.add(Charge("", token, "/r", 200, 1.0, precharged=1.0, seconds=0.0))
     finally:
         assert writer.close()  # a worker's exit ends every lease
     assert window(store, token)[1:] == (5, 5.0)

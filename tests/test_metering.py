@@ -4,10 +4,12 @@ caller gets the upstream's bytes as they come, and the tokens, model and spend o
 from __future__ import annotations
 
 import gzip
+import hashlib
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -142,3 +144,84 @@ def test_model_prices_are_checked_at_start_up(tmp_path: Path) -> None:
         load_settings(write_config(tmp_path, [], model_prices=bad))
     with pytest.raises(ConfigError, match=r"\[0\] \(/a\)\.output_cost_per_token: must be zero or more"):
         load_settings(write_config(tmp_path, [{"path": "/a", "target": "http://x", "output_cost_per_token": -1}]))
+
+
+# --- the spend log: every call, with its usage, when there is a key store -----------------------------------------
+
+MASTER = "sk-master-of-metering-0123"
+ADMIN = {"Authorization": f"Bearer {MASTER}"}
+
+
+def logged(base: str, **params: str) -> list[dict[str, Any]]:
+    answer = requests.get(f"{base}/spend/logs", params=params, headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return list(answer.json())
+
+
+def test_master_key_and_open_route_calls_are_logged_with_their_usage(
+    database_url: str, serve: Serve, upstream: Upstream
+) -> None:
+    chat, stream = give(upstream, "openai_chat.json"), give(upstream, "anthropic_messages_stream.sse")
+    base = serve([{"path": "/open", "target": f"{upstream.url}{chat}", "cost_per_request": 0.5,
+                   "input_cost_per_token": IN, "output_cost_per_token": OUT},
+                  {"path": "/keyed", "target": f"{upstream.url}{stream}", "auth": True, "output_cost_per_token": OUT}],
+                 master_key=MASTER, database_url=database_url)  # fmt: skip
+    open_call = requests.post(f"{base}/open", data=REQUEST, headers={"x-request-id": "open-1"}, timeout=10)
+    keyed_call = requests.post(f"{base}/keyed", data=REQUEST, headers={**ADMIN, "x-request-id": "keyed-1"}, timeout=10)
+    assert (open_call.status_code, keyed_call.status_code) == (200, 200)
+    assert wait_until(lambda: len(logged(base)) == 2, 5)
+    entries = {entry["request_id"]: entry for entry in logged(base)}
+    master = hashlib.sha256(MASTER.encode()).hexdigest()
+    assert {k: entries["open-1"][k] for k in ("api_key", "route", "model", "prompt_tokens", "completion_tokens",
+                                              "total_tokens", "status_code")} == {
+        "api_key": None, "route": "/open", "model": "gpt-4o-2024-08-06", "prompt_tokens": 1117,
+        "completion_tokens": 46, "total_tokens": 1163, "status_code": 200}  # fmt: skip
+    assert entries["open-1"]["spend"] == pytest.approx(0.5 + 1117 * IN + 46 * OUT)
+    keyed = entries["keyed-1"]
+    assert (keyed["api_key"], keyed["model"], keyed["prompt_tokens"], keyed["completion_tokens"]) == (
+        master,
+        "claude-3-7-sonnet-20250219",
+        25 + 10 + 1024,
+        15,
+    )
+    assert keyed["spend"] == pytest.approx(15 * OUT)
+    # The report sums what the log holds.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    report = requests.get(f"{base}/global/spend/report", headers=ADMIN, timeout=10,
+                          params={"start_date": today, "end_date": today, "group_by": "route"}).json()  # fmt: skip
+    sums = {group["route"]: group["total_spend"] for day in report for group in day["routes"]}
+    assert sums == {"/open": pytest.approx(entries["open-1"]["spend"]), "/keyed": pytest.approx(keyed["spend"])}
+
+
+def test_a_keys_tpm_limit_counts_the_tokens_its_answers_reported(
+    database_url: str, serve: Serve, upstream: Upstream
+) -> None:
+    chat = give(upstream, "openai_chat.json")  # 1163 tokens
+    base = serve([{"path": "/chat", "target": f"{upstream.url}{chat}", "auth": True}], master_key=MASTER,
+                 database_url=database_url)  # fmt: skip
+    made = requests.post(f"{base}/key/generate", json={"tpm_limit": 2000}, headers=ADMIN, timeout=10).json()
+    key = {"Authorization": f"Bearer {made['key']}"}
+    assert requests.post(f"{base}/chat", data=REQUEST, headers=key, timeout=10).status_code == 200
+    info = lambda: requests.get(f"{base}/key/info", params={"key": made["key"]}, headers=ADMIN, timeout=10).json()  # noqa: E731
+    assert wait_until(lambda: info()["info"]["total_tokens"] == 1163, 5), info()
+    assert requests.post(f"{base}/chat", data=REQUEST, headers=key, timeout=10).status_code == 200  # 1163 < 2000
+    assert wait_until(lambda: info()["info"]["total_tokens"] == 2326, 5)
+    refused = requests.post(f"{base}/chat", data=REQUEST, headers=key, timeout=10)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert "tpm_limit" in refused.json()["error"]["message"]
+
+
+def test_without_spend_logs_keys_are_still_charged_and_nothing_is_logged(
+    database_url: str, serve: Serve, upstream: Upstream
+) -> None:
+    chat = give(upstream, "openai_chat.json")
+    base = serve([{"path": "/chat", "target": f"{upstream.url}{chat}", "auth": True, "output_cost_per_token": 0.01},
+                  {"path": "/open", "target": f"{upstream.url}{chat}"}],
+                 master_key=MASTER, database_url=database_url, disable_spend_logs=True)  # fmt: skip
+    made = requests.post(f"{base}/key/generate", json={}, headers=ADMIN, timeout=10).json()
+    for headers, path in (({"Authorization": f"Bearer {made['key']}"}, "/chat"), (ADMIN, "/chat"), ({}, "/open")):
+        assert requests.post(f"{base}{path}", data=REQUEST, headers=headers, timeout=10).status_code == 200
+    info = lambda: requests.get(f"{base}/key/info", params={"key": made["key"]}, headers=ADMIN, timeout=10).json()  # noqa: E731
+    assert wait_until(lambda: info()["info"]["spend"] == pytest.approx(0.46), 5), info()
+    assert info()["info"]["total_tokens"] == 1163
+    assert logged(base) == []

@@ -1,20 +1,39 @@
-"""The spend log writer: batches off the request thread, keeps entries while the store is down, bounded."""
+"""The spend log writer: batches off the request thread, charges keys what admission did not, counts tokens, keeps
+entries while the store is down, bounded."""
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from upstream import wait_until
 
 from passthru.errors import KeyStoreError
 from passthru.keystore import spend
-from passthru.keystore.records import Charge, NewKey, SpendEntry, Unused
+from passthru.keystore.records import Charge, NewKey, SpendEntry, Tally, Unused
+from passthru.keystore.schema import keys
 from passthru.keystore.spend import SpendWriter
-from passthru.keystore.sql import open_store
+from passthru.keystore.sql import SqlKeyStore, open_store
+
+
+def call(token: str | None, route: str = "/r", spend: float = 0.0, precharged: float = 0.0, **usage: Any) -> Charge:
+    """A finished call's charge: `spend` in all, `precharged` of it paid at admission."""
+    return Charge("", token, route, 200, spend, precharged, 0.01, **usage)
+
+
+@pytest.fixture
+def writer(store: SqlKeyStore) -> Iterator[SpendWriter]:
+    """A spend writer on the store (each backend), closed (everything written) at the end."""
+    writer = SpendWriter(store)
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 class FlakyStore:
@@ -26,7 +45,7 @@ class FlakyStore:
         self.lock = threading.Lock()
 
     def record(
-        self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
+        self, entries: Sequence[SpendEntry], charges: Mapping[str, Tally] | None = None, unused: Sequence[Unused] = ()
     ) -> None:
         with self.lock:
             if self.failures:
@@ -45,14 +64,16 @@ def test_entries_reach_a_real_store_in_batches(tmp_path: Path) -> None:
     try:
         token = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
         for n in range(1200):
-            writer.add(Charge("", token, f"/r{n}", 200, 0.5, 0.5, 0.01))
+            writer.add(Charge(f"call-{n}", token, f"/r{n}", 200, 0.5, precharged=0.5, seconds=0.01))
         assert writer.flush(10)
         entries = store.spend_logs(token, None, None, 5000)
         assert len(entries) == 1200 and len({e.request_id for e in entries}) == 1200
+        assert {e.call_id for e in entries} == {f"call-{n}" for n in range(1200)}  # the caller's ids, kept apart
         assert {e.spend for e in entries} == {0.5} and all(e.duration == 0.01 for e in entries)
-        assert store.find(token).spend == 0.0  # charged at admission (not here) unless the entry says otherwise
+        assert store.find(token).spend == 0.0  # all of it charged at admission (not here)
     finally:
         writer.close()
+        store.close()
 
 
 def test_entry_ids_are_uuid7_in_time_order() -> None:
@@ -70,33 +91,105 @@ def test_entry_ids_are_uuid7_in_time_order() -> None:
         assert parsed.int >> 80 == int(t * 1000)
 
 
-def test_uncharged_costs_reach_the_key_with_the_entries(tmp_path: Path) -> None:
-    """A key without limits is not charged at admission: its calls' costs are added with their entries, summed per
-    key, in the transaction that writes the entries."""
-    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
-    writer = SpendWriter(store)
-    try:
-        one = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
-        two = store.create(NewKey(token="b" * 64, key_name="sk-...bbbb")).token
-        for n in range(700):  # more than one batch
-            writer.add(Charge("", one, f"/r{n}", 200, 0.25, 0.0, 0.01))
-            writer.add(
-                Charge("", two, f"/r{n}", 200, 1.0, 0.0 if n % 2 == 0 else 1.0, 0.01)
-            )  # odd ones were charged at admission
-        assert writer.flush(10)
-        assert store.find(one).spend == pytest.approx(175.0)
-        assert store.find(two).spend == pytest.approx(350.0)
-        assert len(store.spend_logs(None, None, None, 5000)) == 1400
-    finally:
-        writer.close()
-        store.close()
+def test_keys_are_charged_what_admission_did_not_charge(store: SqlKeyStore, writer: SpendWriter) -> None:
+    """A key without limits paid nothing at admission: its calls' whole spend is added with their entries. A counted
+    key paid cost_per_request at admission: only the rest (the tokens' part) is added at the end. Summed per key, in
+    the transaction that writes the entries, batch after batch."""
+    one, two, three = (store.create(NewKey(token=c * 64, key_name=f"sk-...{c * 4}")).token for c in "abc")
+    for n in range(700):  # more than one batch
+        writer.add(call(one, spend=0.25))
+        writer.add(call(two, spend=1.0, precharged=1.0 if n % 2 else 0.0))  # odd ones paid at admission
+        writer.add(call(three, spend=1.0, precharged=0.25))
+    assert writer.flush(10)
+    assert store.find(one).spend == pytest.approx(175.0)  # type: ignore[union-attr]
+    assert store.find(two).spend == pytest.approx(350.0)  # type: ignore[union-attr]
+    assert store.find(three).spend == pytest.approx(525.0)  # type: ignore[union-attr]
+    logged = store.spend_logs(None, None, None, 5000)
+    assert len(logged) == 2100 and {e.spend for e in logged if e.token == three} == {1.0}  # the call's whole cost
+
+
+def tokens_window(store: SqlKeyStore, token: str) -> tuple[float, int]:
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(keys.c.token_window_start, keys.c.token_window_count)
+                           .where(keys.c.token == token)).one()  # fmt: skip
+    return row[0], row[1]
+
+
+def test_tokens_are_summed_per_key_and_unknown_usage_stays_unknown(store: SqlKeyStore, writer: SpendWriter) -> None:
+    token = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
+    other = store.create(NewKey(token="b" * 64, key_name="sk-...bbbb")).token
+    for _ in range(600):  # more than one batch
+        writer.add(call(token, model="m", prompt_tokens=3, completion_tokens=4, total_tokens=7))
+    writer.add(call(token, model="m", prompt_tokens=10, completion_tokens=5))  # no total: its parts count
+    writer.add(call(token, route="/unknown"))  # the answer said nothing about usage
+    writer.add(call(other, total_tokens=9))  # a total alone
+    assert writer.flush(10)
+    info = store.find(token)
+    assert info is not None
+    assert (info.prompt_tokens, info.completion_tokens, info.total_tokens) == (1810, 2405, 4215)
+    assert tokens_window(store, token)[1] == 4215  # tpm_limit's window counts them too
+    found = store.find(other)
+    assert found is not None and (found.prompt_tokens, found.completion_tokens, found.total_tokens) == (0, 0, 9)
+    logged = {e.route: e for e in store.spend_logs(token, None, None, 5000)}
+    unknown = logged["/unknown"]
+    assert (unknown.model, unknown.prompt_tokens, unknown.completion_tokens, unknown.total_tokens) == (None,) * 4
+    parts = [e for e in store.spend_logs(token, None, None, 5000) if e.prompt_tokens == 10]
+    assert [(e.completion_tokens, e.total_tokens) for e in parts] == [(5, None)]  # not made up in the log
+
+
+def test_open_routes_and_the_master_key_are_logged_and_charge_nothing(store: SqlKeyStore, writer: SpendWriter) -> None:
+    token = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
+    master = "f" * 64  # what auth gives for the master key's calls: its hash, which names no key
+    writer.add(call(None, route="/open", spend=2.0, total_tokens=100, target="primary"))
+    writer.add(call(master, route="/paid", spend=3.0, total_tokens=100))
+    writer.add(call(token, route="/paid", spend=1.0))
+    assert writer.flush(10)
+    logged = {e.token: e for e in store.spend_logs(None, None, None, 100)}
+    assert set(logged) == {None, master, token}
+    assert (logged[None].route, logged[None].spend, logged[None].target) == ("/open", 2.0, "primary")
+    assert logged[master].total_tokens == 100
+    info = store.find(token)
+    assert info is not None and (info.spend, info.total_tokens) == (1.0, 0)
+    assert store.find(master) is None
+    assert [e.route for e in store.spend_logs(master, None, None, 100)] == ["/paid"]
+
+
+@pytest.mark.parametrize(
+    ("usage", "logged"),
+    [
+        pytest.param({"prompt_tokens": 2**63}, {"prompt_tokens": None}, id="tokens-past-64-bits"),
+        pytest.param({"total_tokens": -1}, {"total_tokens": None}, id="negative-tokens"),
+        pytest.param({"completion_tokens": True}, {"completion_tokens": None}, id="bool-tokens"),
+        pytest.param({"spend": float("nan")}, {"spend": 0.0}, id="nan-spend"),
+        pytest.param({"spend": float("inf")}, {"spend": 0.0}, id="infinite-spend"),
+        pytest.param({"model": "gpt\x00-4\ud800"}, {"model": "gpt-4"}, id="nul-and-surrogate"),
+        pytest.param({"model": "m" * 5000}, {"model": "m" * 255}, id="long-model"),
+        pytest.param({"request_id": "r" * 500}, {"call_id": "r" * 128}, id="long-call-id"),
+    ],
+)
+def test_what_an_answer_says_cannot_stop_the_writer(
+    store: SqlKeyStore, writer: SpendWriter, usage: dict[str, Any], logged: dict[str, Any]
+) -> None:
+    """Usage comes from upstream answers: a value the store would refuse would make its batch fail, and be retried
+    for ever, holding up every entry after it. Such values are bounded, and the entries after it written."""
+    token = store.create(NewKey(token="a" * 64, key_name="sk-...aaaa")).token
+    fields = {"request_id": "", "token": token, "route": "/bad", "status": 200, "spend": 1.0, "precharged": 0.0,
+              "seconds": 0.0, **usage}  # fmt: skip
+    writer.add(Charge(**fields))
+    writer.add(call(token, route="/after", spend=1.0))
+    assert writer.flush(10)
+    entries = {e.route: e for e in store.spend_logs(token, None, None, 10)}
+    assert set(entries) == {"/bad", "/after"}
+    assert {name: getattr(entries["/bad"], name) for name in logged} == logged
+    info = store.find(token)
+    assert info is not None and info.spend == 1.0 + entries["/bad"].spend
 
 
 def test_entries_are_kept_in_order_while_the_store_is_down() -> None:
     store = FlakyStore(failures=3)
     writer = SpendWriter(store)  # type: ignore[arg-type]
     for n in range(5):
-        writer.add(Charge("", "t" * 64, f"/{n}", 200, 0.0, 0.0, 0.0))
+        writer.add(call("t" * 64, f"/{n}"))
     assert wait_until(lambda: store.written() == [f"/{n}" for n in range(5)], 5)
     writer.close()
 
@@ -109,12 +202,12 @@ def test_callers_arriving_together_start_one_writer_thread() -> None:
     callers = 32
     barrier = threading.Barrier(callers)
 
-    def call(n: int) -> None:
+    def finish(n: int) -> None:
         barrier.wait(5)
-        writer.add(Charge("", "t" * 64, f"/{n}", 200, 0.0, 0.0, 0.0))
+        writer.add(call("t" * 64, f"/{n}"))
 
     before = set(threading.enumerate())
-    threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+    threads = [threading.Thread(target=finish, args=(n,)) for n in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -131,7 +224,7 @@ def test_callers_arriving_together_start_one_writer_thread() -> None:
 def test_flush_gives_up_after_its_timeout() -> None:
     store = FlakyStore(failures=10**6)
     writer = SpendWriter(store)  # type: ignore[arg-type]
-    writer.add(Charge("", "t" * 64, "/x", 200, 0.0, 0.0, 0.0))
+    writer.add(call("t" * 64, "/x"))
     assert writer.flush(0.3) is False
     writer.close(0.1)
 
@@ -141,7 +234,7 @@ def test_the_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     store = FlakyStore(failures=10**6)
     writer = SpendWriter(store)  # type: ignore[arg-type]
     for n in range(25):
-        writer.add(Charge("", "t" * 64, f"/{n}", 200, 0.0, 0.0, 0.0))
+        writer.add(call("t" * 64, f"/{n}"))
     # At most BACKLOG queued, plus one batch the writer thread may hold while its write fails.
     assert len(writer._pending) <= 2 * 10
     store.failures = 0

@@ -14,14 +14,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from upstream import wait_until
 
 import passthru.keystore.sql
 from passthru.errors import KeyStoreError, RequestError
 from passthru.keystore.engine import (
     SQLITE_BUSY_MS,
     VERSION_TABLE,
+    alembic_config,
     current_revision,
     head_revision,
     migrate,
@@ -30,7 +33,7 @@ from passthru.keystore.engine import (
     upgrade,
 )
 from passthru.keystore.guard import STALL
-from passthru.keystore.records import NewKey, SpendEntry
+from passthru.keystore.records import NewKey, SpendEntry, Tally
 from passthru.keystore.schema import metadata
 from passthru.keystore.sql import SqlKeyStore, open_store
 from passthru.keystore.store import COOL_OFF, LazyStore
@@ -52,6 +55,54 @@ def test_migrations_create_exactly_the_tables_the_code_uses(store: SqlKeyStore) 
         assert compare_metadata(context, metadata) == []
         tables = set(sa.inspect(conn).get_table_names())
     assert tables == {"passthru_keys", "passthru_spend_logs", "passthru_alembic_version"}
+
+
+def test_0002_upgrades_a_0001_store_with_rows_in_it(database_url: str) -> None:
+    """Keys and entries written by 0001 keep their values; the new columns start unknown (NULL) or at 0; and the
+    store works on them: a call logged without a key, a key admitted and charged tokens. Then back down and up."""
+    engine = open_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0001")
+            # As 0001 wrote them, in its own columns (schema.py describes the newest).
+            conn.execute(
+                sa.text(
+                    "INSERT INTO passthru_keys (token, key_name, created_at, max_budget, spend, rpm_limit,"
+                    " metadata) VALUES (:t, 'sk-...0001', 1700000000, 10, 2.5, 5, '{\"a\": 1}')"
+                ),
+                {"t": "1" * 64},
+            )
+            conn.execute(sa.text("INSERT INTO passthru_spend_logs (request_id, token, route, status, spend, start_time,"
+                                 " duration) VALUES (:id, :t, '/v1/rerank', 200, 0.5, 1700000001, 0.25)"),
+                         {"id": "0190a000-0000-7000-8000-000000000001", "t": "1" * 64})  # fmt: skip
+        assert current_revision(engine) == "0001"
+        assert upgrade(engine) == head_revision()
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE})
+            assert compare_metadata(context, metadata) == []  # indexes kept through SQLite's table copy
+        store = SqlKeyStore(engine)
+        info = store.find("1" * 64)
+        assert info is not None and (info.spend, info.max_budget, info.rpm_limit, dict(info.metadata)) == (
+            2.5, 10.0, 5, {"a": 1})  # fmt: skip
+        assert (info.tpm_limit, info.budget_duration, info.budget_reset_at, info.total_tokens) == (None, None, None, 0)
+        [old] = store.spend_logs(None, None, None, 10)
+        assert (old.token, old.route, old.spend, old.start_time, old.duration) == ("1" * 64, "/v1/rerank", 0.5,
+                                                                                   1700000001.0, 0.25)  # fmt: skip
+        assert (old.call_id, old.model, old.prompt_tokens, old.total_tokens, old.target) == (None,) * 5
+        store.record([SpendEntry(str(uuid.uuid4()), None, "/open", 200, 0.0, time.time(), 0.1, call_id="c1",
+                                 total_tokens=7)], {"1" * 64: Tally(0.5, 1, 2, 3)})  # fmt: skip
+        assert store.admit("1" * 64, 1.0) is None
+        info = store.find("1" * 64)
+        assert info is not None and (info.spend, info.prompt_tokens, info.total_tokens) == (4.0, 1, 3)
+        assert [e.call_id for e in store.spend_logs(None, None, None, 10)] == ["c1", None]
+
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0001")  # the entries without a key go with their column
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM passthru_spend_logs")).scalar() == 1
+        assert upgrade(engine) == head_revision()
+    finally:
+        engine.dispose()
 
 
 def test_upgrade_again_is_a_no_op(store: SqlKeyStore) -> None:
@@ -156,6 +207,37 @@ def test_rpm_limit_holds_under_concurrent_callers(store: SqlKeyStore) -> None:
     assert info is not None and info.spend == pytest.approx(12.5)  # only admitted calls are charged
 
 
+def test_tpm_limit_refuses_once_the_window_holds_its_tokens(store: SqlKeyStore) -> None:
+    """Tokens are counted when calls end (the spend writer's charges), in a fixed window per key: a call is refused
+    once the window holds tpm_limit tokens, whatever overshot it."""
+    token = store.create(new_key(1, tpm_limit=100)).token
+    assert store.find(token).counted  # type: ignore[union-attr]
+    assert store.admit(token, 0.0) is None
+    store.record([], {token: Tally(total_tokens=60)})  # opens the window
+    assert store.admit(token, 0.0) is None and store.admit(token, 0.0) is None  # 60 < 100: calls still pass
+    store.record([], {token: Tally(total_tokens=90)})  # two long answers end together: 150
+    refusal = store.admit(token, 0.0)
+    assert refusal is not None and refusal.reason == "tpm" and 55 <= refusal.retry_after <= 60
+    store.update(token, {"tpm_limit": 151})
+    assert store.admit(token, 0.0) is None
+    store.update(token, {"tpm_limit": None})
+    assert store.admit(token, 0.0) is None
+
+
+def test_a_new_token_window_starts_when_the_last_one_ends(database_url: str) -> None:
+    opened = open_store(database_url)
+    short = SqlKeyStore(opened.engine, window=2.0)
+    try:
+        token = short.create(new_key(1, tpm_limit=100)).token
+        short.record([], {token: Tally(total_tokens=150)})
+        assert short.admit(token, 0.0).reason == "tpm"  # type: ignore[union-attr]
+        assert wait_until(lambda: short.admit(token, 0.0) is None, 10)  # once the window is over
+        short.record([], {token: Tally(total_tokens=99)})  # the first tokens after it: a new window, from 0
+        assert short.admit(token, 0.0) is None
+    finally:
+        opened.close()
+
+
 def test_budget_is_checked_before_the_call_and_spent_at_it(store: SqlKeyStore) -> None:
     token = store.create(new_key(1, max_budget=1.0)).token
     assert [store.admit(token, 0.4) for _ in range(3)] == [None, None, None]
@@ -204,8 +286,9 @@ def test_spend_log_entries(store: SqlKeyStore) -> None:
 def test_entries_and_charges_are_written_together(store: SqlKeyStore) -> None:
     """The costs of calls not charged at admission (keys without limits) reach the keys with their entries."""
     one, two = store.create(new_key(1)).token, store.create(new_key(2)).token
-    store.record([entry(one, "/a", 200), entry(two, "/b", 200)], {one: 1.5, two: 0.25})
-    store.record([entry(one, "/a", 200)], {one: 1.0, "f" * 64: 9.0})  # a key deleted meanwhile: nothing to charge
+    store.record([entry(one, "/a", 200), entry(two, "/b", 200)], {one: Tally(1.5), two: Tally(0.25)})
+    # A key deleted meanwhile (or the master key's hash): nothing to charge.
+    store.record([entry(one, "/a", 200)], {one: Tally(1.0), "f" * 64: Tally(9.0)})
     assert (store.find(one).spend, store.find(two).spend) == (2.5, 0.25)  # type: ignore[union-attr]
     assert len(store.spend_logs(None, None, None, 100)) == 3
 

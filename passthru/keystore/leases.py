@@ -12,6 +12,10 @@ one call that crosses it. Blocking, deleting and expiry reach every worker withi
 What it costs: for up to HOLD, calls leased by one worker and not used are missing to the others. So a lease is
 taken only far from the limits, and is at most 1/SHARE of what the key has left; near a limit, and for a key a
 worker calls seldom, every call is decided by the store, one by one, exactly as before.
+
+A key with a tpm_limit is never leased. Its tokens are known only when its calls end, so no lease could know how
+much room is left, and calls admitted from memory would pass for up to HOLD after the limit was reached: each of its
+calls is decided by the store, which refuses the first one after the window holds tpm_limit tokens.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ class Leases:
             size = self._sizes.get(slot, 1)
             if info.rpm_limit is not None:
                 size = min(size, info.rpm_limit // SHARE)
+            if info.tpm_limit is not None:
+                size = 1  # see the module docstring
             if size > 1 and self._no_lease_until.get(slot, 0.0) <= started:
                 window_start = self.store.lease(info.token, cost, size, size * SHARE, self.hold)
                 if window_start is not None:

@@ -25,18 +25,29 @@ class KeyInfo:
     rpm_limit: int | None
     allowed_routes: tuple[str, ...] | None  # None: every route
     metadata: Mapping[str, Any]
+    tpm_limit: int | None = None
+    budget_duration: str | None = None  # LiteLLM's "30d", "1mo": spend goes back to 0 at budget_reset_at
+    budget_reset_at: float | None = None
+    prompt_tokens: int = 0  # the key's tokens so far, as its calls' answers reported them
+    completion_tokens: int = 0
+    total_tokens: int = 0
 
     @property
     def counted(self) -> bool:
         """Whether each call must be decided and charged by the store before it is made (admit, or a lease).
 
-        A key with an rpm_limit, a max_budget or an expiry has something for the store to decide on every call, on
-        its own clock (leases.py lets a worker ask for a busy key's calls a few at a time). A key with none of them
-        has only `blocked`, which a worker may know up to a second late anyway (auth.CACHE_SECONDS): its calls skip
-        the per-call write, and their cost reaches its spend with the spend log entries (SpendWriter), within about
-        a tenth of a second.
+        A key with an rpm_limit, a tpm_limit, a max_budget or an expiry has something for the store to decide on
+        every call, on its own clock (leases.py lets a worker ask for a busy key's calls a few at a time). A key with
+        none of them has only `blocked`, which a worker may know up to a second late anyway (auth.CACHE_SECONDS): its
+        calls skip the per-call write, and their cost reaches its spend with the spend log entries (SpendWriter),
+        within about a tenth of a second.
         """
-        return self.rpm_limit is not None or self.max_budget is not None or self.expires is not None
+        return (
+            self.rpm_limit is not None
+            or self.tpm_limit is not None
+            or self.max_budget is not None
+            or self.expires is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -51,19 +62,8 @@ class NewKey:
     rpm_limit: int | None = None
     allowed_routes: tuple[str, ...] | None = None
     metadata: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class SpendEntry:
-    """One pass-through call made with a virtual key."""
-
-    request_id: str
-    token: str
-    route: str
-    status: int
-    spend: float
-    start_time: float
-    duration: float
+    tpm_limit: int | None = None
+    budget_duration: str | None = None  # validated (key_fields.budget_duration); the first reset is one from now
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,57 @@ class Charge:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     target: str | None = None
+    logged: bool = True  # False (general_settings.disable_spend_logs): the key is charged, no entry is written
+
+
+@dataclass(frozen=True)
+class SpendEntry:
+    """One pass-through call as the spend log holds it. Unknown usage is None, not 0."""
+
+    request_id: str  # the entry's own id (spend.entry_id), its primary key: time-ordered, unlike the call's id
+    token: str | None  # None: a call on an open route
+    route: str
+    status: int
+    spend: float
+    start_time: float
+    duration: float
+    call_id: str | None = None  # the call's id, as the caller saw it in x-request-id (None when not known)
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What one batch of spend log entries adds to one key: the spend it was not charged at admission, and tokens."""
+
+    spend: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0  # also what its tpm window counts
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One day and group of /global/spend/report: what the spend log holds for them (tokens None: none known)."""
+
+    day: int  # days since 1970-01-01, UTC
+    group: str | None  # the key's token, the route or the model; None: no key (open route), or no model known
+    spend: float
+    calls: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
 
 
 @dataclass(frozen=True)
 class Refusal:
     """Why the store refused a call; auth.py turns it into LiteLLM's error."""
 
-    reason: Literal["unknown", "blocked", "expired", "budget", "rpm"]
-    retry_after: int = 0  # rpm: seconds until the key's window ends
+    reason: Literal["unknown", "blocked", "expired", "budget", "rpm", "tpm"]
+    retry_after: int = 0  # rpm, tpm: seconds until the key's window ends
     spend: float = 0.0
     max_budget: float | None = None
 
@@ -104,9 +147,10 @@ class Unused:
     window_start: float  # the rpm window they were counted in: the count goes back only while it lasts
 
 
-# Fields /key/update may change; "duration" sets a new expiry counted from now.
-UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limit", "allowed_routes", "metadata",
-                       "blocked"})  # fmt: skip
+# Fields /key/update may change; "duration" sets a new expiry counted from now, "budget_duration" a new reset time.
+UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limit", "tpm_limit", "budget_duration",
+                       "allowed_routes", "metadata", "blocked"})  # fmt: skip
+ReportGroup = Literal["api_key", "route", "model"]
 
 
 class KeyReads(Protocol):
@@ -130,7 +174,7 @@ class CallStore(KeyReads, Protocol):
     def lease(self, token: str, cost: float, calls: int, room: int, hold: float) -> float | None: ...
 
     def record(
-        self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
+        self, entries: Sequence[SpendEntry], charges: Mapping[str, Tally] | None = None, unused: Sequence[Unused] = ()
     ) -> None: ...
 
 
@@ -146,6 +190,8 @@ class KeyAdmin(KeyReads, Protocol):
     def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]: ...
 
     def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
+
+    def spend_report(self, group: ReportGroup, start: float, end: float, limit: int) -> list[ReportRow]: ...
 
 
 class KeyStore(CallStore, KeyAdmin, Protocol):

@@ -28,17 +28,36 @@ keys = sa.Table(
     sa.Column("metadata", _JSON),
     sa.Column("window_start", sa.Double, nullable=False, server_default=sa.text("0")),
     sa.Column("window_count", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("tpm_limit", sa.Integer),
+    sa.Column("budget_duration", sa.String(16)),  # LiteLLM's "30d", "1mo" (budget.py)
+    sa.Column("budget_reset_at", sa.Double),  # when spend next goes back to 0, on the store's clock
+    # The tpm window, counted when answers end (SpendWriter): its start, and the tokens in it so far.
+    sa.Column("token_window_start", sa.Double, nullable=False, server_default=sa.text("0")),
+    sa.Column("token_window_count", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("total_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
 )
 spend_logs = sa.Table(
     "passthru_spend_logs",
     metadata,
+    # The entry's own id, a UUIDv7 (spend.entry_id): time-ordered, so the primary key grows at its end. Not the
+    # call's id, which a caller may choose (call_id).
     sa.Column("request_id", sa.String(36), primary_key=True),
-    sa.Column("token", sa.String(64), nullable=False),  # kept after the key is deleted: the spend happened
+    # The key's token, kept after the key is deleted (the spend happened); the master key's hash for its calls;
+    # NULL for a call on an open route.
+    sa.Column("token", sa.String(64)),
     sa.Column("route", sa.Text, nullable=False),  # the configured pass-through path
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("spend", sa.Double, nullable=False),
     sa.Column("start_time", sa.Double, nullable=False),
     sa.Column("duration", sa.Double, nullable=False),  # seconds from the call's start to its body's end
+    sa.Column("call_id", sa.String(128)),  # the id the caller got in x-request-id (its own, when it sent one)
+    sa.Column("model", sa.Text),
+    sa.Column("prompt_tokens", sa.BigInteger),  # NULL: the answer did not say (not 0)
+    sa.Column("completion_tokens", sa.BigInteger),
+    sa.Column("total_tokens", sa.BigInteger),
+    sa.Column("target", sa.Text),  # the name of the upstream target that answered
     sa.Index("ix_passthru_spend_logs_token_start", "token", "start_time"),
     sa.Index("ix_passthru_spend_logs_start", "start_time"),
 )

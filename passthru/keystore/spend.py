@@ -1,29 +1,35 @@
-"""The spend log's writer: finished calls queue their entry; one thread per worker inserts them in batches.
+"""The spend log's writer: finished calls queue their charge; one thread per worker writes them in batches.
 
 Writing each entry on the request's own thread cost a second write transaction per call, more than the rest of
-the key check together. Here a call pays for an append to a queue; the entries reach the store within about
-INTERVAL, a few hundred per transaction.
+the key check together. Here a call pays for an id and an append to a queue; the entries reach the store within
+about INTERVAL, a few hundred per transaction, with what each key is still owed summed per key (records.Tally).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import math
 import random
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from passthru.errors import KeyStoreError
-from passthru.keystore.records import CallStore, Charge, SpendEntry, Unused
+from passthru.keystore.records import CallStore, Charge, SpendEntry, Tally, Unused
 
 log = logging.getLogger("passthru")
 
 INTERVAL = 0.05  # seconds between two batches while entries keep coming
 BATCH = 500  # entries per transaction at most
 BACKLOG = 100_000  # entries kept while the store is down; past that the oldest are dropped (and said so)
+# An answer's usage is believed up to this many tokens per count: the columns are 64-bit, and a key's totals sum them.
+MAX_TOKENS = 2**53
+MAX_CALL_ID = 128  # the call_id column; x-request-id is at most this long (exchange.SANE_REQUEST_ID)
+MAX_NAME = 255  # a model's or a target's name, as logged
 
 
 def entry_id(now: float) -> str:
@@ -51,8 +57,9 @@ class SpendWriter:
         self._unused_source = unused
         self._unused: list[Unused] = []  # asked for, not yet written (only the writing thread touches it)
         self._ending = False  # the worker is exiting: every lease ends and gives back what is left
-        # Each entry with what is still to be added to its key's spend (not charged at admission).
-        self._pending: deque[tuple[SpendEntry, float]] = deque()  # append and popleft are atomic: no lock needed
+        # Each call's entry id, when its answer ended, and its charge. The id is made when it is queued: a batch that
+        # failed midway is retried with the same ids, which the store then skips (SqlKeyStore.record).
+        self._pending: deque[tuple[str, float, Charge]] = deque()  # append and popleft are atomic: no lock needed
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -62,15 +69,11 @@ class SpendWriter:
         self._closed = False
 
     def add(self, charge: Charge) -> None:
-        """Queue the entry of a call that just finished; what admission did not charge its key is added to the key's
-        spend when the entry is written."""
-        if charge.token is None:
-            return  # the spend log's schema has no entries without a key yet
+        """Queue a call that just finished: its spend log entry, and what its key (if any) is still owed: the spend
+        not charged at admission, and its tokens, all added when the entry is written."""
         now = time.time()
-        entry = SpendEntry(entry_id(now), charge.token, charge.route, charge.status, charge.spend, now - charge.seconds,
-                           charge.seconds)  # fmt: skip
         self._idle.clear()  # before the append: flush() must not see "idle" with this entry unwritten
-        self._pending.append((entry, charge.spend - charge.precharged))
+        self._pending.append((entry_id(now), now, charge))
         if len(self._pending) > BACKLOG:
             self._pending.popleft()
             self._dropped += 1
@@ -98,12 +101,10 @@ class SpendWriter:
             self._unused.extend(self._unused_source(self._ending))
         while self._pending or self._unused:
             batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            charges: dict[str, float] = {}
-            for entry, charge in batch:
-                if charge:
-                    charges[entry.token] = charges.get(entry.token, 0.0) + charge
+            entries = [_entry(ident, ended, charge) for ident, ended, charge in batch]
+            logged = [entry for entry, (_, _, charge) in zip(entries, batch, strict=True) if charge.logged]
             try:
-                self.store.record([entry for entry, _ in batch], charges, self._unused)
+                self.store.record(logged, _tallies(entries, batch), self._unused)
             except KeyStoreError:
                 # Already logged by the store; keep the entries (in order) and try again next round.
                 self._pending.extendleft(reversed(batch))
@@ -150,3 +151,50 @@ class SpendWriter:
         if self._thread is not None:
             self._thread.join(timeout)
         return done
+
+
+def _entry(ident: str, ended: float, charge: Charge) -> SpendEntry:
+    """The call's spend log entry. What an upstream's answer said (usage, model) is bounded here, so that no value can
+    make the store refuse a batch, which would then be retried for ever: a count out of range is unknown, a spend
+    that is not a number is 0, a name loses its control characters."""
+    return SpendEntry(
+        ident, charge.token, charge.route, charge.status, _amount(charge.spend), ended - charge.seconds,
+        charge.seconds, _name(charge.request_id, MAX_CALL_ID) or None, _name(charge.model, MAX_NAME),
+        _count(charge.prompt_tokens), _count(charge.completion_tokens), _count(charge.total_tokens),
+        _name(charge.target, MAX_NAME),
+    )  # fmt: skip
+
+
+def _tallies(entries: list[SpendEntry], batch: list[tuple[str, float, Charge]]) -> dict[str, Tally]:
+    """What the batch adds to each key: spend not charged at admission, and tokens (the master key's hash matches
+    no key, and open routes' calls have none: their entries charge nothing)."""
+    sums: dict[str, list[Any]] = {}
+    for entry, (_, _, charge) in zip(entries, batch, strict=True):
+        if entry.token is None:
+            continue
+        owed = entry.spend - _amount(charge.precharged)
+        prompt, completion = entry.prompt_tokens or 0, entry.completion_tokens or 0
+        # What tpm_limit counts: the answer's total, or the parts it gave.
+        tokens = entry.total_tokens if entry.total_tokens is not None else prompt + completion
+        if owed or tokens or prompt or completion:
+            tally = sums.get(entry.token) or sums.setdefault(entry.token, [0.0, 0, 0, 0])
+            tally[0] += owed
+            tally[1] += prompt
+            tally[2] += completion
+            tally[3] += tokens
+    return {token: Tally(*tally) for token, tally in sums.items()}
+
+
+def _amount(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _count(value: int | None) -> int | None:
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None  # not a bool either
+
+
+def _name(value: str | None, most: int) -> str | None:
+    if value is None or (value.isascii() and value.isprintable()):
+        return value if value is None else value[:most]
+    # Printable only: no NUL (PostgreSQL's text refuses it), no lone surrogate (UTF-8 cannot encode it).
+    return "".join(ch for ch in value[: 4 * most] if ch.isprintable())[:most]

@@ -1,10 +1,12 @@
-"""The key store on SQLAlchemy: the few queries on virtual keys and their spend log (tables in schema.py), behind the
-KeyStore Protocol (records.py, with the records it takes and returns).
+"""The key store on SQLAlchemy: virtual keys and their spend log (tables in schema.py), behind the KeyStore Protocol
+(records.py, with the records it takes and returns). Each call's admission, charge and entry here; the /key/*
+operations' queries in admin.py, the spend report's in report.py.
 
-For a key with limits or an expiry, what a call is decided on (blocked, expiry, budget, the rpm window) is checked
-and counted by one atomic UPDATE on the store's own clock, so every worker and every host sharing the store counts
-together: one call at a time, or a lease of several (leases.py). A key without any is not counted per call
-(KeyInfo.counted).
+For a key with limits or an expiry, what a call is decided on (blocked, expiry, budget, the rpm and tpm windows) is
+checked and counted by one atomic UPDATE on the store's own clock, so every worker and every host sharing the store
+counts together: one call at a time, or a lease of several (leases.py). A key without any is not counted per call
+(KeyInfo.counted). A key's budget reset (budget_duration) is done by whichever host first finds it due, admitting a
+call or reading the key, with a compare-and-set UPDATE that exactly one of them wins.
 
 The per-call statements are each one SQLite step with the GIL released: SQLite's write lock is never held while
 the thread waits to get the GIL back behind other busy threads (up to 5 ms each time). A RETURNING clause, or a
@@ -20,18 +22,28 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError
 
-from passthru.errors import RequestError
+from passthru.keystore import admin, budget
 from passthru.keystore.engine import READ_ONLY, dbapi_cursor, ensure_schema, open_engine, pool_slots
 from passthru.keystore.guard import StoreGuard
-from passthru.keystore.records import UPDATABLE, KeyInfo, NewKey, Refusal, SpendEntry, Unused
-from passthru.keystore.schema import keys, spend_logs, store_now
-from passthru.keystore.statements import RECORD_ROWS, per_call_statements
+from passthru.keystore.records import (
+    KeyInfo,
+    NewKey,
+    Refusal,
+    ReportGroup,
+    ReportRow,
+    SpendEntry,
+    Tally,
+    Unused,
+)
+from passthru.keystore.report import report_rows
+from passthru.keystore.statements import RECORD_ROWS, USAGE, per_call_statements
 
 log = logging.getLogger("passthru")
 
-WINDOW_SECONDS = 60.0  # rpm_limit's window: fixed, per key, opened by the first call after the previous one ended
+# rpm_limit's and tpm_limit's windows: fixed, per key, opened by the first call (for tpm: the first tokens counted)
+# after the previous one ended.
+WINDOW_SECONDS = 60.0
 
 
 class SqlKeyStore:
@@ -54,10 +66,27 @@ class SqlKeyStore:
     # --- per call ---------------------------------------------------------------------------------------------
 
     def find(self, token: str) -> KeyInfo | None:
-        """The key with this hash, or None."""
+        """The key with this hash, or None; its spend reset first if its budget period is over."""
         with self._guard("reading a key"), self._reads.connect() as conn:
             row = conn.execute(self._sql.find, {"t": token}).first()
-        return None if row is None else _info(row)
+        return None if row is None else self._current(row)
+
+    def _current(self, row: Row[Any]) -> KeyInfo:
+        """The key as this row has it; read again once its budget is reset, when a reset was due."""
+        if _due(row.budget_reset_at, row.now):
+            self._reset(row.token, row.budget_reset_at, row.budget_duration, row.now)
+            return self.find(row.token) or _info(row)  # None: deleted meanwhile
+        return _info(row)
+
+    def _reset(self, token: str, seen: float, duration: str | None, now: float) -> bool:
+        """Zero the key's spend and move budget_reset_at past `now`, unless another host or thread moved it from
+        `seen` first (statements.reset): True when this call made the reset."""
+        # No budget_duration (cleared since): no next reset. Otherwise the first one past now, on the key's schedule.
+        following = None if duration is None else budget.next_reset(seen, duration, now)
+        args = self._sql.reset.args({"t": token, "seen": seen, "next": following})
+        with self._guard("resetting a key's budget"), dbapi_cursor(self.engine) as cursor:
+            cursor.execute(self._sql.reset.sql, args)
+            return bool(cursor.rowcount == 1)
 
     def admit(self, token: str, cost: float) -> Refusal | None:
         """Count one call against the key and add its cost, atomically; or say why the key may not call now."""
@@ -69,6 +98,9 @@ class SqlKeyStore:
                     return None
                 cursor.execute(self._sql.why.sql, self._sql.why.args({"t": token}))
                 row = cursor.fetchone()
+            if row is not None and _due(row[-3], row[-1]):
+                self._reset(token, row[-3], row[-2], row[-1])
+                continue  # the key's budget period is over: admitted or refused in the new one
             refusal = self._refusal(row)
             if refusal is not None:
                 return refusal
@@ -91,7 +123,20 @@ class SqlKeyStore:
     def _refusal(self, row: Sequence[Any] | None) -> Refusal | None:
         if row is None:
             return Refusal("unknown")
-        blocked, expires, max_budget, spend, rpm_limit, window_start, window_count, now = row
+        (
+            blocked,
+            expires,
+            max_budget,
+            spend,
+            rpm_limit,
+            window_start,
+            window_count,
+            tpm_limit,
+            tokens_start,
+            tokens,
+            *_,
+            now,
+        ) = row
         if blocked:
             return Refusal("blocked")
         if expires is not None and expires <= now:
@@ -100,25 +145,32 @@ class SqlKeyStore:
             return Refusal("budget", spend=spend, max_budget=max_budget)
         if rpm_limit is not None and window_start + self.window > now and window_count >= rpm_limit:
             return Refusal("rpm", retry_after=max(1, math.ceil(window_start + self.window - now)))
+        if tpm_limit is not None and tokens_start + self.window > now and tokens >= tpm_limit:
+            return Refusal("tpm", retry_after=max(1, math.ceil(tokens_start + self.window - now)))
         return None
 
     def record(
-        self, entries: Sequence[SpendEntry], charges: Mapping[str, float] | None = None, unused: Sequence[Unused] = ()
+        self, entries: Sequence[SpendEntry], charges: Mapping[str, Tally] | None = None, unused: Sequence[Unused] = ()
     ) -> None:
-        """Write spend log entries (spend.SpendWriter batches them), add `charges` (token → amount) to the spend of
-        keys whose calls were not charged at admission (KeyInfo.counted), and give back leased calls not used
-        (leases.py): all in one transaction.
+        """Write spend log entries (spend.SpendWriter batches them), add `charges` to their keys (token → the spend
+        admission did not charge, and the calls' tokens, counted in the key's tpm window too), and give back leased
+        calls not used (leases.py): all in one transaction.
 
         The entries go as multi-row INSERTs: on SQLite one step each (see the module docstring), on PostgreSQL one
         query each, where a pipelined executemany spent more Python per row than the rest of the writer together.
-        Each has a power of two of rows, RECORD_ROWS at most: 300 entries are 128 + 128 + 32 + 8 + 4. The driver
+        Each has a power of two of rows, RECORD_ROWS at most: 300 entries are 4 × 64 + 32 + 8 + 4; entries without
+        usage (statements.USAGE) leave its columns out, so there are two families of sizes. The driver
         keeps every statement it has seen prepared, per connection (sqlite3 up to 128, psycopg up to 100, on the
         server too): with one size per batch length, that was up to 4 MB of SQLite's memory per pooled connection.
 
         On SQLite, entries alone are written without a transaction, one INSERT at a time: when one fails, those
         before it are written, and SpendWriter retries the whole batch. Their ids make the retry skip them.
         """
-        charged = [self._sql.charge.args({"t": token, "amount": amount}) for token, amount in (charges or {}).items()]
+        charged = [
+            self._sql.charge.args({"t": token, "amount": tally.spend, "prompt": tally.prompt_tokens,
+                                   "completion": tally.completion_tokens, "tokens": tally.total_tokens})
+            for token, tally in (charges or {}).items()
+        ]  # fmt: skip
         given_back = [
             self._sql.give_back.args(
                 {"t": u.token, "calls": u.calls, "amount": u.amount, "window_start": u.window_start}
@@ -127,105 +179,64 @@ class SqlKeyStore:
         ]
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
         atomic = not self._sql.sqlite or bool(charged) or bool(given_back)
+        nothing = (None,) * len(USAGE)
+        bare = [entry for entry in entries if self._sql.usage(entry) == nothing]
+        used = [entry for entry in entries if self._sql.usage(entry) != nothing] if len(bare) < len(entries) else []
         with self._guard("writing spend log entries"), dbapi_cursor(self.engine, atomic=atomic) as cursor:
-            start = 0
-            while start < len(entries):
-                left = len(entries) - start
-                size = RECORD_ROWS if left >= RECORD_ROWS else 1 << (left.bit_length() - 1)
-                values = [value for entry in entries[start : start + size] for value in self._sql.record_values(entry)]
-                cursor.execute(self._sql.record[size], values)
-                start += size
+            for insert, some in ((self._sql.record_bare, bare), (self._sql.record, used)):
+                start = 0
+                while start < len(some):
+                    left = len(some) - start
+                    size = RECORD_ROWS if left >= RECORD_ROWS else 1 << (left.bit_length() - 1)
+                    cursor.execute(
+                        insert.sql[size], [value for e in some[start : start + size] for value in insert.values(e)]
+                    )
+                    start += size
             if charged:
                 cursor.executemany(self._sql.charge.sql, charged)
             if given_back:
                 cursor.executemany(self._sql.give_back.sql, given_back)
 
-    # --- administration ---------------------------------------------------------------------------------------
+    # --- administration: the queries in admin.py, on a connection opened here ---------------------------------
 
     def create(self, new: NewKey) -> KeyInfo:
         """Insert a key; RequestError if its value or alias is taken."""
-        now = store_now()
-        values = {
-            "token": new.token, "key_name": new.key_name, "key_alias": new.key_alias, "created_at": now,
-            "expires": None if new.duration is None else now + new.duration, "max_budget": new.max_budget,
-            "rpm_limit": new.rpm_limit, "metadata": dict(new.metadata or {}),
-            "allowed_routes": None if new.allowed_routes is None else list(new.allowed_routes),
-        }  # fmt: skip
         with self._guard("creating a key"), self.engine.begin() as conn:
-            if conn.execute(sa.select(keys.c.token).where(keys.c.token == new.token)).first() is not None:
-                raise RequestError("this key already exists", param="key")
-            self._check_alias(conn, new.key_alias, new.token)
-            try:
-                row = conn.execute(sa.insert(keys).values(values).returning(*keys.c)).one()
-            except IntegrityError as exc:  # a race with another host's insert
-                raise RequestError("a key with this value or key_alias already exists") from exc
+            row = admin.insert_key(conn, new)
         self.edits += 1  # this worker may remember the key as unknown (auth.RecentKeys): not any more
         return _info(row)
 
-    def _check_alias(self, conn: sa.Connection, alias: str | None, owner: str) -> None:
-        """A clear message for the common case; the unique index still decides when two hosts race."""
-        if alias is not None:
-            taken = conn.execute(sa.select(keys.c.token).where(keys.c.key_alias == alias)).first()
-            if taken is not None and taken.token != owner:
-                raise RequestError(f"key_alias {alias!r} is already used by another key", param="key_alias")
-
     def update(self, token: str, changes: Mapping[str, Any]) -> KeyInfo | None:
-        """Change some fields of a key (see UPDATABLE); None if there is no such key."""
-        values: dict[str, Any] = {}
-        for name, value in changes.items():
-            if name not in UPDATABLE:
-                raise ValueError(f"{name} cannot be updated")
-            if name == "duration":
-                values["expires"] = None if value is None else store_now() + value
-            elif name == "allowed_routes":
-                values[name] = None if value is None else list(value)
-            else:
-                values[name] = value
-        if not values:
-            return self.find(token)
-        with self._guard("updating a key"), self.engine.begin() as conn:
-            if "key_alias" in values:
-                self._check_alias(conn, values["key_alias"], token)
-            try:
-                stmt = sa.update(keys).where(keys.c.token == token).values(values).returning(*keys.c)
-                row = conn.execute(stmt).first()
-            except IntegrityError as exc:
-                raise RequestError("key_alias is already used by another key", param="key_alias") from exc
-        self.edits += 1
-        return None if row is None else _info(row)
+        """Change some fields of a key (see UPDATABLE); the key as it is then, or None if there is no such key."""
+        if changes:
+            with self._guard("updating a key"), self.engine.begin() as conn:
+                admin.update_key(conn, token, changes)
+            self.edits += 1
+        return self.find(token)  # and its budget reset, if one is due
 
     def delete(self, tokens: Sequence[str]) -> list[str]:
         """Delete all these keys, or none: returns the ones that do not exist (then nothing was deleted)."""
         with self._guard("deleting keys"), self.engine.begin() as conn:
-            found = set(conn.scalars(sa.select(keys.c.token).where(keys.c.token.in_(tokens))))
-            missing = [token for token in tokens if token not in found]
-            if not missing:
-                conn.execute(sa.delete(keys).where(keys.c.token.in_(tokens)))
+            missing = admin.delete_keys(conn, tokens)
         self.edits += 1
         return missing
 
     def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]:
         """One page of keys, newest first, and how many there are in all."""
-        where = [keys.c.key_alias == key_alias] if key_alias is not None else []
-        query = sa.select(keys).where(*where).order_by(keys.c.created_at.desc(), keys.c.token.desc())
         with self._guard("listing keys"), self._reads.begin() as conn:
-            total = conn.scalar(sa.select(sa.func.count()).select_from(keys).where(*where)) or 0
-            rows = conn.execute(query.limit(size).offset((page - 1) * size)).all()
-        return [_info(row) for row in rows], total
+            rows, total = admin.page_rows(conn, page, size, key_alias)
+        return [self._current(row) for row in rows], total
 
     def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]:
         """Spend log entries, newest first, of one key or all, started in [start, end)."""
-        c = spend_logs.c
-        where = []
-        if token is not None:
-            where.append(c.token == token)
-        if start is not None:
-            where.append(c.start_time >= start)
-        if end is not None:
-            where.append(c.start_time < end)
-        query = sa.select(spend_logs).where(*where).order_by(c.start_time.desc()).limit(limit)
         with self._guard("reading spend logs"), self._reads.connect() as conn:
-            return [SpendEntry(**row._mapping) for row in conn.execute(query)]
+            return admin.spend_entries(conn, token, start, end, limit)
+
+    def spend_report(self, group: ReportGroup, start: float, end: float, limit: int) -> list[ReportRow]:
+        """Spend, calls and tokens per UTC day and group, of the entries started in [start, end): `limit` rows at
+        most, days in order and the biggest spenders first within a day."""
+        with self._guard("reading the spend report"), self._reads.connect() as conn:
+            return report_rows(conn, group, start, end, limit)
 
     def close(self) -> None:
         """Close the pooled connections (tests, and the gunicorn master after migrating)."""
@@ -239,8 +250,14 @@ def _info(row: Row[Any]) -> KeyInfo:
         token=m["token"], key_name=m["key_name"], key_alias=m["key_alias"], created_at=m["created_at"],
         expires=m["expires"], blocked=bool(m["blocked"]), max_budget=m["max_budget"], spend=float(m["spend"]),
         rpm_limit=m["rpm_limit"], allowed_routes=None if routes is None else tuple(routes),
-        metadata=m["metadata"] or {},
+        metadata=m["metadata"] or {}, tpm_limit=m["tpm_limit"], budget_duration=m["budget_duration"],
+        budget_reset_at=m["budget_reset_at"], prompt_tokens=m["prompt_tokens"],
+        completion_tokens=m["completion_tokens"], total_tokens=m["total_tokens"],
     )  # fmt: skip
+
+
+def _due(reset_at: float | None, now: float) -> bool:
+    return reset_at is not None and reset_at <= now
 
 
 def open_store(url: str) -> SqlKeyStore:

@@ -205,12 +205,19 @@ def _marker(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
 
 
-def spend_recorder(store: Store) -> Recorder:
+def spend_recorder(store: Store, master: str, logged: bool) -> Recorder:
     """The key store's part of a finished exchange: every pass-through call's spend log entry (an open route's with
-    no key), and its key charged what admission did not. Queued for the worker's writer thread (spend.py)."""
+    no key, the master key's under its hash `master`), and its key charged what admission did not. Queued for the
+    worker's writer thread (spend.py).
+
+    Without `logged` (general_settings.disable_spend_logs) no entry is written: a virtual key is still charged, and
+    the calls no key pays for leave the store alone, so a worker that serves only those never loads it.
+    """
 
     def charge(exchange: Exchange) -> None:
         if exchange.pricing is None:  # not a pass-through call, or refused before it was sent
+            return
+        if not logged and (exchange.caller is None or exchange.caller == master):
             return
         usage = exchange.usage
         store.open().spend.add(
@@ -226,6 +233,7 @@ def spend_recorder(store: Store) -> Recorder:
                 prompt_tokens=None if usage is None else usage.prompt_tokens,
                 completion_tokens=None if usage is None else usage.completion_tokens,
                 total_tokens=None if usage is None else usage.total_tokens,
+                logged=logged,
             )
         )
 
