@@ -37,6 +37,7 @@ keys = sa.Table(
     sa.Column("prompt_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("completion_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("total_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Index("ix_passthru_keys_created", "created_at", "token"),  # the key list's order, newest first
 )
 spend_logs = sa.Table(
     "passthru_spend_logs",
@@ -60,6 +61,8 @@ spend_logs = sa.Table(
     sa.Column("target", sa.Text),  # the name of the upstream target that answered
     sa.Index("ix_passthru_spend_logs_token_start", "token", "start_time"),
     sa.Index("ix_passthru_spend_logs_start", "start_time"),
+    sa.Index("ix_passthru_spend_logs_route_start", "route", "start_time"),  # the admin page's filters
+    sa.Index("ix_passthru_spend_logs_status_start", "status", "start_time"),
 )
 
 
