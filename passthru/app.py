@@ -6,7 +6,7 @@ import os
 
 from flask import Flask
 
-from passthru import __version__, exchange, health, metrics, pricing, routes
+from passthru import __version__, exchange, health, metrics, pricing, routes, ui
 from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
@@ -49,6 +49,7 @@ def create_app(
         app.extensions["passthru.key_store"] = store
         authenticator = Authenticator(settings.master_key, store)
         app.register_blueprint(metrics.labelled(build_key_api(authenticator, settings.master_key)))
+        app.register_blueprint(metrics.labelled(ui.build_blueprint(settings, store, server)))  # the admin page
         log.debug("key store: %s, opened on first use", settings.database_shown)
     # This worker's transport: its Session and connection pools, made here, after gunicorn forked.
     forwarder = Forwarder(settings.endpoints, server.trusted_proxy)
