@@ -65,7 +65,8 @@ def edit_key(admin: Admin, token: str) -> Page:
     info = _find(admin, token)
     routes = _route_paths(admin)
     if request.method == "GET":
-        values = {name: shown_value(getattr(info, name)) for name in (*TEXT_FIELDS, *NUMBER_FIELDS)}
+        shown = ("key_alias", "budget_duration", *NUMBER_FIELDS)  # not duration: the form asks for a new one
+        values = {name: shown_value(getattr(info, name)) for name in shown}
         values["metadata"] = json.dumps(dict(info.metadata), indent=2) if info.metadata else ""
         chosen = info.allowed_routes or ()
         values["other_routes"] = "\n".join(route for route in chosen if route not in routes)
