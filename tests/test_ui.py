@@ -274,6 +274,8 @@ def test_usage_totals_equal_the_spend_logs_and_logs_filter(url: str, upstream: U
     assert (float(summary.group(1)), int(summary.group(2))) == (sum(e["spend"] for e in logs), len(logs)) == (0.75, 4)
     assert re.search(r"payer</a></th>\s*<td>0.5</td><td>2</td>", usage)
     assert re.search(r"master key</th>\s*<td>0.25</td><td>1</td>", usage)
+    assert "<code>/x&amp;y&#39;z</code></th><td>0</td><td>1</td>" in usage  # by route
+    assert "<code>/v1/rerank</code></th><td>0.75</td><td>3</td>" in usage
     assert len(_wait_for_entries(page, 2, key="payer")) == 2
     assert len(_wait_for_entries(page, 2, key=made["key"])) == 2
     assert len(_wait_for_entries(page, 1, route="/x&y'z")) == 1

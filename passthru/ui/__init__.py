@@ -99,7 +99,8 @@ def build_blueprint(settings: Settings, store: Store, server: ServerSettings) ->
 
     @blueprint.app_template_global("ui_money")
     def money(amount: float | None) -> str:
-        return "—" if amount is None else f"{amount:,.4f}".rstrip("0").rstrip(".") if amount else "0"
+        # Six decimals: a call priced per token can cost a millionth; trailing zeros dropped.
+        return "—" if amount is None else f"{amount:,.6f}".rstrip("0").rstrip(".") if amount else "0"
 
     @blueprint.route("/login", methods=["GET", "POST"])
     def login() -> BaseResponse | tuple[str, int] | str:
