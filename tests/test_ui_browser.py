@@ -44,9 +44,16 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
 
 def poll(what: str, check: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Wait (bounded) until `check()` holds; fail naming `what`."""
+    """Wait (bounded) until `check()` holds, on a page that may still be loading; fail naming `what`."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + seconds
-    while not check():
+    while True:
+        try:
+            if check():
+                return
+        except (NoSuchElementException, StaleElementReferenceException):
+            pass  # the next page is not there yet, or replaced the one an element was found on
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {seconds} s: {what}")
         time.sleep(0.1)
@@ -59,6 +66,10 @@ def test_an_operator_makes_a_key_sees_its_spend_and_blocks_it(
     from selenium.webdriver.common.keys import Keys
 
     driver: Any = browser
+
+    def arrive(title: str) -> None:  # a click or an Enter that loads a page returns before the page is there
+        poll(f"the page {title!r}", lambda: driver.title.startswith(f"{title} ·"))
+
     route = {"path": "/v1/rerank", "target": f"{upstream.url}/v1/rerank", "auth": True, "cost_per_request": 0.25}
     server = gunicorn([route, {"path": "/open", "target": f"{upstream.url}/echo"}], master_key=MASTER)
     shots = tmp_path / "screenshots"
@@ -73,20 +84,24 @@ def test_an_operator_makes_a_key_sees_its_spend_and_blocks_it(
     shot("login")
     field = driver.find_element(By.ID, "key")
     field.send_keys("not-the-master-key", Keys.ENTER)
-    assert "That is not the master key." in driver.find_element(By.CSS_SELECTOR, ".error").text
+    poll(
+        "the login refused",
+        lambda: "That is not the master key." in driver.find_element(By.CSS_SELECTOR, ".error").text,
+    )
     driver.find_element(By.ID, "key").send_keys(MASTER, Keys.ENTER)
-    assert driver.find_element(By.TAG_NAME, "h1").text == "Keys"
+    arrive("Keys")
     cookie = driver.get_cookie("passthru_ui")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
 
     # A new key, with a budget and the route ticked: shown once, with a copy button.
     driver.find_element(By.LINK_TEXT, "New key").click()
+    arrive("New key")
     driver.find_element(By.ID, "key_alias").send_keys(ALIAS)
     driver.find_element(By.ID, "max_budget").send_keys("10")
     driver.find_element(By.ID, "rpm_limit").send_keys("600")
     driver.find_element(By.CSS_SELECTOR, "input[name=route][value='/v1/rerank']").click()
     driver.find_element(By.CSS_SELECTOR, ".key-form button[type=submit]").click()
-    assert driver.find_element(By.TAG_NAME, "h1").text == "Key made"
+    arrive("Key made")
     key = driver.find_element(By.ID, "new-key").get_attribute("value")
     assert key.startswith("sk-")
     driver.find_element(By.CSS_SELECTOR, "button[data-copy]").click()
@@ -95,6 +110,7 @@ def test_an_operator_makes_a_key_sees_its_spend_and_blocks_it(
 
     # Read once: no other page carries it.
     driver.find_element(By.LINK_TEXT, "Back to the keys").click()
+    arrive("Keys")
     assert key not in driver.page_source
     row = driver.find_element(By.XPATH, f"//tr[td/a[normalize-space()='{ALIAS}']]")
     assert "0 of 10" in row.text and "600 rpm" in row.text and "/v1/rerank" in row.text and "active" in row.text
@@ -118,8 +134,10 @@ def test_an_operator_makes_a_key_sees_its_spend_and_blocks_it(
 
     # Blocked from the page: the route answers 401 at once (the worker that blocked it forgets what it knew).
     row.find_element(By.XPATH, ".//button[starts-with(normalize-space(), 'Block')]").click()
-    row = driver.find_element(By.XPATH, f"//tr[td/a[normalize-space()='{ALIAS}']]")
-    assert "blocked" in row.text
+    poll(
+        "the key's row says blocked",
+        lambda: "blocked" in driver.find_element(By.XPATH, f"//tr[td/a[normalize-space()='{ALIAS}']]").text,
+    )
     shot("keys-blocked")
     assert requests.post(f"{server.url}/v1/rerank", **call).status_code == 401
 
@@ -128,7 +146,7 @@ def test_an_operator_makes_a_key_sees_its_spend_and_blocks_it(
     entry = driver.find_element(By.XPATH, f"//tr[td[normalize-space()='{ALIAS}']]")
     assert "/v1/rerank" in entry.text and "200" in entry.text
     entry.find_element(By.CSS_SELECTOR, "td[data-label='Request id'] a").click()
-    assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Log entry")
+    arrive("Log entry")
     assert ALIAS in driver.find_element(By.CSS_SELECTOR, "dl.facts").text
 
     # Every page at 360 px: nothing wider than the screen, and the key table in cards.
@@ -139,6 +157,7 @@ def test_an_operator_makes_a_key_sees_its_spend_and_blocks_it(
         assert width[0] <= width[1] == 360, (name, width)
         shot(f"phone-{name.replace('/', '-')}")
     driver.get(f"{server.url}/ui/keys")
+    assert driver.find_element(By.CSS_SELECTOR, "table.cards tbody tr").value_of_css_property("display") == "block"
     assert driver.find_element(By.CSS_SELECTOR, "table.cards td").value_of_css_property("display") == "flex"
 
     # Keyboard only: Tab reaches the page's links and buttons, the skip link first.
