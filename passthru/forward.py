@@ -1,127 +1,38 @@
-"""The hot path: send the upstream request on the pooled Session and relay the answer as it arrives.
+"""The hot path: send the upstream request on the pooled Session and hand the answer to the relay.
 
-What is sent (target, headers, body) is built by upstream_request.py; this module's Forwarder owns the Session, each
-route's pool, the call, the answer's headers and streamed body, and upstream failures turned into our errors.
-Nothing here reads a body whole.
+What is sent (target, headers, body) is built by upstream_request.py, and the answer is relayed by relay.py; this
+module's Forwarder owns the call and upstream failures turned into our errors. Nothing here reads a body whole.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 from werkzeug.wrappers import Response
 
 from passthru import metrics
-from passthru.config import HEADER_NAME, Endpoint
+from passthru.config import Endpoint
 from passthru.errors import PassthruError, RequestError, UpstreamError, UpstreamTimeout
 from passthru.exchange import Exchange
+from passthru.pools import new_session
+from passthru.relay import UpstreamBody, UpstreamResponse, describe, response_headers
 from passthru.upstream_request import (
-    HOP_BY_HOP,
     CallerBody,
     Route,
     compile_route,
-    connection_tokens,
     request_body,
     upstream_headers,
     upstream_target,
 )
 from passthru.usage import response_cost
-from passthru.usage_tap import Tap, tap_for
+from passthru.usage_tap import tap_for
 
 log = logging.getLogger("passthru")
-
-# The WSGI server writes its own Date and Server lines; relaying the upstream's would send each twice.
-RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
-# The most one read of the upstream's answer returns (less when less has arrived: an SSE event goes out alone).
-# Big pieces matter for big bodies: each piece costs the same Python overhead, whatever its size (bench/).
-CHUNK_SIZE = 1024 * 1024
-# What a WSGI server writes as a header: a token name (config.HEADER_NAME), and a value of visible characters,
-# spaces and tabs.
-HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-# Uploads are read from the caller in pieces this big (urllib3's default is 16 KiB, and gunicorn's reader copies
-# its read-ahead buffer on every read: small pieces cost far more CPU than the bytes themselves, bench/).
-UPLOAD_BLOCK = 1024 * 1024
-POOL_SIZE = 256  # connections kept per upstream host: at least the threads of any worker we ship
-
-
-def new_session(upstream_hosts: int) -> requests.Session:
-    """The Session of one worker process: it owns the connection pools that every route sends through.
-
-    Requests go out on the adapter's urllib3 pool, not through Session.send: even with allow_redirects=False,
-    Session.send reads a 3xx answer's whole body (to prepare the next hop), and it runs the shared cookie jar,
-    environment proxies and .netrc; the adapter's own send builds a Response and a cookie jar per call. The pool
-    does none of that, and nothing is shared between callers but idle connections.
-    """
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
-    # Made again with the upload block size, which HTTPAdapter's constructor cannot pass (the first one is unused).
-    adapter.init_poolmanager(max(upstream_hosts, 1), POOL_SIZE, blocksize=UPLOAD_BLOCK)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-class UpstreamBody:
-    """The upstream's body relayed piece by piece as it arrives; closing it frees the upstream connection."""
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse, bodiless: bool, route: str, tap: Tap | None) -> None:
-        self._raw = raw
-        self._bodiless = bodiless
-        self._route = route
-        self._tap = tap
-        self._done = False
-        self._closed = False
-        metrics.in_flight(route).inc()
-
-    def __iter__(self) -> Iterator[bytes]:
-        read1, tap = self._raw.read1, self._tap
-        try:
-            while True:
-                # read1, not stream() or iter_content(): whatever has arrived, undecoded (gzip stays gzip).
-                chunk = read1(CHUNK_SIZE, decode_content=False)
-                if not chunk:
-                    break
-                yield chunk
-                if tap is not None:  # after the caller has the chunk: the tap never holds an event back
-                    tap.feed(chunk)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            kind = "timeout" if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)) else "reset"
-            metrics.UPSTREAM_ERRORS.labels(self._route, kind).inc()
-            log.warning(
-                "upstream %s mid-body on %s (%s); closing the client connection",
-                kind,
-                self._route,
-                _describe(exc),
-            )
-            # The status is already sent: the only honest signal left is to end the connection uncleanly.
-            # WSGI servers treat a connection reset as the client's problem and close quietly.
-            raise ConnectionResetError(errno.ECONNRESET, "upstream broke off mid-body") from exc
-        self._done = True
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        metrics.in_flight(self._route).dec()
-        if self._bodiless and not self._done:
-            self._raw.drain_conn()  # nothing to read, but it marks the exchange finished
-        elif not self._done:
-            self._raw.close()  # half-read: this connection cannot carry another request
-        self._raw.release_conn()
-
-
-class UpstreamResponse(Response):
-    # Relay the upstream's headers exactly: no Content-Type is invented when the upstream sent none.
-    default_mimetype = None
 
 
 class Forwarder:
@@ -197,34 +108,6 @@ class Forwarder:
         return response
 
 
-def response_headers(headers: urllib3.HTTPHeaderDict) -> list[tuple[str, str]]:
-    """The upstream's headers to relay, repeats kept; UpstreamError when one cannot be written as it is.
-
-    A control character in a value, or a Content-Length that is not one plain number, would make the WSGI server
-    fail mid-answer or send a framing the client reads differently from us: refused whole, as a 502.
-    """
-    skip = RESPONSE_DROP | connection_tokens(headers.get("Connection"))
-    # RFC 9112 §6.3: with Transfer-Encoding the Content-Length is to be ignored, and relayed it would cut the body.
-    if "transfer-encoding" in headers:
-        skip = skip | {"content-length"}
-    relayed = []
-    length = None
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in skip:
-            continue
-        if not HEADER_NAME.fullmatch(name) or not HEADER_VALUE.fullmatch(value):
-            raise UpstreamError("the upstream answered with a malformed header")
-        if lower == "content-length":
-            if not value.strip().isdigit() or not value.isascii() or (length is not None and value != length):
-                raise UpstreamError("the upstream answered with a malformed Content-Length")
-            if length is not None:
-                continue  # the same length twice: one line is enough
-            length = value
-        relayed.append((name, value))
-    return relayed
-
-
 def _upstream_failure(exc: BaseException, body: CallerBody | None, route: Route) -> PassthruError:
     """The answer for a call that failed before the upstream's headers arrived; counted and logged here."""
     if body is not None and body.broken:
@@ -237,20 +120,7 @@ def _upstream_failure(exc: BaseException, body: CallerBody | None, route: Route)
         kind = "reset"
     path = route.label
     metrics.UPSTREAM_ERRORS.labels(path, kind).inc()
-    log.warning("upstream %s on %s: %s", kind, path, _describe(exc))
+    log.warning("upstream %s on %s: %s", kind, path, describe(exc))
     if kind == "timeout":
         return UpstreamTimeout(f"the upstream did not answer within {route.seconds:g}s")
     return UpstreamError("the upstream could not be reached or broke the connection")
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and what caused it, a few links deep (urllib3 → http.client → socket)."""
-    chain = [exc]
-    while len(chain) < 8 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(cause)
-    return chain
-
-
-def _describe(exc: BaseException) -> str:
-    """The exception's class chain, for logs: the library's text can carry the URL and so a secret."""
-    return " <- ".join(type(link).__name__ for link in _chain(exc))

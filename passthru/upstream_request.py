@@ -1,7 +1,7 @@
 """What goes upstream: the target path and query, the caller's headers filtered, X-Forwarded-*, the body.
 
 Everything that depends only on the config is computed once in `compile_route`; per request this module reads the
-WSGI environ, never the config. forward.py sends what is built here and relays the answer.
+WSGI environ, never the config. forward.py sends what is built here; relay.py relays the answer.
 """
 
 from __future__ import annotations

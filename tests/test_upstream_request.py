@@ -9,7 +9,7 @@ import pytest
 
 from passthru.config import parse_settings
 from passthru.errors import RequestError
-from passthru.forward import new_session
+from passthru.pools import new_session
 from passthru.server_config import proxy_trust
 from passthru.upstream_request import (
     CallerBody,
