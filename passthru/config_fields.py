@@ -74,6 +74,14 @@ class FieldReader:
             raise self.error(field, "must be a positive number" if positive else "must be zero or more")
         return float(value)
 
+    def integer(self, value: Any, field: str, *, least: int = 0) -> int:
+        """A whole number, `least` or more: YAML's 3, not 3.0 or "3"."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(field, f"must be a whole number, not {kind(value)}")
+        if value < least:
+            raise self.error(field, f"must be {least} or more")
+        return value
+
     def mapping(self, entry: dict[str, Any], key: str, where: str, *, secret: bool) -> list[tuple[str, str]]:
         value = entry.get(key) or {}
         if not isinstance(value, dict):

@@ -40,7 +40,7 @@ class Forwarder:
     verifies it); each route's pool, found once; and every call, its failures turned into passthru's errors."""
 
     def __init__(self, endpoints: Sequence[Endpoint], trusted_proxy: Callable[[str], bool]) -> None:
-        self.session = new_session(len({urlsplit(endpoint.target).netloc for endpoint in endpoints}))
+        self.session = new_session(len({urlsplit(t.url).netloc for endpoint in endpoints for t in endpoint.targets}))
         self.trusted_proxy = trusted_proxy
 
     def route(self, endpoint: Endpoint) -> Route:

@@ -14,7 +14,7 @@ import urllib3
 from werkzeug.wrappers import Response
 
 from passthru import metrics
-from passthru.config import HEADER_NAME
+from passthru.config_targets import HEADER_NAME
 from passthru.errors import UpstreamError
 from passthru.upstream_request import HOP_BY_HOP, connection_tokens
 from passthru.usage_tap import Tap
@@ -26,7 +26,7 @@ RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 # The most one read of the upstream's answer returns (less when less has arrived: an SSE event goes out alone).
 # Big pieces matter for big bodies: each piece costs the same Python overhead, whatever its size (bench/).
 CHUNK_SIZE = 1024 * 1024
-# What a WSGI server writes as a header: a token name (config.HEADER_NAME), and a value of visible characters,
+# What a WSGI server writes as a header: a token name (config_targets.HEADER_NAME), and a value of visible characters,
 # spaces and tabs.
 HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 

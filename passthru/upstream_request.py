@@ -67,17 +67,18 @@ class Route:
 
 def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: Callable[[str], bool]) -> Route:
     """Split the target, find its connection pool and pre-encode everything that does not change per request."""
-    parts = urlsplit(endpoint.target)
-    adapter = session.get_adapter(endpoint.target)
+    target = endpoint.targets[0]  # the attempt loop across every target is forward.py's next step
+    parts = urlsplit(target.url)
+    adapter = session.get_adapter(target.url)
     assert isinstance(adapter, HTTPAdapter)
     probe = requests.PreparedRequest()
-    probe.prepare(method="GET", url=endpoint.target)
+    probe.prepare(method="GET", url=target.url)
     # The pool requests itself would pick, with its TLS settings (verified, certifi's CA bundle).
     pool = adapter.get_connection_with_tls_context(probe, verify=True)
     assert isinstance(pool, urllib3.HTTPConnectionPool)
     return Route(
         label=endpoint.path,
-        target_shown=endpoint.target_shown,
+        target_shown=target.url_shown,
         forward_headers=endpoint.forward_headers,
         include_subpath=endpoint.include_subpath,
         seconds=endpoint.timeout,
@@ -85,8 +86,8 @@ def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: 
         path=parts.path or "/",
         query=parts.query,
         default_query=tuple((k, urlencode([(k, v)])) for k, v in endpoint.default_query_params),
-        headers=endpoint.headers,
-        header_names=frozenset(name.lower() for name, _ in endpoint.headers),
+        headers=target.headers,
+        header_names=frozenset(name.lower() for name, _ in target.headers),
         timeout=urllib3.Timeout(connect=endpoint.timeout, read=endpoint.timeout),
         trusted_proxy=trusted_proxy,
     )
