@@ -1,14 +1,56 @@
-"""This worker's connection pools: the requests Session whose adapter holds one urllib3 pool per upstream host."""
+"""This worker's connection pools: the requests Session whose adapter holds one urllib3 pool per upstream host, with
+connections that tell a kept-alive connection that broke before answering (StaleConnection) from a new one."""
 
 from __future__ import annotations
 
+import errno
+from typing import Any
+
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.response import HTTPResponse
 
 # Uploads are read from the caller in pieces this big (urllib3's default is 16 KiB, and gunicorn's reader copies
 # its read-ahead buffer on every read: small pieces cost far more CPU than the bytes themselves, bench/).
 UPLOAD_BLOCK = 1024 * 1024
 POOL_SIZE = 256  # connections kept per upstream host: at least the threads of any worker we ship
+
+
+class StaleConnection(ConnectionResetError):
+    """A kept-alive connection broke before its answer's first byte: most often the upstream closed it as idle just
+    as this request went out, and never saw the request."""
+
+
+class _Connection(HTTPConnection):
+    """urllib3's connection, raising StaleConnection for a reset on a connection reused from the pool."""
+
+    _kept_alive = False
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self._kept_alive = self.sock is not None  # still open from an earlier answer: reused, not opened now
+        super().request(*args, **kwargs)
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]  # as urllib3 overrides http.client
+        try:
+            return super().getresponse()
+        except ConnectionError as exc:  # reset, or closed with no status line (http.client's RemoteDisconnected)
+            if self._kept_alive:
+                raise StaleConnection(errno.ECONNRESET, "a kept-alive connection closed before answering") from exc
+            raise
+
+
+class _TLSConnection(_Connection, HTTPSConnection):
+    pass
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
 
 
 def new_session(upstream_hosts: int) -> requests.Session:
@@ -23,6 +65,7 @@ def new_session(upstream_hosts: int) -> requests.Session:
     adapter = HTTPAdapter(pool_connections=max(upstream_hosts, 1), pool_maxsize=POOL_SIZE, max_retries=0)
     # Made again with the upload block size, which HTTPAdapter's constructor cannot pass (the first one is unused).
     adapter.init_poolmanager(max(upstream_hosts, 1), POOL_SIZE, blocksize=UPLOAD_BLOCK)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
