@@ -53,7 +53,7 @@ def create_app(
     # This worker's transport: its Session and connection pools, made here, after gunicorn forked.
     forwarder = Forwarder(settings.endpoints, server.trusted_proxy)
     app.register_blueprint(routes.build_blueprint(settings, forwarder, authenticator))
-    app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store)))
+    app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store, forwarder.cooling)))
     metrics_blueprint = metrics.build_blueprint(
         authenticator if settings.metrics_require_auth else None, server.metrics_dir
     )

@@ -5,6 +5,7 @@ target, and a kept-alive connection that the upstream closed is sent again on a 
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import time
 from collections import Counter
@@ -187,6 +188,10 @@ def test_a_refusing_target_cools_down_and_every_call_succeeds(serve: Serve, upst
         text = scrape(base)
         assert metric(text, "passthru_upstream_attempts_total", route="/cool", target="up", outcome="answered") == 10
         assert metric(text, "passthru_upstream_cooldowns_total", route="/cool", target="down") == 1
+        ready = requests.get(f"{base}/health/readiness", timeout=10).json()
+        assert ready["targets"]["/cool"] == [{"name": "down", "state": "cooldown", "seconds_left": 2},
+                                             {"name": "up", "state": "ok"}]  # fmt: skip
+        assert "127.0.0.1" not in json.dumps(ready)  # names only, never a URL
         time.sleep(2.1)  # the cooldown is over: "down" is tried again, and cools again
         for _ in range(10):
             assert requests.get(f"{base}/cool", timeout=10).status_code == 200
