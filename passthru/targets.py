@@ -69,10 +69,10 @@ class Rotation:
         return best
 
     def failed(self, index: int, retry_after: float | None = None) -> float:
-        """Count a failed attempt; the seconds the target now cools down for (0: it does not).
+        """Count a failed attempt; the seconds of the cooldown it begins (0: none begins).
 
-        `allowed_fails` in a row cool it for `cooldown_time`; an upstream's Retry-After longer than that cools it
-        at once, for that long.
+        `allowed_fails` in a row cool the target for `cooldown_time`; an upstream's Retry-After longer than that
+        cools it at once, for that long. A target tried while cooling (every target was) may cool for longer.
         """
         with self._lock:
             if retry_after is not None and retry_after > self._cooldown_time:
@@ -83,8 +83,10 @@ class Rotation:
                     return 0.0
                 seconds = self._cooldown_time
             self._fails[index] = 0  # once the cooldown is over, it gets allowed_fails chances again
-            self._until[index] = max(self._until[index], self._clock() + seconds)
-            return seconds
+            now = self._clock()
+            began = self._until[index] <= now
+            self._until[index] = max(self._until[index], now + seconds)
+            return seconds if began else 0.0
 
     def succeeded(self, index: int) -> None:
         """An attempt that was answered: the target's failures in a row start again from zero."""

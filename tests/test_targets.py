@@ -103,6 +103,16 @@ def test_a_single_target_is_always_the_pick() -> None:
     assert targets.pick() == 0 and targets.pick(tried=(0,)) == 0
 
 
+def test_failing_while_cooling_extends_the_cooldown_without_beginning_another() -> None:
+    targets, clock = rotation([1], allowed_fails=2, cooldown_time=30)
+    assert targets.failed(0) == 0 and targets.failed(0) == 30
+    clock.now += 10
+    assert targets.failed(0) == 0 and targets.failed(0) == 0  # tried anyway (the only one), failed twice more
+    assert targets.cooling() == [30]
+    clock.now += 30
+    assert targets.failed(0) == 0 and targets.failed(0) == 30  # over: the next cooldown begins
+
+
 @pytest.mark.parametrize(
     ("given", "cools"),
     [
