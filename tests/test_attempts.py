@@ -305,3 +305,21 @@ def test_a_failed_answer_is_dropped_within_bounds(
         assert time.monotonic() - started < 2.5  # at most DISCARD_SECONDS spent on the dropped answer
     finally:
         raw.close()
+
+
+def test_the_spend_log_names_the_target_that_answered(serve: Serve, upstream: Upstream, tmp_path) -> None:
+    master = "sk-attempts-master-1"
+    base = serve([{"path": "/chat", "auth": True,
+                   "targets": [{"url": f"{upstream.url}/status/503", "name": "busy"},
+                               {"url": f"{upstream.url}/echo", "name": "spare"}]}],
+                 master_key=master, database_url=f"sqlite:///{tmp_path / 'keys.db'}")  # fmt: skip
+    auth = {"Authorization": f"Bearer {master}"}
+    answer = requests.post(f"{base}/chat", data=b"{}", headers={**auth, "x-request-id": "two-attempts"}, timeout=10)
+    assert answer.status_code == 200
+
+    def entry() -> dict[str, Any] | None:
+        logs = requests.get(f"{base}/spend/logs", headers=auth, timeout=10).json()
+        return next((e for e in logs if e["request_id"] == "two-attempts"), None)
+
+    assert wait_until(lambda: entry() is not None, 5)
+    assert (entry() or {})["target"] == "spare"
