@@ -191,11 +191,7 @@ def _endpoint(reader: FieldReader, index: int, entry: Any) -> Endpoint:
         raise reader.error(_where(index, None), f"must be a mapping with path and target, not {kind(entry)}")
     raw_path = entry.get("path")
     where = _where(index, raw_path if isinstance(raw_path, str) else None)
-    for key in entry:
-        if key not in ENDPOINT_FIELDS:
-            close = difflib.get_close_matches(str(key), ENDPOINT_FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(ENDPOINT_FIELDS)})"
-            raise reader.error(f"{where}.{key}", f"unknown field{hint}")
+    reader.known(entry, ENDPOINT_FIELDS, where)
     if entry.get("path") in (None, ""):
         raise reader.error(f"{where}.path", "is required")
     path = _route_path(reader, entry["path"], f"{where}.path")

@@ -8,7 +8,6 @@ router's where it has one.
 from __future__ import annotations
 
 import base64
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -104,11 +103,7 @@ def _target(
 ) -> Target:
     if not isinstance(item, dict):
         raise reader.error(where, f"must be a mapping with a url, not {kind(item)}")
-    for key in item:
-        if key not in TARGET_FIELDS:
-            close = difflib.get_close_matches(str(key), TARGET_FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(TARGET_FIELDS)})"
-            raise reader.error(f"{where}.{key}", f"unknown field{hint}")
+    reader.known(item, TARGET_FIELDS, where)
     if item.get("url") in (None, ""):
         raise reader.error(f"{where}.url", "is required")
     url, shown = read_url(reader, item["url"], f"{where}.url")

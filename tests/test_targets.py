@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 
 import pytest
@@ -36,20 +36,9 @@ def test_weights_share_exactly_and_spread_out() -> None:
 
 def test_weights_share_exactly_across_threads() -> None:
     targets, _ = rotation([1, 2, 1])
-    counts: Counter[int] = Counter()
-    lock = threading.Lock()
-
-    def run() -> None:
-        mine = Counter(targets.pick() for _ in range(1000))
-        with lock:
-            counts.update(mine)
-
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert counts == {0: 2000, 1: 4000, 2: 2000}
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(lambda _: Counter(targets.pick() for _ in range(1000)), range(8)))
+    assert sum(runs, Counter()) == {0: 2000, 1: 4000, 2: 2000}
 
 
 def test_a_higher_order_gets_nothing_while_a_lower_one_is_ready() -> None:
