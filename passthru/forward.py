@@ -72,21 +72,21 @@ class Forwarder:
         exchange.body = body
         method = environ["REQUEST_METHOD"]
         started = time.perf_counter()
-        upstream, index = _attempts(route, subpath, exchange, environ, drop, body, length)
+        upstream = _attempts(route, subpath, exchange, environ, drop, body, length)
         exchange.upstream_seconds = time.perf_counter() - started
         if body is not None:
             body.settle()  # no attempt follows
-        path, destination, status = route.label, route.destinations[index], upstream.status
+        path, target, status = route.label, exchange.target or "", upstream.status
         try:
             relayed = response_headers(upstream.headers)
         except UpstreamError:
             upstream.close()  # the answer cannot be relayed: neither can this connection carry another one
             upstream.release_conn()
             metrics.UPSTREAM_ERRORS.labels(path, "malformed").inc()
-            metrics.attempts(path, destination.name, "malformed").inc()
-            log.warning("upstream %s on %s answered with a header that cannot be relayed", destination.name, path)
+            metrics.attempts(path, target, "malformed").inc()
+            log.warning("upstream %s on %s answered with a header that cannot be relayed", target, path)
             raise
-        metrics.attempts(path, destination.name, str(status) if status in route.retry_on else "answered").inc()
+        metrics.attempts(path, target, str(status) if status in route.retry_on else "answered").inc()
         bodiless = method == "HEAD" or status in (204, 304) or status < 200
         headers_in = upstream.headers
         exchange.response_cost = response_cost(headers_in)
@@ -107,8 +107,9 @@ def _attempts(
     drop: frozenset[str],
     body: CallerBody | None,
     length: str | None,
-) -> tuple[urllib3.BaseHTTPResponse, int]:
-    """Attempts until one is answered with a status outside retry_on, or none is left: that answer and its target.
+) -> urllib3.BaseHTTPResponse:
+    """Attempts until one is answered with a status outside retry_on, or none is left: that answer (its target's
+    name is the exchange's `target`).
 
     After a failed attempt the next goes to another target (the rotation's pick) while num_retries lasts and the
     body can be sent again; a kept-alive connection that broke before answering gets one more attempt, on top.
@@ -173,11 +174,11 @@ def _attempts(
                 )  # fmt: skip
             if status not in route.retry_on:
                 rotation.succeeded(index)
-                return upstream, index
+                return upstream
             wait = retry_after(upstream.headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
             _failed(route, index, wait)
             if not (retries and _rewind(body)):
-                return upstream, index  # relayed as it is: the last failure is the caller's answer
+                return upstream  # relayed as it is: the last failure is the caller's answer
             metrics.attempts(path, destination.name, str(status)).inc()
             log.warning("upstream on %s from %s answered %d; trying again", path, destination.name, status)
             _discard(upstream)

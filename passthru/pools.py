@@ -4,7 +4,6 @@ connections that tell a kept-alive connection that broke before answering (Stale
 from __future__ import annotations
 
 import errno
-from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,17 +25,18 @@ class StaleConnection(ConnectionResetError):
 class _Connection(HTTPConnection):
     """urllib3's connection, raising StaleConnection for a reset on a connection reused from the pool."""
 
-    _kept_alive = False
+    _opened = False  # connected for the request now being answered (connect() runs only for a new connection)
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        self._kept_alive = self.sock is not None  # still open from an earlier answer: reused, not opened now
-        super().request(*args, **kwargs)
+    def connect(self) -> None:
+        self._opened = True
+        super().connect()
 
     def getresponse(self) -> HTTPResponse:  # type: ignore[override]  # as urllib3 overrides http.client
+        opened, self._opened = self._opened, False
         try:
             return super().getresponse()
         except ConnectionError as exc:  # reset, or closed with no status line (http.client's RemoteDisconnected)
-            if self._kept_alive:
+            if not opened:
                 raise StaleConnection(errno.ECONNRESET, "a kept-alive connection closed before answering") from exc
             raise
 
