@@ -323,3 +323,13 @@ def test_the_spend_log_names_the_target_that_answered(serve: Serve, upstream: Up
 
     assert wait_until(lambda: entry() is not None, 5)
     assert (entry() or {})["target"] == "spare"
+
+
+def test_each_target_gets_the_sub_path_on_its_own_path_and_query(serve: Serve, upstream: Upstream) -> None:
+    with refusing() as refused:
+        base = serve([{"path": "/api", "include_subpath": True, "default_query_params": {"v": "1"},
+                       "targets": [{"url": f"{refused}?tier=1", "name": "down"},
+                                   {"url": f"{upstream.url}/base/?tier=2", "name": "up"}]}])  # fmt: skip
+        answer = requests.get(f"{base}/api/models/x?q=a", timeout=10)
+    assert answer.status_code == 200
+    assert answer.json()["target"] == "/base/models/x?tier=2&q=a&v=1"
