@@ -94,7 +94,7 @@ def compile_route(endpoint: Endpoint, session: requests.Session, trusted_proxy: 
             [t.order for t in endpoint.targets],
             retries.allowed_fails,
             retries.cooldown_time,
-        ),  # fmt: skip
+        ),
         num_retries=retries.num_retries,
         retry_on=retries.retry_on,
         retry_body_limit=retries.retry_body_limit,
