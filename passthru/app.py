@@ -49,12 +49,13 @@ def create_app(
         app.extensions["passthru.key_store"] = store
         authenticator = Authenticator(settings.master_key, store)
         app.register_blueprint(metrics.labelled(build_key_api(authenticator, settings.master_key)))
-        app.register_blueprint(metrics.labelled(ui.build_blueprint(settings, store, server)))  # the admin page
         log.debug("key store: %s, opened on first use", settings.database_shown)
     # This worker's transport: its Session and connection pools, made here, after gunicorn forked.
     forwarder = Forwarder(settings.endpoints, server.trusted_proxy)
+    if store is not None:  # the admin page, with the master key
+        app.register_blueprint(metrics.labelled(ui.build_blueprint(settings, store, server, forwarder.cooling)))
     app.register_blueprint(routes.build_blueprint(settings, forwarder, authenticator))
-    app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store)))
+    app.register_blueprint(metrics.labelled(health.build_blueprint(settings, __version__, store, forwarder.cooling)))
     metrics_blueprint = metrics.build_blueprint(
         authenticator if settings.metrics_require_auth else None, server.metrics_dir
     )

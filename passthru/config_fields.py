@@ -3,6 +3,7 @@ and the ConfigError that names the file and the field (never quoting a secret)."
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,14 @@ class FieldReader:
             self.secrets.add(resolved)
         return resolved, ENV_REF.sub("***", text)
 
+    def known(self, entry: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
+        """Refuse a key of `entry` that is none of `fields`, naming the closest one (a misspelling is no default)."""
+        for key in entry:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(fields)})"
+                raise self.error(f"{where}.{key}", f"unknown field{hint}")
+
     def boolean(self, entry: Mapping[str, Any], key: str, where: str) -> bool:
         value = entry.get(key, False)
         if not isinstance(value, bool):
@@ -73,6 +82,14 @@ class FieldReader:
         if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
             raise self.error(field, "must be a positive number" if positive else "must be zero or more")
         return float(value)
+
+    def integer(self, value: Any, field: str, *, least: int = 0) -> int:
+        """A whole number, `least` or more: YAML's 3, not 3.0 or "3"."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(field, f"must be a whole number, not {kind(value)}")
+        if value < least:
+            raise self.error(field, f"must be {least} or more")
+        return value
 
     def mapping(self, entry: dict[str, Any], key: str, where: str, *, secret: bool) -> list[tuple[str, str]]:
         value = entry.get(key) or {}

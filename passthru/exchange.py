@@ -49,7 +49,9 @@ class Exchange:
     started: float  # time.perf_counter() at arrival
     route: str = UNMATCHED  # the route's path (or passthru's own path) that served it: the metrics label
     body: Counted | None = None  # the caller's body as it is streamed upstream
-    upstream_seconds: float | None = None  # until the upstream's headers arrived
+    upstream_seconds: float | None = None  # until the headers of the answer that counts arrived, retries included
+    target: str | None = None  # the name of the target that answered, or the last one tried
+    attempts: int = 0  # attempts sent upstream
     pricing: Pricing | None = None  # the route's prices: set on pass-through calls only, which are metered
     caller: str | None = None  # the token of the key that made the call (the master key's hash for its calls)
     precharged: float = 0.0  # what the key store charged the key at admission

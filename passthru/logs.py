@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
-ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s%s"
+ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s%s%s"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
@@ -132,7 +132,8 @@ def printable(text: str) -> str:
 
 
 def access_line(exchange: Exchange) -> None:
-    """The exchange's one access line: method, path without query, status, bytes, total and upstream time."""
+    """The exchange's one access line: method, path without query, status, bytes, total and upstream time, the target
+    that answered and the attempts it took."""
     if not log.isEnabledFor(logging.INFO):
         return
     path, upstream, status = printable(exchange.path), exchange.upstream_seconds, exchange.status
@@ -140,6 +141,7 @@ def access_line(exchange: Exchange) -> None:
         "method": exchange.method, "path": path, "status": status, "bytes": exchange.sent,
         "duration_ms": round(exchange.seconds * 1000, 1),
         "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None, "complete": exchange.complete,
+        "target": exchange.target, "attempts": exchange.attempts,
     }  # fmt: skip
     usage, spent = "", ""
     if exchange.usage is not None:
@@ -151,8 +153,9 @@ def access_line(exchange: Exchange) -> None:
         spent = f" spend={exchange.spend:.6g}"
     args = (
         exchange.method, path, status or "-", exchange.sent, exchange.seconds * 1000,
-        f"{upstream * 1000:.1f}ms" if upstream is not None else "-", "" if exchange.complete else " incomplete",
-        usage + spent,
+        f"{upstream * 1000:.1f}ms" if upstream is not None else "-",
+        f" target={exchange.target} attempts={exchange.attempts}" if exchange.target else "",
+        "" if exchange.complete else " incomplete", usage + spent,
     )  # fmt: skip
     # Made and handled here: log.info would first search the stack for the calling line, which no one reads.
     record = log.makeRecord(log.name, logging.INFO, __file__, 0, ACCESS_LINE, args, None, extra={"access": fields})

@@ -49,6 +49,9 @@ IN_FLIGHT = Gauge(
     "passthru_streams_in_flight", "Upstream answers being relayed now", ["route"], multiprocess_mode="livesum"
 )
 UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["route", "kind"])
+# Outcomes: answered, a status of the route's retry_on (429, 503, ...), refused, timeout, reset, stale, malformed.
+ATTEMPTS = Counter("passthru_upstream_attempts", "Attempts sent upstream", ["route", "target", "outcome"])
+COOLDOWNS = Counter("passthru_upstream_cooldowns", "Times a target began to cool down", ["route", "target"])
 TOKENS = Counter("passthru_tokens", "Tokens the answers reported", ["route", "model", "kind"])
 SPEND = Counter("passthru_spend", "What pass-through calls cost (pricing.py)", ["route"])
 
@@ -78,6 +81,12 @@ def _series(route: str, method: str, status_class: str) -> tuple[Any, Any, Any, 
 def in_flight(route: str) -> Any:
     """The in-flight gauge of one route (looked up once)."""
     return IN_FLIGHT.labels(route)
+
+
+@lru_cache(maxsize=1024)
+def attempts(route: str, target: str, outcome: str) -> Any:
+    """The attempts counter of one route, target and outcome (looked up once; the labels are the config's)."""
+    return ATTEMPTS.labels(route, target, outcome)
 
 
 def record(exchange: Exchange) -> None:

@@ -45,12 +45,17 @@ def test_seed_rerank_config_loads_with_defaults(tmp_path: Path) -> None:
     (ep,) = settings.endpoints
     assert settings.master_key == "sk-1234"
     assert ep.path == "/v1/rerank"
-    assert ep.target == "https://api.cohere.com/v1/rerank"
+    (target,) = ep.targets
+    assert (target.name, target.url_shown, target.weight, target.order) == ("api.cohere.com", target.url, 1, 1)
+    assert target.url == "https://api.cohere.com/v1/rerank"
+    assert target.headers == ep.headers
     assert ep.headers == (
         ("Authorization", "bearer co-secret-123"),
         ("content-type", "application/json"),
         ("accept", "application/json"),
     )
+    assert (ep.retries.num_retries, ep.retries.allowed_fails, ep.retries.cooldown_time) == (0, 3, 30)
+    assert ep.retries.retry_on == {429, 500, 502, 503, 504} and ep.retries.retry_body_limit == 1024 * 1024
     assert (ep.auth, ep.forward_headers, ep.include_subpath) == (False, False, False)
     assert ep.methods == ALL_METHODS
     assert ep.timeout == 600.0
@@ -78,7 +83,7 @@ def test_every_field_is_read() -> None:
     )
     (ep,) = settings.endpoints
     assert ep.path == "/svc"
-    assert ep.target == "http://127.0.0.1:9/base?v=2"
+    assert [target.url for target in ep.targets] == ["http://127.0.0.1:9/base?v=2"]
     assert (ep.auth, ep.forward_headers, ep.include_subpath) == (True, True, True)
     assert ep.methods == ("GET", "POST")
     assert ep.timeout == 2.5
@@ -90,8 +95,9 @@ def test_every_field_is_read() -> None:
 
 def test_env_reference_inside_a_value_and_masked_target() -> None:
     (ep,) = settings_of([{"path": "/g", "target": "https://h.example/v1?key=os.environ/COHERE_API_KEY"}]).endpoints
-    assert ep.target == "https://h.example/v1?key=co-secret-123"
-    assert ep.target_shown == "https://h.example/v1?key=***"
+    (target,) = ep.targets
+    assert target.url == "https://h.example/v1?key=co-secret-123"
+    assert target.url_shown == "https://h.example/v1?key=***"
 
 
 def test_langfuse_keys_become_one_basic_authorization() -> None:

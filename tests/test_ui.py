@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import free_port
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from upstream import Upstream
 
@@ -321,6 +322,20 @@ def test_routes_show_target_names_never_urls_or_header_values(serve: Serve, upst
     assert f"<code>{upstream.url.split('//')[1]}</code>" in shown
     assert "query-secret" not in shown and "header-secret" not in shown and "/deep/path" not in shown
     assert "Calls since start</dt><dd>3" in shown
+
+
+def test_routes_list_each_target_by_name_with_its_state(serve: Serve, upstream: Upstream) -> None:
+    refusing = f"http://127.0.0.1:{free_port()}"  # nothing listens: each attempt there is refused
+    url = serve([{"path": "/multi", "allowed_fails": 1, "cooldown_time": 60, "targets": [
+        {"url": f"{refusing}/x", "name": "gone-away"}, {"url": f"{upstream.url}/echo", "name": "healthy"}]}],
+        master_key=MASTER)  # fmt: skip
+    page = Page(url)
+    page.login()
+    assert requests.post(f"{url}/multi", timeout=10).status_code == 200  # whichever went first, one answered
+    assert requests.post(f"{url}/multi", timeout=10).status_code == 200
+    shown = page.get("/ui/routes").text
+    assert "<code>gone-away</code> — cooling down, " in shown and "<code>healthy</code> — ok" in shown
+    assert refusing.split("//")[1] not in shown
 
 
 def test_the_store_reads_behind_the_pages(store: Any) -> None:

@@ -234,6 +234,7 @@ def spend_recorder(store: Store, master: str, logged: bool) -> Recorder:
                 completion_tokens=None if usage is None else usage.completion_tokens,
                 total_tokens=None if usage is None else usage.total_tokens,
                 logged=logged,
+                target=exchange.target,
             )
         )
 

@@ -13,6 +13,7 @@ fetched from elsewhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,9 @@ from passthru.errors import PassthruError
 from passthru.keystore.records import KeyAdmin, Store
 from passthru.server_config import ServerSettings
 from passthru.ui.session import COOKIE, LoginLimit, Sessions
+
+# forward.Forwarder.cooling: each route's targets by name, with the seconds of cooldown each has left in this worker.
+Cooling = Callable[[], Mapping[str, Sequence[tuple[str, float]]]]
 
 log = logging.getLogger("passthru")
 
@@ -50,20 +54,21 @@ class Admin:
     settings: Settings
     store: Store
     master_token: str  # the master key's hash: its calls' entries in the spend log
+    cooling: Cooling  # each route's targets by name, with their cooldown's seconds left in this worker
 
     def keys(self) -> KeyAdmin:
         """The key store's /key/* side, opened in this worker the first time a page needs it."""
         return self.store.open().admin
 
 
-def build_blueprint(settings: Settings, store: Store, server: ServerSettings) -> Blueprint:
+def build_blueprint(settings: Settings, store: Store, server: ServerSettings, cooling: Cooling) -> Blueprint:
     """A fresh Blueprint serving /ui and below; every page but the login needs a valid session."""
     from passthru.ui import keys_page, logs_page, routes_page, usage_page
 
     assert settings.master_key is not None  # the page is served only with a master key (app.py)
     sessions = Sessions(settings.master_key, server.ui_session, server.trusted_proxy)
     limit = LoginLimit()
-    admin = Admin(settings, store, digest(settings.master_key).hex())
+    admin = Admin(settings, store, digest(settings.master_key).hex(), cooling)
     blueprint = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
                           static_url_path="/static")  # fmt: skip
 

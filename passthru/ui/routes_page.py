@@ -4,15 +4,15 @@ flight."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from flask import Blueprint, render_template
 
-from passthru.config import Endpoint
 from passthru.metrics import registry_of
 from passthru.ui import Admin
 
@@ -54,21 +54,20 @@ def add_rules(blueprint: Blueprint, admin: Admin, metrics_dir: str | None) -> No
     def routes() -> str:
         """GET /ui/routes."""
         now, current, before = sampler.take()
-        shown = [(endpoint, targets_of(endpoint), figures(endpoint.path, current, before, now))
+        states = admin.cooling()
+        shown = [(endpoint, targets_of(states.get(endpoint.path, ())), figures(endpoint.path, current, before, now))
                  for endpoint in admin.settings.endpoints]  # fmt: skip
         return render_template("ui/routes.html", routes=shown, refresh=REFRESH)
 
     blueprint.add_url_rule("/routes", "routes", routes, methods=["GET"])
 
 
-def targets_of(endpoint: Endpoint) -> tuple[Target, ...]:
-    """The route's targets, by name, with their states.
-
-    The one place a route's targets are listed: a route has one target today, named by its URL's host (as it is
-    shown in `passthru check`, environment parts masked). Routes with several targets and their states (cooling
-    down, failing) will be listed here from the route's own targets (issue 15).
-    """
-    return (Target(urlsplit(endpoint.target_shown).netloc or "(unnamed)"),)
+def targets_of(states: Sequence[tuple[str, float]]) -> tuple[Target, ...]:
+    """The route's targets by name (never a URL), with their states in the worker that answers, as readiness gives
+    them: a route with one target has no state worth a word."""
+    if len(states) == 1:
+        return (Target(states[0][0]),)
+    return tuple(Target(name, f"cooling down, {math.ceil(left)} s left" if left else "ok") for name, left in states)
 
 
 def figures(path: str, current: dict[str, Counts], before: tuple[float, dict[str, Counts]] | None,
