@@ -135,6 +135,15 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         ("small POST throughput, passthru / floor", f"{tp['passthru'] / tp['floor']:.3f}",
          f"{tp['passthru']:.0f} vs {tp['floor']:.0f} req/s; CPU {cpu['passthru']:.0f} vs {cpu['floor']:.0f} "
          "µs/request", "—", "info"),
+        ("two healthy targets: CPU per request over one target",
+         f"{(cpu['passthru two targets'] / cpu['passthru'] - 1) * 100:+.1f} %",
+         f"{cpu['passthru two targets']:.0f} vs {cpu['passthru']:.0f} µs/request", "≤ +5 %",
+         verdict(cpu["passthru two targets"] <= 1.05 * cpu["passthru"])),
+        ("failover past a first target that refuses: latency added at 1 conn over one target, p50 / p99",
+         f"{lat50['passthru failover'] - lat50['passthru']:.3f} / "
+         f"{lat99['passthru failover'] - lat99['passthru']:.3f} ms",
+         f"p50 {lat50['passthru failover']:.3f} vs {lat50['passthru']:.3f} ms, p99 {lat99['passthru failover']:.3f} vs "
+         f"{lat99['passthru']:.3f} ms; a refused connect on loopback", "one connect attempt", "info"),
         (f"usage read from a {len(openai_answer())}-byte OpenAI JSON answer: CPU per request over the same bytes "
          "unread", f"{(cpu['passthru usage json'] / cpu['passthru usage bin'] - 1) * 100:+.1f} %",
          f"{cpu['passthru usage json']:.0f} vs {cpu['passthru usage bin']:.0f} µs/request", "≤ +5 %",

@@ -171,6 +171,8 @@ def run(args: argparse.Namespace) -> str:
              Load("passthru", passthru.port, "/small", None, passthru.workers),
              Load("passthru usage json", passthru.port, "/usage-json", None, passthru.workers),
              Load("passthru usage bin", passthru.port, "/usage-bin", None, passthru.workers),
+             Load("passthru two targets", passthru.port, "/two", None, passthru.workers),
+             Load("passthru failover", passthru.port, "/failover", None, passthru.workers),
              Load("passthru-keys", passthru_keys.port, "/small", None, passthru_keys.workers),
              Load("passthru-keys auth", passthru_keys.port, "/small-auth", MASTER_KEY, passthru_keys.workers),
              Load("passthru-keys virtual key", passthru_keys.port, "/small-auth",
