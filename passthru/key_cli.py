@@ -44,6 +44,7 @@ def _keys_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-budget", type=float)
     generate.add_argument("--rpm-limit", type=int)
     generate.add_argument("--tpm-limit", type=int, help="tokens a minute, counted as answers end")
+    generate.add_argument("--max-parallel-requests", type=int, help="calls in flight at once, on each host")
     generate.add_argument("--budget-duration", help='spend goes back to 0 every "30d", "1mo" (a calendar month), …')
     generate.add_argument("--allowed-route", action="append", dest="allowed_routes", metavar="PATH",
                           help="a route the key may call (repeat; default: all)")  # fmt: skip
