@@ -1,7 +1,7 @@
 """One Exchange per request: made when the request arrives, filled in by the stages it passes, finished once when its
-answer's body is done (or the client went away). Each owner then records its own part from it: the usage and spend
-(pricing.meter), metrics, the key store's spend entry, the heap trim, the access line — bound at start-up in app.py,
-in that order.
+answer's body is done (or the client went away). Each owner then records its own part from it: the call's slots let go
+of (limits.release), the usage and spend (pricing.meter), metrics, the key store's spend entry, the heap trim, the
+access line — bound at start-up in app.py, in that order.
 """
 
 from __future__ import annotations

@@ -83,6 +83,23 @@ def test_route_rpm_limit_without_a_master_key_uses_the_default_store(serve: Serv
     assert stored(f"sqlite:///{tmp_path / 'passthru.db'}", route_windows, route_windows.c.route, "/v1/chat")[2] == 3
     metrics = requests.get(f"{base}/metrics", timeout=10).text
     assert 'passthru_limited_total{limit="rpm_limit",route="/v1/chat"} 2.0' in metrics
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'passthru.db'}")
+    try:
+        with engine.connect() as conn:  # no master key: nothing could read a spend log, none is written
+            assert conn.execute(sa.text("SELECT count(*) FROM passthru_spend_logs")).scalar() == 0
+    finally:
+        engine.dispose()
+
+
+def test_a_route_whose_store_is_unreachable_answers_503_and_holds_no_slot(serve: Serve, upstream: Upstream) -> None:
+    base = serve([{"path": "/r", "target": f"{upstream.url}/echo", "rpm_limit": 10, "max_parallel_requests": 1}],
+                 database_url="postgresql://u:pw-limits-1@127.0.0.1:1/db")  # fmt: skip
+    for _ in range(3):  # each one had the slot, and let go of it
+        response = post(f"{base}/r")
+        assert response.status_code == 503 and error_of(response)["type"] == "service_unavailable"
+        assert "pw-limits-1" not in response.text
+    assert len(upstream.requests) == 0
+    assert requests.get(f"{base}/health/readiness", timeout=10).json()["db"] == "unreachable"
 
 
 def test_a_call_the_route_refuses_costs_its_key_nothing(database_url: str, serve: Serve, upstream: Upstream) -> None:
