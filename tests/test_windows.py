@@ -9,6 +9,7 @@ import time
 
 import sqlalchemy as sa
 from alembic import command
+from test_leases import admitted_by
 from test_store import new_key
 
 from passthru.keystore.engine import alembic_config, head_revision, open_engine, upgrade
@@ -94,22 +95,7 @@ def test_route_leases_across_hosts_never_pass_the_limit(store: SqlKeyStore, othe
     not use, calls are admitted again up to exactly rpm_limit."""
     limit = 8 * SHARE
     hosts = [Leases(store), Leases(other_host)]
-    admitted = [0]
-    lock = threading.Lock()
-
-    def call(leases: Leases) -> None:
-        for _ in range(limit):
-            if isinstance(leases.admit_route(ROUTE, limit), Refusal):
-                return
-            with lock:
-                admitted[0] += 1
-
-    threads = [threading.Thread(target=call, args=(hosts[n % 2],)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not any(thread.is_alive() for thread in threads)
+    admitted = [admitted_by(hosts, limit, lambda leases: not isinstance(leases.admit_route(ROUTE, limit), Refusal))]
     assert admitted[0] <= limit and window(store)[1] == limit
     for leases, host in zip(hosts, (store, other_host), strict=True):
         host.record([], None, leases.unused(everything=True))
