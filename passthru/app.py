@@ -7,7 +7,7 @@ from functools import partial
 
 from flask import Flask
 
-from passthru import __version__, exchange, health, limits, metrics, pricing, routes
+from passthru import __version__, exchange, health, limits, metrics, pricing, routes, ui
 from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
@@ -53,6 +53,7 @@ def create_app(
         assert store is not None
         authenticator = Authenticator(settings.master_key, store)
         app.register_blueprint(metrics.labelled(build_key_api(authenticator, settings.master_key)))
+        app.register_blueprint(metrics.labelled(ui.build_blueprint(settings, store, server)))  # the admin page
     # This worker's transport: its Session and connection pools, made here, after gunicorn forked.
     forwarder = Forwarder(settings.endpoints, server.trusted_proxy)
     # Its slot files (calls in flight, shared by the server's workers), opened on first use, after the fork too.

@@ -44,6 +44,7 @@ BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metric
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
 KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/key/list", "/key/block",
                  "/key/unblock", "/spend/logs", "/global/spend/report")  # fmt: skip
+UI_PATH = "/ui"  # the admin page (ui/), with master_key: a pass-through route may not cover it or any path below it
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,10 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     if metrics_require_auth and master_key is None:
         raise reader.error("general_settings.metrics_require_auth", "is true but master_key is not set")
     # The key API is served only with a master key; the health and metrics paths always.
-    built_in = BUILT_IN_PATHS + (KEY_API_PATHS if master_key is not None else ())
+    built_in = BUILT_IN_PATHS + (KEY_API_PATHS + (UI_PATH,) if master_key is not None else ())
     seen: dict[str, int] = {}
     for ep in endpoints:
-        clash = next((path for path in built_in if _serves(ep, path)), None)
+        clash = next((p for p in built_in if _serves(ep, p) or p == UI_PATH and ep.path.startswith(p + "/")), None)
         if clash:
             raise reader.error(f"{_where(ep.index, ep.path)}.path", f"clashes with passthru's built-in route {clash}")
         # Paths that one request could name in two spellings (letter case, escapes, ;parameters) are one path.

@@ -181,10 +181,10 @@ def spend_logs(store: KeyAdmin, args: Fields) -> list[dict[str, Any]]:
     start = key_fields.instant(args.get("start_date"), "start_date", end=False)
     end = key_fields.instant(args.get("end_date"), "end_date", end=True)
     limit = key_fields.positive_int(args, "limit", 1000, MAX_SPEND_LOGS)
-    return [_entry(entry) for entry in store.spend_logs(token, start, end, limit)]
+    return [shown_entry(entry) for entry in store.spend_logs(token, start, end, limit)]
 
 
-def _entry(entry: SpendEntry) -> dict[str, Any]:
+def shown_entry(entry: SpendEntry) -> dict[str, Any]:
     """LiteLLM's names for what it logs too; request_id is the call's id as its caller saw it (x-request-id), or the
     entry's own id for entries written before the call's id was kept."""
     return {

@@ -151,10 +151,7 @@ def build_blueprint(authenticator: Authenticator | None, metrics_dir: str | None
     """GET /metrics in Prometheus text format, summed over every worker's files in `metrics_dir` (gunicorn), else
     this process's own; behind the master key when an authenticator is given (metrics_require_auth)."""
     blueprint = Blueprint("metrics", __name__)
-    registry = PROCESS_REGISTRY
-    if metrics_dir is not None:
-        registry = CollectorRegistry()
-        registry.register(_AllWorkers(metrics_dir))  # reads the folder's files at each scrape
+    registry = registry_of(metrics_dir)
 
     @blueprint.get("/metrics")
     def metrics() -> Response:
@@ -163,6 +160,16 @@ def build_blueprint(authenticator: Authenticator | None, metrics_dir: str | None
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint
+
+
+def registry_of(metrics_dir: str | None) -> CollectorRegistry:
+    """Where the samples are read: every worker's files in `metrics_dir` (gunicorn), else this process's own (the
+    /metrics answer, and the admin page's routes)."""
+    if metrics_dir is None:
+        return PROCESS_REGISTRY
+    registry = CollectorRegistry()
+    registry.register(_AllWorkers(metrics_dir))  # reads the folder's files at each scrape
+    return registry
 
 
 class _AllWorkers(Collector):

@@ -21,7 +21,7 @@ from werkzeug.wrappers import Response
 
 from passthru import metrics
 from passthru.auth import Authenticator, digest, headers_carrying, read_key
-from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, Endpoint, Settings
+from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, UI_PATH, Endpoint, Settings
 from passthru.errors import RateLimited, RequestError
 from passthru.exchange import Exchange, of
 from passthru.forward import Forwarder
@@ -92,13 +92,15 @@ def _lookup(
     return None
 
 
-def _any_path_but(own: tuple[str, ...]) -> type[BaseConverter]:
-    """A converter for every path, empty and slash-led ones too, except passthru's own paths: the route table, not
-    werkzeug, reads and resolves it; and a wrong method on /key/generate stays werkzeug's 405 with its Allow."""
-    exclude = "|".join(re.escape(path.lstrip("/")) for path in own)
+def _any_path_but(own: tuple[str, ...], trees: tuple[str, ...] = ()) -> type[BaseConverter]:
+    """A converter for every path, empty and slash-led ones too, except passthru's own paths and those below `trees`
+    (the admin page's): the route table, not werkzeug, reads and resolves it; and a wrong method on /key/generate or
+    /ui/keys stays werkzeug's 405 with its Allow."""
+    exclude = "|".join([re.escape(path.lstrip("/")) + "$" for path in own] +
+                       [re.escape(tree.lstrip("/")) + "(?:/|$)" for tree in trees])  # fmt: skip
 
     class AnyPath(BaseConverter):
-        regex = f"(?!(?:{exclude})$).*"
+        regex = f"(?!(?:{exclude})).*"
         part_isolating = False
 
     return AnyPath
@@ -147,7 +149,8 @@ def build_blueprint(
     # The master key is stripped from relayed headers on every route, authenticated or not.
     proxy_keys = (digest(settings.master_key),) if settings.master_key else ()
     view = partial(_serve, build_table(settings, forwarder, authenticator, limits), forwarder, proxy_keys)
-    converter = _any_path_but(BUILT_IN_PATHS + (KEY_API_PATHS if settings.master_key else ()))
+    own = BUILT_IN_PATHS + (KEY_API_PATHS if settings.master_key else ())
+    converter = _any_path_but(own, (UI_PATH,) if settings.master_key else ())
 
     def add_converter(state: BlueprintSetupState) -> None:
         state.app.url_map.converters["passthru_any"] = converter

@@ -436,6 +436,8 @@ def test_bad_database_url_in_the_environment_is_named() -> None:
         pytest.param({"path": "/key", "target": "http://a", "include_subpath": True}, id="prefix"),
         pytest.param({"path": "/global/spend/report", "target": "http://a"}, id="spend-report"),
         pytest.param({"path": "/global", "target": "http://a", "include_subpath": True}, id="report-prefix"),
+        pytest.param({"path": "/ui", "target": "http://a"}, id="admin-page"),
+        pytest.param({"path": "/ui/keys/x", "target": "http://a"}, id="below-the-admin-page"),
     ],
 )
 def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
@@ -446,8 +448,8 @@ def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
 
 def test_routes_beside_the_key_api_are_fine() -> None:
     entries = [{"path": "/key", "target": "http://a"}, {"path": "/keys", "target": "http://a", "include_subpath": True},
-               {"path": "/key/generate2", "target": "http://a"}]  # fmt: skip
-    assert len(settings_of(entries, master_key="sk-1").endpoints) == 3
+               {"path": "/key/generate2", "target": "http://a"}, {"path": "/uix", "target": "http://a"}]  # fmt: skip
+    assert len(settings_of(entries, master_key="sk-1").endpoints) == 4
 
 
 def test_numbers_yaml_reads_as_strings_are_read_as_the_numbers_they_say(tmp_path: Path) -> None:

@@ -117,16 +117,22 @@ class Tally:
 
 
 @dataclass(frozen=True)
-class ReportRow:
-    """One day and group of /global/spend/report: what the spend log holds for them (tokens None: none known)."""
+class GroupTotal:
+    """What the spend log holds for one key, route or model over a range of time (tokens None: none known)."""
 
-    day: int  # days since 1970-01-01, UTC
     group: str | None  # the key's token, the route or the model; None: no key (open route), or no model known
     spend: float
     calls: int
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ReportRow(GroupTotal):
+    """One day and group of /global/spend/report."""
+
+    day: int = 0  # days since 1970-01-01, UTC
 
 
 @dataclass(frozen=True)
@@ -204,11 +210,22 @@ class KeyAdmin(KeyReads, Protocol):
 
     def delete(self, tokens: Sequence[str]) -> list[str]: ...
 
-    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]: ...
+    def page(
+        self, page: int, size: int, key_alias: str | None = None, alias_contains: str | None = None
+    ) -> tuple[list[KeyInfo], int]: ...
 
-    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
+    def find_many(self, tokens: Sequence[str]) -> list[KeyInfo]: ...
+
+    def spend_logs(
+        self, token: str | None, start: float | None, end: float | None, limit: int, route: str | None = None,
+        status: int | None = None,
+    ) -> list[SpendEntry]: ...  # fmt: skip
+
+    def spend_entry(self, request_id: str) -> SpendEntry | None: ...
 
     def spend_report(self, group: ReportGroup, start: float, end: float, limit: int) -> list[ReportRow]: ...
+
+    def spend_totals(self, group: ReportGroup, start: float, end: float, limit: int) -> list[GroupTotal]: ...
 
 
 class KeyStore(CallStore, KeyAdmin, Protocol):

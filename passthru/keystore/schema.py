@@ -40,6 +40,7 @@ keys = sa.Table(
     sa.Column("total_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     # LiteLLM's: calls of the key in flight at once, on each host (limits.py; not counted here).
     sa.Column("max_parallel_requests", sa.Integer),
+    sa.Index("ix_passthru_keys_created", "created_at", "token"),  # the key list's order, newest first
 )
 spend_logs = sa.Table(
     "passthru_spend_logs",
@@ -63,6 +64,8 @@ spend_logs = sa.Table(
     sa.Column("target", sa.Text),  # the name of the upstream target that answered
     sa.Index("ix_passthru_spend_logs_token_start", "token", "start_time"),
     sa.Index("ix_passthru_spend_logs_start", "start_time"),
+    sa.Index("ix_passthru_spend_logs_route_start", "route", "start_time"),  # the admin page's filters
+    sa.Index("ix_passthru_spend_logs_status_start", "status", "start_time"),
 )
 # A route's rpm_limit window (windows.py), fixed as a key's: one row per configured route path, made by its first
 # call, shared by every host that serves the path.

@@ -27,6 +27,7 @@ from passthru.keystore import admin, budget
 from passthru.keystore.engine import READ_ONLY, dbapi_cursor, ensure_schema, open_engine, pool_slots
 from passthru.keystore.guard import StoreGuard
 from passthru.keystore.records import (
+    GroupTotal,
     KeyInfo,
     NewKey,
     Refusal,
@@ -36,7 +37,7 @@ from passthru.keystore.records import (
     Tally,
     Unused,
 )
-from passthru.keystore.report import report_rows
+from passthru.keystore.report import report_rows, total_rows
 from passthru.keystore.statements import RECORD_ROWS, USAGE, per_call_statements
 from passthru.keystore.windows import RouteWindows
 
@@ -227,22 +228,42 @@ class SqlKeyStore:
         self.edits += 1
         return missing
 
-    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]:
-        """One page of keys, newest first, and how many there are in all."""
+    def page(
+        self, page: int, size: int, key_alias: str | None = None, alias_contains: str | None = None
+    ) -> tuple[list[KeyInfo], int]:
+        """One page of keys, newest first, and how many there are in all (filtered by alias: admin.page_rows)."""
         with self._guard("listing keys"), self._reads.begin() as conn:
-            rows, total = admin.page_rows(conn, page, size, key_alias)
+            rows, total = admin.page_rows(conn, page, size, key_alias, alias_contains)
         return [self._current(row) for row in rows], total
 
-    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]:
-        """Spend log entries, newest first, of one key or all, started in [start, end)."""
+    def find_many(self, tokens: Sequence[str]) -> list[KeyInfo]:
+        """The keys among these tokens that exist, as stored (their names, for pages that list many tokens)."""
+        with self._guard("reading keys"), self._reads.connect() as conn:
+            return [_info(row) for row in admin.key_rows(conn, tokens)]
+
+    def spend_logs(
+        self, token: str | None, start: float | None, end: float | None, limit: int, route: str | None = None,
+        status: int | None = None,
+    ) -> list[SpendEntry]:  # fmt: skip
+        """Spend log entries, newest first, of one key or all, started in [start, end), of one route or status."""
         with self._guard("reading spend logs"), self._reads.connect() as conn:
-            return admin.spend_entries(conn, token, start, end, limit)
+            return admin.spend_entries(conn, token, start, end, limit, route, status)
+
+    def spend_entry(self, request_id: str) -> SpendEntry | None:
+        """One spend log entry by its own id."""
+        with self._guard("reading spend logs"), self._reads.connect() as conn:
+            return admin.spend_entry(conn, request_id)
 
     def spend_report(self, group: ReportGroup, start: float, end: float, limit: int) -> list[ReportRow]:
         """Spend, calls and tokens per UTC day and group, of the entries started in [start, end): `limit` rows at
         most, days in order and the biggest spenders first within a day."""
         with self._guard("reading the spend report"), self._reads.connect() as conn:
             return report_rows(conn, group, start, end, limit)
+
+    def spend_totals(self, group: ReportGroup, start: float, end: float, limit: int) -> list[GroupTotal]:
+        """Spend, calls and tokens per key, route or model over [start, end), the biggest spenders first."""
+        with self._guard("reading the spend report"), self._reads.connect() as conn:
+            return total_rows(conn, group, start, end, limit)
 
     def close(self) -> None:
         """Close the pooled connections (tests, and the gunicorn master after migrating)."""

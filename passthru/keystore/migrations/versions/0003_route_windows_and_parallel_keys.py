@@ -1,8 +1,11 @@
 """Routes' rpm_limit windows, and the keys' max_parallel_requests (issue 15).
 
 Revision ID: 0003
-Revises: 0002
+Revises: 0004
 Create Date: 2026-12-03
+
+After 0004, not 0002: the two were written at the same time, 0004 landed first (see its docstring), and the chain
+must have one head.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0002"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
