@@ -89,6 +89,8 @@ class SlotFile:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, region + index)
 
     def _open(self, path: str) -> int:
+        # The folder is the server's (made before its workers start); made again if something removed it meanwhile.
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return self._fd
 
