@@ -126,14 +126,12 @@ class Authenticator:
         if info.counted:
             try:
                 refusal = opened.leases.admit(info, endpoint.cost_per_request)
-            except BaseException:
+                if refusal is not None:
+                    raise refused(refusal)
+            except BaseException:  # refused, or the store failed: the call is not made
                 if held is not None:
                     held.undo()
                 raise
-            if refusal is not None:
-                if held is not None:
-                    held.undo()
-                raise refused(refusal)
         return info.token, endpoint.cost_per_request if info.counted else 0.0, held
 
     def require_master(self, environ: Mapping[str, Any]) -> None:

@@ -49,7 +49,7 @@ class Limits:
             key_region = region_of_token(info.token)
             key_slot = self.key_slots.take(key_region, info.max_parallel_requests)
             if key_slot is None:
-                self._give_slots(route_slot, key_region, None)
+                self.let_go(route_slot, key_region, None)
                 raise RateLimited("Rate limit exceeded: this key has its max_parallel_requests calls in flight; "
                                   f"retry in {PARALLEL_RETRY_AFTER}s", retry_after=PARALLEL_RETRY_AFTER,
                                   limit="key_max_parallel_requests")  # fmt: skip
@@ -59,10 +59,10 @@ class Limits:
             try:
                 counted = self.store.open().leases.admit_route(self.route, self.rpm_limit)
             except BaseException:  # the store is unavailable (503): the call is not made, its slots are free
-                self._give_slots(route_slot, key_region, key_slot)
+                self.let_go(route_slot, key_region, key_slot)
                 raise
             if isinstance(counted, Refusal):
-                self._give_slots(route_slot, key_region, key_slot)
+                self.let_go(route_slot, key_region, key_slot)
                 raise RateLimited(f"Rate limit exceeded: {self.route}'s rpm_limit is reached; retry in "
                                   f"{counted.retry_after}s", retry_after=counted.retry_after,
                                   limit="rpm_limit")  # fmt: skip
@@ -71,7 +71,8 @@ class Limits:
             return None
         return Held(self, route_slot, key_region, key_slot, window)
 
-    def _give_slots(self, route_slot: int | None, key_region: int, key_slot: int | None) -> None:
+    def let_go(self, route_slot: int | None, key_region: int, key_slot: int | None) -> None:
+        """Give back a call's slots (None: it took none there)."""
         if route_slot is not None:
             self.route_slots.give(self.region, route_slot)
         if key_slot is not None:
@@ -98,7 +99,7 @@ class Held:
         """Let go of the slots (once): the call's answer is over."""
         if not self._done:
             self._done = True
-            self.limits._give_slots(self.route_slot, self.key_region, self.key_slot)
+            self.limits.let_go(self.route_slot, self.key_region, self.key_slot)
 
     def undo(self) -> None:
         """The call is not made after all: its slots, and its count in the route's window."""
