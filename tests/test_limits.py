@@ -163,6 +163,7 @@ def test_slots_are_let_go_of_when_the_upstream_fails_or_the_caller_hangs_up(serv
     assert [post(f"{base}/one").status_code for _ in range(20)] == [200] * 20
     with requests.Session() as kept_alive:
         assert [kept_alive.post(f"{base}/one", timeout=10).status_code for _ in range(20)] == [200] * 20
+        assert [kept_alive.head(f"{base}/one", timeout=10).status_code for _ in range(20)] == [200] * 20
 
     def sse_status() -> int:
         with requests.get(f"{base}/sse", stream=True, timeout=10) as answer:

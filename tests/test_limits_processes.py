@@ -106,7 +106,9 @@ def test_calls_in_flight_are_bounded_across_workers_and_a_killed_worker_frees_it
     slow = f"{upstream.url}/stall?seconds=2"
     server = gunicorn([{"path": "/slow", "target": slow, "max_parallel_requests": 2},
                        {"path": "/hang", "target": f"{upstream.url}/stall?seconds=12", "max_parallel_requests": 2},
-                       {"path": "/keyed", "target": slow, "auth": True}], workers=4, master_key=MASTER,
+                       {"path": "/keyed", "target": slow, "auth": True},
+                       {"path": "/one", "target": f"{upstream.url}/echo", "max_parallel_requests": 1}], workers=4,
+                      master_key=MASTER,
                       env={"PASSTHRU_LIMITS_DIR": str(limits_dir)})  # fmt: skip
     base = server.url
     made = requests.post(f"{base}/key/generate", json={"max_parallel_requests": 2},
@@ -120,6 +122,12 @@ def test_calls_in_flight_are_bounded_across_workers_and_a_killed_worker_frees_it
     assert statuses == {200: 4, 429: 6}, statuses
     assert time.monotonic() - started < 10
     assert len(set(re.findall(r"\[(\d+)\] \[[^\]]*\] passthru: POST /(?:slow|keyed) ", server.output()))) >= 2
+
+    # One at a time, each call sent as soon as the last one's answer is in: never refused, on one worker or several.
+    assert [call(base, "/one") for _ in range(20)] == [200] * 20
+    with requests.Session() as kept_alive:
+        assert [kept_alive.post(f"{base}/one", timeout=10).status_code for _ in range(20)] == [200] * 20
+        assert [kept_alive.head(f"{base}/one", timeout=10).status_code for _ in range(20)] == [200] * 20
 
     # Two calls hold the route's slots; the worker of one is killed mid-call: the kernel frees its slot (both, when
     # the two calls went to that one worker), and new calls take them; the other worker's call keeps its own.
