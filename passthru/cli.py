@@ -73,6 +73,7 @@ def check(path: str) -> int:
     print(f"{settings.source}: ok, {len(settings.endpoints)} route(s)")
     for ep in settings.endpoints:
         flags = [f"auth={str(ep.auth).lower()}", f"timeout={ep.timeout:g}s"]
+        flags += [f"{name}={value}" for name, value in vars(ep.limits).items() if value is not None]
         flags += [name for name in ("include_subpath", "forward_headers") if getattr(ep, name)]
         if ep.retries.num_retries:
             flags.append(f"num_retries={ep.retries.num_retries}")

@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import yaml
 
 from passthru.config_fields import FieldReader, kind
+from passthru.config_limits import LIMIT_FIELDS, RouteLimits, read_limits
 from passthru.config_targets import RETRY_FIELDS, Retries, Target, read_headers, read_targets
 from passthru.errors import ConfigError
 from passthru.keystore.url import read_database_url
@@ -31,7 +32,7 @@ DEFAULT_TIMEOUT = 600.0
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
-    "default_query_params", "cost_per_request", *PRICE_FIELDS, *RETRY_FIELDS,
+    "default_query_params", "cost_per_request", *PRICE_FIELDS, *RETRY_FIELDS, *LIMIT_FIELDS,
 )  # fmt: skip
 GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url", "model_prices",
                   "disable_spend_logs")  # fmt: skip
@@ -60,6 +61,7 @@ class Endpoint:
     default_query_params: tuple[tuple[str, str], ...]
     cost_per_request: float
     prices: Prices  # the route's own per-token prices (pricing.py)
+    limits: RouteLimits = RouteLimits()  # its rpm_limit and max_parallel_requests (config_limits.py)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Settings:
     metrics_require_auth: bool
     secrets: frozenset[str]  # every value a log line or an answer must mask
     warnings: tuple[str, ...]  # said at start-up: routes that hand environment secrets to anyone
-    # The key store's SQLAlchemy URL, set exactly when master_key is (virtual keys are administered with it).
+    # The key store's SQLAlchemy URL, set when master_key is (virtual keys) or a route has an rpm_limit (its counts).
     database_url: str | None = None
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
     model_prices: Mapping[str, Prices] = field(default_factory=dict)  # general_settings.model_prices
@@ -165,11 +167,11 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         if not ep.auth and any(value in reader.from_environment for target in ep.targets for _, value in target.headers)
     ]
     database_url = database_shown = None
-    if master_key is not None:
+    if master_key is not None or any(ep.limits.rpm_limit for ep in endpoints):
         database_url, database_shown = read_database_url(reader, general.get("database_url"), environ)
     elif general.get("database_url") is not None:
-        warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
-                        "only used for virtual keys, which need the master key")  # fmt: skip
+        warnings.append(f"{source}: general_settings.database_url is set but unused: the key store holds virtual keys "
+                        "(which need master_key) and routes' rpm_limit counts, and there are neither")  # fmt: skip
     model_prices = read_model_prices(reader, general.get("model_prices"))
     secrets = frozenset(reader.secrets)
     disable_spend_logs = reader.boolean(general, "disable_spend_logs", "general_settings")
@@ -213,6 +215,7 @@ def _endpoint(reader: FieldReader, index: int, entry: Any) -> Endpoint:
         default_query_params=tuple(reader.mapping(entry, "default_query_params", where, secret=False)),
         cost_per_request=reader.number(entry.get("cost_per_request", 0), f"{where}.cost_per_request"),
         prices=read_prices(reader, entry, where),
+        limits=read_limits(reader, entry, where),
     )
 
 

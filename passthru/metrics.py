@@ -54,6 +54,9 @@ ATTEMPTS = Counter("passthru_upstream_attempts", "Attempts sent upstream", ["rou
 COOLDOWNS = Counter("passthru_upstream_cooldowns", "Times a target began to cool down", ["route", "target"])
 TOKENS = Counter("passthru_tokens", "Tokens the answers reported", ["route", "model", "kind"])
 SPEND = Counter("passthru_spend", "What pass-through calls cost (pricing.py)", ["route"])
+# Calls refused with 429, by the limit that refused them: a route's rpm_limit or max_parallel_requests, or a key's
+# (key_rpm_limit, key_tpm_limit, key_max_parallel_requests). Five values at most: refusals cannot grow the series.
+LIMITED = Counter("passthru_limited", "Calls refused by a rate limit (429)", ["route", "limit"])
 
 
 # Label values come from callers too (any method name on any path): anything else is counted as "other", so a
@@ -135,6 +138,11 @@ def _tokens(route: str, model: str) -> tuple[Any, Any]:
 @lru_cache(maxsize=256)
 def _spend(route: str) -> Any:
     return SPEND.labels(route)
+
+
+def limited(route: str, limit: str) -> None:
+    """Count a call refused by a limit (errors.RateLimited.limit)."""
+    LIMITED.labels(route, limit).inc()
 
 
 def labelled(blueprint: Blueprint) -> Blueprint:

@@ -13,6 +13,7 @@ from ipaddress import ip_address, ip_network
 from passthru.config import Settings, parse_settings, parse_yaml, read_file
 from passthru.errors import ConfigError
 from passthru.keystore.budget import DURATION, SECONDS
+from passthru.slots import LIMITS_DIR_VARIABLE
 
 # Where a server finds its config (load_from_environment): the YAML itself wins over a file path.
 CONFIG_YAML_VARIABLE = "PASSTHRU_CONFIG_YAML"
@@ -39,6 +40,9 @@ class ServerSettings:
     metrics_dir: str | None
     # Set for workers by a gunicorn master that accepted the config: it said the config's warnings once already.
     config_accepted: bool
+    # PASSTHRU_LIMITS_DIR: the lock files that bound calls in flight across the server's workers (slots.py;
+    # deploy/gunicorn.conf.py sets it); None outside gunicorn: the bound holds in the process.
+    limits_dir: str | None = None
     # PASSTHRU_UI_SESSION: seconds an admin page login lasts, counted from the login (not from the last page).
     ui_session: float = UI_SESSION_DEFAULT
 
@@ -51,6 +55,7 @@ def read_server_settings(environ: Mapping[str, str] | None = None) -> ServerSett
         json_logs=environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes"),
         metrics_dir=environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
         config_accepted=ACCEPTED_TEXT in environ,
+        limits_dir=environ.get(LIMITS_DIR_VARIABLE) or None,
         ui_session=ui_session(environ.get(UI_SESSION_VARIABLE, "")),
     )
 

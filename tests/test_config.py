@@ -407,7 +407,7 @@ def test_database_url_without_master_key_is_unused_and_said_so() -> None:
     settings = settings_of([], database_url="sqlite:///x.db")
     assert settings.database_url is None
     (warning,) = settings.warnings
-    assert "database_url is set but master_key is not" in warning
+    assert "database_url is set but unused" in warning
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ def insert_key(conn: sa.Connection, new: NewKey) -> Row[Any]:
         "rpm_limit": new.rpm_limit, "tpm_limit": new.tpm_limit, "metadata": dict(new.metadata or {}),
         "allowed_routes": None if new.allowed_routes is None else list(new.allowed_routes),
         "budget_duration": new.budget_duration, "budget_reset_at": _first_reset(conn, new.budget_duration),
+        "max_parallel_requests": new.max_parallel_requests,
     }  # fmt: skip
     if conn.execute(sa.select(keys.c.token).where(keys.c.token == new.token)).first() is not None:
         raise RequestError("this key already exists", param="key")

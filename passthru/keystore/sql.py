@@ -39,6 +39,7 @@ from passthru.keystore.records import (
 )
 from passthru.keystore.report import report_rows, total_rows
 from passthru.keystore.statements import RECORD_ROWS, USAGE, per_call_statements
+from passthru.keystore.windows import RouteWindows
 
 log = logging.getLogger("passthru")
 
@@ -58,6 +59,7 @@ class SqlKeyStore:
         self._guard = StoreGuard(pool_slots(engine))
         self._reads = engine.execution_options(**{READ_ONLY: True})
         self._sql = per_call_statements(engine, window)
+        self.routes = RouteWindows(engine, self._guard, window)  # routes' rpm_limit windows (records.RouteCounts)
 
     def ping(self) -> None:
         """One round trip to the store: KeyStoreError when it cannot be reached (readiness asks this)."""
@@ -177,9 +179,11 @@ class SqlKeyStore:
                 {"t": u.token, "calls": u.calls, "amount": u.amount, "window_start": u.window_start}
             )
             for u in unused
+            if not u.route
         ]
+        routes_back = [self.routes.give_back(u) for u in unused if u.route]
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
-        atomic = not self._sql.sqlite or bool(charged) or bool(given_back)
+        atomic = not self._sql.sqlite or bool(charged) or bool(given_back) or bool(routes_back)
         nothing = (None,) * len(USAGE)
         bare = [entry for entry in entries if self._sql.usage(entry) == nothing]
         used = [entry for entry in entries if self._sql.usage(entry) != nothing] if len(bare) < len(entries) else []
@@ -197,6 +201,8 @@ class SqlKeyStore:
                 cursor.executemany(self._sql.charge.sql, charged)
             if given_back:
                 cursor.executemany(self._sql.give_back.sql, given_back)
+            if routes_back:
+                cursor.executemany(self.routes.give_back_sql, routes_back)
 
     # --- administration: the queries in admin.py, on a connection opened here ---------------------------------
 
@@ -274,6 +280,7 @@ def _info(row: Row[Any]) -> KeyInfo:
         metadata=m["metadata"] or {}, tpm_limit=m["tpm_limit"], budget_duration=m["budget_duration"],
         budget_reset_at=m["budget_reset_at"], prompt_tokens=m["prompt_tokens"],
         completion_tokens=m["completion_tokens"], total_tokens=m["total_tokens"],
+        max_parallel_requests=m["max_parallel_requests"],
     )  # fmt: skip
 
 
