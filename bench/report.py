@@ -210,6 +210,12 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
                  f"{tp['passthru-keys']:.0f} vs {tp['passthru']:.0f} req/s", "—", "info"))  # fmt: skip
     for kind in ("", " with limits"):
         rows += virtual_key_rows("SQLite", "passthru-keys", kind, tp, cpu, store_cpu, lat50)
+    route_rpm = cpu["passthru-keys route rpm_limit"] / cpu["passthru-keys"] - 1
+    key_limits = cpu["passthru-keys virtual key with limits"] / cpu["passthru-keys"] - 1
+    rows.append(("route `rpm_limit` (SQLite): CPU per request over no limit", f"{route_rpm * 100:+.0f} %",
+                 f"{cpu['passthru-keys route rpm_limit']:.0f} vs {cpu['passthru-keys']:.0f} µs/request; a virtual key "
+                 f"with limits {key_limits * 100:+.0f} %", "≤ the key's",
+                 verdict(route_rpm <= key_limits)))  # fmt: skip
     if res.pg_skipped:
         rows.append(("`auth: true` (virtual key, PostgreSQL): CPU per request over no auth", "—",
                      f"not run: {res.pg_skipped}", "< +25 %", "SKIPPED"))  # fmt: skip

@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> str:
              Load("passthru failover", passthru.port, "/failover", None, passthru.workers),
              Load("passthru-keys", passthru_keys.port, "/small", None, passthru_keys.workers),
              Load("passthru-keys auth", passthru_keys.port, "/small-auth", MASTER_KEY, passthru_keys.workers),
+             Load("passthru-keys route rpm_limit", passthru_keys.port, "/small-rpm", None, passthru_keys.workers),
              Load("passthru-keys virtual key", passthru_keys.port, "/small-auth",
                   make_virtual_key(passthru_keys.port), passthru_keys.workers),
              Load("passthru-keys virtual key with limits", passthru_keys.port, "/small-auth",

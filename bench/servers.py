@@ -287,6 +287,8 @@ def passthru_config(tmp: Path, nginx: Nginx, py: PyUpstream, *, keys: bool) -> P
     if keys:
         general["master_key"] = MASTER_KEY
         routes.append({"path": "/small-auth", "target": f"{fixed}/small", "auth": True, "cost_per_request": 0.001})
+        # A route rpm_limit it never reaches: every call counted in the store's window, in leases, as a key's are.
+        routes.append({"path": "/small-rpm", "target": f"{fixed}/small", "rpm_limit": 2_000_000_000})
     path = tmp / ("passthru-keys.yaml" if keys else "passthru.yaml")
     path.write_text(json.dumps({"general_settings": general}, indent=2))  # JSON is YAML
     return path
