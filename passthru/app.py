@@ -6,7 +6,7 @@ import os
 
 from flask import Flask
 
-from passthru import __version__, exchange, health, metrics, pricing, routes
+from passthru import __version__, exchange, health, metrics, pricing, routes, tracing
 from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
@@ -65,7 +65,8 @@ def create_app(
     if store is not None and authenticator is not None:
         spend_log = (spend_recorder(store, authenticator.master.hex(), not settings.disable_spend_logs),)
     recorders = (pricing.meter, metrics.record, *spend_log, heap.record, access_line)
-    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders)  # type: ignore[method-assign]
+    # Every request continues its caller's trace or starts one (tracing.py).
+    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders, tracing.begin)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
     for warning in () if server.config_accepted else settings.warnings:
         log.warning(warning)

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
-ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s%s"
+ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s trace=%s%s%s"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
+TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_trace_id", default=None)
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
 KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{6,}")
@@ -69,7 +70,7 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(TextFormatter):
-    """One JSON object per line: time, level, pid, logger, request_id, message, and the access fields."""
+    """One JSON object per line: time, level, pid, logger, request_id, trace_id, message, and the access fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -78,6 +79,7 @@ class JsonFormatter(TextFormatter):
             "pid": record.process,
             "logger": record.name,
             "request_id": REQUEST_ID.get(),
+            "trace_id": TRACE_ID.get(),
             "message": record.getMessage(),
         }
         entry.update(getattr(record, "access", None) or {})
@@ -132,7 +134,8 @@ def printable(text: str) -> str:
 
 
 def access_line(exchange: Exchange) -> None:
-    """The exchange's one access line: method, path without query, status, bytes, total and upstream time."""
+    """The exchange's one access line: method, path without query, status, bytes, total and upstream time, and the
+    trace id (the request id is in every line's prefix)."""
     if not log.isEnabledFor(logging.INFO):
         return
     path, upstream, status = printable(exchange.path), exchange.upstream_seconds, exchange.status
@@ -151,8 +154,8 @@ def access_line(exchange: Exchange) -> None:
         spent = f" spend={exchange.spend:.6g}"
     args = (
         exchange.method, path, status or "-", exchange.sent, exchange.seconds * 1000,
-        f"{upstream * 1000:.1f}ms" if upstream is not None else "-", "" if exchange.complete else " incomplete",
-        usage + spent,
+        f"{upstream * 1000:.1f}ms" if upstream is not None else "-", exchange.trace.trace_id,
+        "" if exchange.complete else " incomplete", usage + spent,
     )  # fmt: skip
     # Made and handled here: log.info would first search the stack for the calling line, which no one reads.
     record = log.makeRecord(log.name, logging.INFO, __file__, 0, ACCESS_LINE, args, None, extra={"access": fields})

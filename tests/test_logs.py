@@ -100,7 +100,9 @@ def test_json_logs_parse(gunicorn: Callable[..., Gunicorn], upstream: Upstream) 
     assert any(e["logger"] == "gunicorn.error" for e in entries)
 
 
-ACCESS = re.compile(r"passthru: (\S+) (\S+) (\d+|-) (\d+)B ([\d.]+)ms upstream=([\d.]+ms|-)( incomplete)?$")
+ACCESS = re.compile(
+    r"passthru: (\S+) (\S+) (\d+|-) (\d+)B ([\d.]+)ms upstream=([\d.]+ms|-) trace=[0-9a-f]{32}( incomplete)?$"
+)
 
 
 def test_access_line_gives_total_and_upstream_time(
