@@ -19,16 +19,16 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from passthru.config_fields import HEADER_NAME as HEADER_NAME  # the header check forward.py shares
 from passthru.config_fields import FieldReader, kind
 from passthru.errors import ConfigError
 from passthru.keystore.url import read_database_url
+from passthru.otel_settings import OtelSettings, read_otel
 from passthru.paths import DOTS, FORBIDDEN, loose
 from passthru.pricing import PRICE_FIELDS, Prices, read_model_prices, read_prices
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
-# RFC 9110 token characters: a header name that is anything else cannot be sent.
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # fullmatch it
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
 LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
@@ -37,7 +37,7 @@ ENDPOINT_FIELDS = (
     "default_query_params", "cost_per_request", *PRICE_FIELDS,
 )  # fmt: skip
 GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url", "model_prices",
-                  "disable_spend_logs")  # fmt: skip
+                  "disable_spend_logs", "otel")  # fmt: skip
 # passthru's own routes: a pass-through path may not take them (it would shadow them or be shadowed).
 BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
@@ -79,6 +79,7 @@ class Settings:
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
     model_prices: Mapping[str, Prices] = field(default_factory=dict)  # general_settings.model_prices
     disable_spend_logs: bool = False  # LiteLLM's: keys are still charged, no spend log entry is written
+    otel: OtelSettings | None = None  # span export (general_settings.otel and OTEL_*): None when off
 
 
 def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -173,10 +174,10 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
                         "only used for virtual keys, which need the master key")  # fmt: skip
     model_prices = read_model_prices(reader, general.get("model_prices"))
-    secrets = frozenset(reader.secrets)
+    otel = read_otel(reader, general.get("otel"), environ)
     disable_spend_logs = reader.boolean(general, "disable_spend_logs", "general_settings")
-    return Settings(source, master_key, endpoints, metrics_require_auth, secrets, tuple(warnings), database_url,
-                    database_shown, model_prices, disable_spend_logs)  # fmt: skip
+    return Settings(source, master_key, endpoints, metrics_require_auth, frozenset(reader.secrets), tuple(warnings),
+                    database_url, database_shown, model_prices, disable_spend_logs, otel)  # fmt: skip
 
 
 def _serves(endpoint: Endpoint, path: str) -> bool:

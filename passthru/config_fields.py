@@ -11,6 +11,8 @@ from passthru.errors import ConfigError
 
 ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
 DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# RFC 9110 token characters: a header name that is anything else cannot be sent.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # fullmatch it
 
 
 class FieldReader:
