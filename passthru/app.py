@@ -60,13 +60,22 @@ def create_app(
     app.register_blueprint(metrics.labelled(metrics_blueprint))
     register_error_handlers(app)
     # What each owner records once an answer is done: the usage and spend first, which the others read; metrics, the
-    # spend log entry (every pass-through call, when there is a key store), the heap trim, the access line.
+    # spend log entry (every pass-through call, when there is a key store), the heap trim, the spans, the access line.
     spend_log: tuple[exchange.Recorder, ...] = ()
     if store is not None and authenticator is not None:
         spend_log = (spend_recorder(store, authenticator.master.hex(), not settings.disable_spend_logs),)
-    recorders = (pricing.meter, metrics.record, *spend_log, heap.record, access_line)
-    # Every request continues its caller's trace or starts one (tracing.py).
-    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders, tracing.begin)  # type: ignore[method-assign]
+    # Every request continues its caller's trace or starts one (tracing.py); its spans are exported when
+    # general_settings.otel or OTEL_* say so, and only then is the OpenTelemetry SDK loaded, in this worker.
+    begin: exchange.Begin = tracing.begin
+    spans: tuple[exchange.Recorder, ...] = ()
+    if settings.otel is not None:
+        from passthru.otel import Export
+
+        export = Export(settings.otel, settings.secrets, server.trusted_proxy)
+        app.extensions["passthru.export"] = export
+        begin, spans = export.begin, (export.record,)
+    recorders = (pricing.meter, metrics.record, *spend_log, heap.record, *spans, access_line)
+    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders, begin)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
     for warning in () if server.config_accepted else settings.warnings:
         log.warning(warning)

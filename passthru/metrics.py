@@ -51,6 +51,8 @@ IN_FLIGHT = Gauge(
 UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["route", "kind"])
 TOKENS = Counter("passthru_tokens", "Tokens the answers reported", ["route", "model", "kind"])
 SPEND = Counter("passthru_spend", "What pass-through calls cost (pricing.py)", ["route"])
+# reason: queue_full (the collector is slower than the calls) or export_failed (down, refusing, or out of time).
+SPANS_DROPPED = Counter("passthru_trace_spans_dropped", "Spans not exported (otel.py)", ["reason"])
 
 
 # Label values come from callers too (any method name on any path): anything else is counted as "other", so a
