@@ -55,8 +55,9 @@ class Export:
         if trace.recorded:
             peer = environ.get("REMOTE_ADDR", "")
             forwarded = environ.get("HTTP_X_FORWARDED_FOR") if self.trusted_proxy(peer) else None
-            # Behind a trusted front (nginx), the client is the first address of the chain it passed on.
-            trace.arrival = {"client.address": forwarded.split(",", 1)[0].strip() if forwarded else peer,
+            # Behind a trusted front (nginx), the client is the address the front added last: those before it are
+            # the client's own claim.
+            trace.arrival = {"client.address": forwarded.rsplit(",", 1)[-1].strip() if forwarded else peer,
                              "url.scheme": environ.get("wsgi.url_scheme", "http")}  # fmt: skip
             agent = environ.get("HTTP_USER_AGENT")
             if agent:

@@ -95,8 +95,8 @@ def test_a_continued_trace_is_exported_with_its_links(traced: Traced, collector:
         "traceparent": f"00-{TRACE}-{PARENT}-01",
         "x-request-id": "otel-1",
         "user-agent": "tester/1",
-        "x-forwarded-for": "203.0.113.7, 10.0.0.1",
-    }  # from 127.0.0.1, a trusted front by default
+        "x-forwarded-for": "10.6.6.6, 203.0.113.7",  # from 127.0.0.1, a trusted front by default: its last address
+    }
     response = requests.post(f"{base}/e/sub?stream=1", json={"model": "m"}, headers=headers, timeout=10)
     assert wait_until(lambda: len(collector.spans) == 2, 5), collector.spans
     (server,), (client,) = by_kind(collector.spans, "SERVER"), by_kind(collector.spans, "CLIENT")
