@@ -79,11 +79,12 @@ class SpanBatches:
             self._wake.set()
 
     def _run(self) -> None:
-        while not self._closed:
+        closing = False
+        while not closing:
             self._wake.wait(self.delay)
             self._wake.clear()
+            closing = self._closed  # read before the round: what was queued when the worker began to exit goes in it
             self._export()
-        self._export()  # what was queued when the worker began to exit
 
     def _export(self) -> None:
         while self._queue:
