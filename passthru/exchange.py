@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from passthru.logs import REQUEST_ID, TRACE_ID, log, printable
+from passthru.logs import REQUEST_IDS, log, printable
 from passthru.tracing import Trace
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ ENVIRON_KEY = "passthru.exchange"
 UNMATCHED = "(none)"  # the route of requests that matched no route
 # A caller's x-request-id is kept when it looks like an id; anything else (long, spaces, control) is replaced.
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
-# Set by passthru on every answer, in place of the upstream's: the ids above, and the traceparent of passthru's span.
-ANSWER_IDS = (*REQUEST_ID_HEADERS, "traceparent")
+# Set by passthru on every answer, in place of the upstream's: the request id (under LiteLLM's name too), and the
+# traceparent of passthru's span.
+ANSWER_IDS = ("x-request-id", "x-litellm-call-id", "traceparent")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -102,13 +102,12 @@ class Exchanges:
         method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
         exchange = Exchange(method, path, request_id, started, trace)
         environ[ENVIRON_KEY] = exchange
-        REQUEST_ID.set(request_id)
-        TRACE_ID.set(trace.trace_id)
+        REQUEST_IDS.set((request_id, trace.trace_id))
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             exchange.status = int(status.split(" ", 1)[0])
-            ours = [(name, request_id) for name in REQUEST_ID_HEADERS]
-            ours.append(("traceparent", trace.traceparent()))  # so that the caller can find the trace
+            ours = [("x-request-id", request_id), ("x-litellm-call-id", request_id),
+                    ("traceparent", trace.traceparent())]  # fmt: skip  # so that the caller can find the trace
             for name, value in headers:
                 # The upstream's own id (an API provider's, for its support desk) stays available under a new name.
                 if name.lower() == "x-request-id" and value != request_id:
@@ -150,5 +149,4 @@ class _Relayed:
                 except Exception as exc:  # the answer is gone; one owner failing must not stop the others
                     log.warning("%s not recorded for %s: %s", getattr(record, "__name__", record),
                                 printable(exchange.path), exc, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
-            REQUEST_ID.set(None)
-            TRACE_ID.set(None)
+            REQUEST_IDS.set(None)

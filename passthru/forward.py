@@ -148,7 +148,7 @@ class Forwarder:
         headers = upstream_headers(route, environ, drop, exchange.request_id)
         if length is not None:
             headers["Content-Length"] = length
-        span = exchange.trace.attempt(headers, route.pool, target)  # this attempt's traceparent, its span
+        exchange.trace.attempt(headers, route.pool, target)  # this attempt's traceparent; its span when recorded
         started = time.perf_counter()
         try:
             # No retries (a body cannot be sent twice), no redirects (relayed, not followed), nothing decoded or
@@ -168,10 +168,11 @@ class Forwarder:
                 chunked=body is not None and length is None,
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            span.fail(exc)
+            exchange.trace.failed(exc)
             raise _upstream_failure(exc, body, route) from exc
         exchange.upstream_seconds = time.perf_counter() - started
-        status = span.status = upstream.status
+        status = upstream.status
+        exchange.trace.answered(status)
         if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
             log.debug(
                 "forward %s %s -> %s%s headers=[%s] request_length=%s -> %s response_length=%s",

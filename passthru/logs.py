@@ -18,8 +18,9 @@ log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
 ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s trace=%s%s%s"
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
-TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_trace_id", default=None)
+# (request id, trace id) of the request this thread serves, for every line logged about it; one variable, set once a
+# request (each set costs as much as the rest of a line's bookkeeping).
+REQUEST_IDS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("passthru_ids", default=None)
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
 KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{6,}")
@@ -50,7 +51,8 @@ class Redact(logging.Filter):
         fields = getattr(record, "access", None)
         if fields:
             record.access = {k: self.mask(v) if isinstance(v, str) else v for k, v in fields.items()}
-        record.request_id = REQUEST_ID.get() or "-"
+        ids = REQUEST_IDS.get()
+        record.request_id = ids[0] if ids else "-"
         return True
 
 
@@ -73,13 +75,14 @@ class JsonFormatter(TextFormatter):
     """One JSON object per line: time, level, pid, logger, request_id, trace_id, message, and the access fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        request_id, trace_id = REQUEST_IDS.get() or (None, None)
         entry: dict[str, Any] = {
             "time": self.formatTime(record),
             "level": record.levelname,
             "pid": record.process,
             "logger": record.name,
-            "request_id": REQUEST_ID.get(),
-            "trace_id": TRACE_ID.get(),
+            "request_id": request_id,
+            "trace_id": trace_id,
             "message": record.getMessage(),
         }
         entry.update(getattr(record, "access", None) or {})

@@ -43,14 +43,14 @@ def new_trace_id() -> str:
     """A new trace's id: 128 random bits (never all zero, which is invalid).
 
     random, not os.urandom or uuid4: os.urandom lets go of the GIL, a wait behind every busy thread (exchange.py's
-    request id); random is reseeded in each forked worker.
+    request id); random is reseeded in each forked worker. bytes.hex() writes it a third of the time format() takes.
     """
-    return f"{random.getrandbits(128) or 1:032x}"
+    return (random.getrandbits(128) or 1).to_bytes(16, "big").hex()
 
 
 def new_span_id() -> str:
     """A new span's id: 64 random bits, never all zero."""
-    return f"{random.getrandbits(64) or 1:016x}"
+    return (random.getrandbits(64) or 1).to_bytes(8, "big").hex()
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,6 @@ class UpstreamSpan:
     error: str | None = None  # why it failed before an answer came: the exception's class
     ended: float | None = None  # time.perf_counter() when it failed; None: it ends with the exchange
 
-    def fail(self, exc: BaseException) -> None:
-        """The attempt failed before an answer came (refused, reset, timed out)."""
-        self.error = type(exc).__name__
-        self.ended = time.perf_counter()
-
 
 @dataclass(eq=False, slots=True)
 class Trace:
@@ -103,7 +98,7 @@ class Trace:
     state: str | None  # the caller's tracestate, relayed as it came (only with a valid traceparent)
     recorded: bool = False  # its spans are exported (otel.py): export is on and the sampler took it
     arrival: dict[str, str] | None = None  # when recorded, what the server span keeps of the request (otel.py)
-    upstream: list[UpstreamSpan] = field(default_factory=list)  # one span per attempt, in order
+    upstream: list[UpstreamSpan] = field(default_factory=list)  # when recorded: one span per attempt, in order
 
     def traceparent(self) -> str:
         """The `traceparent` of passthru's own span, which the caller gets with the answer."""
@@ -111,15 +106,27 @@ class Trace:
 
     def attempt(
         self, headers: MutableMapping[str, str], pool: HTTPConnectionPool, target: str, name: str | None = None
-    ) -> UpstreamSpan:
-        """A new attempt's span, child of passthru's: the `traceparent` naming it (and the caller's `tracestate`) set
-        in the headers it sends. Called once per attempt, so that each has its own span id."""
-        span = UpstreamSpan(new_span_id(), time.perf_counter(), pool, target, name)
-        headers["traceparent"] = f"00-{self.trace_id}-{span.span_id}-{'01' if self.sampled else '00'}"
+    ) -> None:
+        """A new attempt upstream, with a span id of its own under passthru's: the `traceparent` naming it (and the
+        caller's `tracestate`) set in the headers it sends. Called once per attempt; answered() or failed() then
+        says how it went. Its span is kept only when the trace is recorded: an attempt costs no more otherwise."""
+        span_id = new_span_id()
+        headers["traceparent"] = f"00-{self.trace_id}-{span_id}-{'01' if self.sampled else '00'}"
         if self.state is not None:
             headers["tracestate"] = self.state
-        self.upstream.append(span)
-        return span
+        if self.recorded:
+            self.upstream.append(UpstreamSpan(span_id, time.perf_counter(), pool, target, name))
+
+    def answered(self, status: int) -> None:
+        """The last attempt's answer came, with this status."""
+        if self.recorded:
+            self.upstream[-1].status = status
+
+    def failed(self, exc: BaseException) -> None:
+        """The last attempt failed before an answer came (refused, reset, timed out)."""
+        if self.recorded:
+            span = self.upstream[-1]
+            span.error, span.ended = type(exc).__name__, time.perf_counter()
 
 
 def begin(environ: Mapping[str, Any], sampler: Sampler | None = None) -> Trace:
@@ -128,7 +135,8 @@ def begin(environ: Mapping[str, Any], sampler: Sampler | None = None) -> Trace:
     Without a sampler (export off) passthru records nothing: it passes on the caller's sampled flag, and starts a new
     trace unsampled (00), since no one has recorded any of it. With one, the sampler's decision is the flag.
     """
-    parent = parse_traceparent(environ.get("HTTP_TRACEPARENT"))
+    value = environ.get("HTTP_TRACEPARENT")
+    parent = parse_traceparent(value) if value else None
     state = None
     if parent is None:
         trace_id, parent_id, sampled = new_trace_id(), None, False

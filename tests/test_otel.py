@@ -324,8 +324,10 @@ def test_each_attempt_is_a_client_span_and_later_ones_are_resends(collector: Any
         trace = export.begin({"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.9"})
         exchange = Exchange("POST", "/r", "id-9", time.perf_counter(), trace, route="/r", status=200)
         pool = urllib3.HTTPSConnectionPool("api.example", 8443)
-        trace.attempt({}, pool, "/v1/x", name="primary").fail(ConnectionResetError())
-        trace.attempt({}, pool, "/v1/x", name="fallback").status = 200
+        trace.attempt({}, pool, "/v1/x", name="primary")
+        trace.failed(ConnectionResetError())
+        trace.attempt({}, pool, "/v1/x", name="fallback")
+        trace.answered(200)
         exchange.seconds = time.perf_counter() - exchange.started
         export.record(exchange)
         assert wait_until(lambda: len(collector.spans) == 3, 5)

@@ -101,19 +101,31 @@ def test_begin_without_export_passes_the_callers_flag_on_and_starts_unsampled() 
 
 
 def test_each_attempt_has_its_own_span_id_under_passthrus() -> None:
-    """The API an attempt loop calls once per attempt (issue 15: several targets, retries)."""
-    trace = Trace(TRACE, "1" * 16, PARENT, True, "vendor=x")
-    sent = []
-    for _ in range(3):
-        headers: dict[str, str] = {}
-        span = trace.attempt(headers, None, "/v1/x?q=1", name="primary")  # type: ignore[arg-type]
-        sent.append(headers)
-        assert headers == {"traceparent": f"00-{TRACE}-{span.span_id}-01", "tracestate": "vendor=x"}
-    assert [span.span_id for span in trace.upstream] == [TRACEPARENT.fullmatch(h["traceparent"])[2] for h in sent]
-    assert len({span.span_id for span in trace.upstream} | {trace.span_id}) == 4
-    trace.upstream[0].fail(ConnectionRefusedError())
-    assert (trace.upstream[0].error, trace.upstream[1].error) == ("ConnectionRefusedError", None)
-    assert trace.upstream[0].ended is not None and trace.upstream[1].ended is None
+    """The API an attempt loop calls once per attempt (issue 15: several targets, retries); the spans are kept only
+    when the trace is recorded."""
+    for recorded in (False, True):
+        trace = Trace(TRACE, "1" * 16, PARENT, True, "vendor=x", recorded)
+        sent = []
+        for _ in range(3):
+            headers: dict[str, str] = {}
+            trace.attempt(headers, None, "/v1/x?q=1", name="primary")  # type: ignore[arg-type]
+            sent.append(TRACEPARENT.fullmatch(headers["traceparent"]))
+            assert headers["tracestate"] == "vendor=x"
+            if len(sent) == 1:
+                trace.failed(ConnectionRefusedError())
+            else:
+                trace.answered(200 + len(sent))
+        assert {match[1] for match in sent if match} == {TRACE} and {match[3] for match in sent if match} == {"01"}
+        ids = [match[2] for match in sent if match]
+        assert len({*ids, trace.span_id}) == 4
+        if not recorded:
+            assert trace.upstream == []
+            continue
+        assert [span.span_id for span in trace.upstream] == ids
+        assert [(span.status, span.error) for span in trace.upstream] == [(None, "ConnectionRefusedError"),
+                                                                          (202, None), (203, None)]  # fmt: skip
+        assert trace.upstream[0].ended is not None and trace.upstream[1].ended is None
+        assert trace.upstream[0].name == "primary" and trace.upstream[0].target == "/v1/x?q=1"
 
 
 # --- through passthru, to a real upstream ----------------------------------------------------------------------------
