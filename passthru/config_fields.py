@@ -3,8 +3,9 @@ and the ConfigError that names the file and the field (never quoting a secret)."
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from passthru.errors import ConfigError
@@ -54,6 +55,14 @@ class FieldReader:
         if secret and (resolved != text or len(resolved) >= 8):
             self.secrets.add(resolved)
         return resolved, ENV_REF.sub("***", text)
+
+    def known(self, entry: Mapping[Any, Any], fields: Sequence[str], where: str) -> None:
+        """Refuse a key that is not one of `fields`, naming the closest (a misspelt field would be ignored)."""
+        for key in entry:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(fields)})"
+                raise self.error(f"{where}.{key}", f"unknown field{hint}")
 
     def boolean(self, entry: Mapping[str, Any], key: str, where: str) -> bool:
         value = entry.get(key, False)

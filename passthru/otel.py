@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from passthru import __version__, tracing
 from passthru.exchange import UNMATCHED, Exchange
 from passthru.logs import MASK, Redact, printable
-from passthru.otel_batches import SpanBatches
+from passthru.otel_batches import EXIT_SECONDS, SpanBatches
 from passthru.otel_settings import OtelSettings
 from passthru.tracing import Trace, UpstreamSpan
 from passthru.usage import model_from_prefix
@@ -134,9 +134,9 @@ class Export:
             instrumentation_scope=self.scope,
         )  # fmt: skip
 
-    def close(self) -> None:
-        """Export what is queued and stop (an app thrown away; a worker exiting does it itself)."""
-        self.batches.close()
+    def close(self, timeout: float = EXIT_SECONDS) -> None:
+        """Export what is queued, within `timeout`, and stop (an app thrown away; a worker exiting does it itself)."""
+        self.batches.close(timeout)
 
 
 class _Clock:

@@ -7,7 +7,6 @@ SDK (and `database_url` over `DATABASE_URL` here); among the variables, a traces
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,11 +57,7 @@ def read_otel(reader: FieldReader, value: Any, environ: Mapping[str, str]) -> Ot
         value = {}
     if not isinstance(value, dict):
         raise reader.error(WHERE, f"must be a mapping with endpoint and more, not {kind(value)}")
-    for key in value:
-        if key not in OTEL_FIELDS:
-            close = difflib.get_close_matches(str(key), OTEL_FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(OTEL_FIELDS)})"
-            raise reader.error(f"{WHERE}.{key}", f"unknown field{hint}")
+    reader.known(value, OTEL_FIELDS, WHERE)
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"

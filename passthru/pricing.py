@@ -8,7 +8,6 @@ cost. Read at start-up (config.py), applied when an answer ends (`meter`, the fi
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -61,11 +60,7 @@ def read_model_prices(reader: FieldReader, value: Any) -> Mapping[str, Prices]:
         field = f"{where}.{model}"
         if not isinstance(entry, dict):
             raise reader.error(field, f"must be a mapping with {' and '.join(PRICE_FIELDS)}, not {kind(entry)}")
-        for key in entry:
-            if key not in PRICE_FIELDS:
-                close = difflib.get_close_matches(str(key), PRICE_FIELDS, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(PRICE_FIELDS)})"
-                raise reader.error(f"{field}.{key}", f"unknown field{hint}")
+        reader.known(entry, PRICE_FIELDS, field)
         prices[model] = read_prices(reader, entry, field)
     return prices
 

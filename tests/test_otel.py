@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,14 +14,10 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import Gunicorn, importable, require, write_config
-from flask import Flask
+from conftest import Gunicorn, importable, require
 from prometheus_client import REGISTRY
 from test_deploy import processes, require_gevent
 from upstream import Answer, Upstream, wait_until
-from werkzeug.serving import make_server
-
-from passthru import create_app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "usage"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -30,7 +25,7 @@ PARENT = "00f067aa0ba902b7"
 MASTER = "sk-master-otel-1234"
 SECRET = "upstream-secret-5678"  # injected from the environment into a header, the target's query and its path
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])")
-Traced = Callable[..., tuple[str, Flask]]
+Traced = Callable[..., str]
 
 
 @pytest.fixture(autouse=True)
@@ -51,29 +46,16 @@ def collector() -> Iterator[Any]:
 
 
 @pytest.fixture
-def traced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Traced]:
-    """traced(entries, environ={...}, **general) → (base URL, app): passthru with the OTEL_* variables given (exports
-    every 50 ms unless told), on werkzeug's threaded server; its export closed after the test."""
-    started: list[tuple[Any, Flask]] = []
+def traced(serve: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> Traced:
+    """traced(entries, environ, **general) → the URL of passthru (conftest's serve) with these OTEL_* variables;
+    it exports every 50 ms unless told."""
 
-    def start(
-        entries: list[dict[str, Any]], environ: dict[str, str] | None = None, **general: Any
-    ) -> tuple[str, Flask]:
-        for name, value in {"OTEL_BSP_SCHEDULE_DELAY": "50", **(environ or {})}.items():
+    def start(entries: list[dict[str, Any]], environ: dict[str, str], **general: Any) -> str:
+        for name, value in {"OTEL_BSP_SCHEDULE_DELAY": "50", **environ}.items():
             monkeypatch.setenv(name, value)
-        app = create_app(write_config(tmp_path, entries, **general))
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        started.append((server, app))
-        return f"http://127.0.0.1:{server.server_port}", app
+        return serve(entries, **general)
 
-    try:
-        yield start
-    finally:
-        for server, app in started:
-            server.shutdown()
-            server.server_close()
-            app.extensions["passthru.export"].batches.close(0.5)
+    return start
 
 
 def by_kind(spans: list[Any], kind: str) -> list[Any]:
@@ -89,7 +71,7 @@ def no_secret_in(spans: list[Any], *secrets: str) -> None:
 
 
 def test_a_continued_trace_is_exported_with_its_links(traced: Traced, collector: Any, upstream: Upstream) -> None:
-    base, _ = traced([{"path": "/e", "target": f"{upstream.url}/echo", "include_subpath": True}],
+    base = traced([{"path": "/e", "target": f"{upstream.url}/echo", "include_subpath": True}],
                      {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})  # fmt: skip
     headers = {
         "traceparent": f"00-{TRACE}-{PARENT}-01",
@@ -128,7 +110,7 @@ def test_gen_ai_usage_and_time_to_first_byte(traced: Traced, collector: Any, ups
     upstream.answers["chat"] = Answer("application/json", (FIXTURES / "openai_chat.json").read_bytes())
     upstream.answers["stream"] = Answer("text/event-stream", (FIXTURES / "openai_chat_stream.sse").read_bytes(),
                                         stream=True)  # fmt: skip
-    base, _ = traced([{"path": "/chat", "target": f"{upstream.url}/answer/chat"},
+    base = traced([{"path": "/chat", "target": f"{upstream.url}/answer/chat"},
                       {"path": "/stream", "target": f"{upstream.url}/answer/stream?gap=0.2"}],
                      {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector.url}/v1/traces"})  # fmt: skip
     requests.post(f"{base}/chat", json={"model": "gpt-4o"}, timeout=10)
@@ -150,7 +132,7 @@ def test_gen_ai_usage_and_time_to_first_byte(traced: Traced, collector: Any, ups
 
 def test_sampling(traced: Traced, collector: Any, upstream: Upstream) -> None:
     """The default sampler (parentbased_always_on) follows a caller's flag and records the traces passthru starts."""
-    base, _ = traced([{"path": "/e", "target": f"{upstream.url}/echo"}], {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
+    base = traced([{"path": "/e", "target": f"{upstream.url}/echo"}], {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
     unsampled = requests.get(f"{base}/e", headers={"traceparent": f"00-{TRACE}-{PARENT}-00"}, timeout=10)
     started = requests.get(f"{base}/e", timeout=10)
     assert wait_until(lambda: len(collector.spans) == 2, 5)
@@ -163,7 +145,7 @@ def test_sampling(traced: Traced, collector: Any, upstream: Upstream) -> None:
 
 def test_span_names_statuses_and_errors(traced: Traced, collector: Any, upstream: Upstream) -> None:
     refused = f"http://127.0.0.1:{upstream_port_closed()}"
-    base, _ = traced([{"path": "/e", "target": f"{upstream.url}/echo"},
+    base = traced([{"path": "/e", "target": f"{upstream.url}/echo"},
                       {"path": "/teapot", "target": f"{upstream.url}/status/418"},
                       {"path": "/down", "target": refused}],
                      {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})  # fmt: skip
@@ -199,7 +181,7 @@ def test_no_secret_in_any_span(
     route = {"path": "/e", "target": f"{upstream.url}/os.environ/UPSTREAM_SECRET/x?key=os.environ/UPSTREAM_SECRET",
              "headers": {"Authorization": "Bearer os.environ/UPSTREAM_SECRET"}, "auth": True,
              "forward_headers": True}  # fmt: skip
-    base, _ = traced([route], {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url}, master_key=MASTER)
+    base = traced([route], {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url}, master_key=MASTER)
     virtual = "sk-callers-own-key-in-the-path"
     headers = {"Authorization": f"Bearer {MASTER}", "user-agent": f"agent {MASTER}", "x-request-id": "id-1"}
     assert requests.post(f"{base}/e?api_key={MASTER}", data=b"{}", headers=headers, timeout=10).status_code == 200
@@ -216,7 +198,7 @@ def test_a_collector_down_costs_spans_never_calls(
     traced: Traced, upstream: Upstream, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     port = upstream_port_closed()
-    base, _ = traced([{"path": "/e", "target": f"{upstream.url}/echo"}],
+    base = traced([{"path": "/e", "target": f"{upstream.url}/echo"}],
                      {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_BSP_MAX_QUEUE_SIZE": "8",
                       "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4", "OTEL_EXPORTER_OTLP_TIMEOUT": "1000"})  # fmt: skip
     before = {reason: dropped(reason) for reason in ("queue_full", "export_failed")}
@@ -247,7 +229,7 @@ def test_a_collector_that_answers_after_10_s_costs_no_call(traced: Traced, upstr
 
     slow = Collector(delay=10.0)
     try:
-        base, _ = traced([{"path": "/e", "target": f"{upstream.url}/echo"}],
+        base = traced([{"path": "/e", "target": f"{upstream.url}/echo"}],
                          {"OTEL_EXPORTER_OTLP_ENDPOINT": slow.url, "OTEL_BSP_MAX_QUEUE_SIZE": "8",
                           "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2"})  # fmt: skip
         before = dropped("queue_full")
