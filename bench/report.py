@@ -135,6 +135,15 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
         ("small POST throughput, passthru / floor", f"{tp['passthru'] / tp['floor']:.3f}",
          f"{tp['passthru']:.0f} vs {tp['floor']:.0f} req/s; CPU {cpu['passthru']:.0f} vs {cpu['floor']:.0f} "
          "µs/request", "—", "info"),
+        ("two healthy targets: CPU per request over one target",
+         f"{(cpu['passthru two targets'] / cpu['passthru'] - 1) * 100:+.1f} %",
+         f"{cpu['passthru two targets']:.0f} vs {cpu['passthru']:.0f} µs/request", "≤ +5 %",
+         verdict(cpu["passthru two targets"] <= 1.05 * cpu["passthru"])),
+        ("failover past a first target that refuses: latency added at 1 conn over one target, p50 / p99",
+         f"{lat50['passthru failover'] - lat50['passthru']:.3f} / "
+         f"{lat99['passthru failover'] - lat99['passthru']:.3f} ms",
+         f"p50 {lat50['passthru failover']:.3f} vs {lat50['passthru']:.3f} ms, p99 {lat99['passthru failover']:.3f} vs "
+         f"{lat99['passthru']:.3f} ms; a refused connect on loopback", "one connect attempt", "info"),
         (f"usage read from a {len(openai_answer())}-byte OpenAI JSON answer: CPU per request over the same bytes "
          "unread", f"{(cpu['passthru usage json'] / cpu['passthru usage bin'] - 1) * 100:+.1f} %",
          f"{cpu['passthru usage json']:.0f} vs {cpu['passthru usage bin']:.0f} µs/request", "≤ +5 %",
@@ -201,6 +210,12 @@ def report(res: Results, plan: Plan, args: argparse.Namespace, tools: dict[str, 
                  f"{tp['passthru-keys']:.0f} vs {tp['passthru']:.0f} req/s", "—", "info"))  # fmt: skip
     for kind in ("", " with limits"):
         rows += virtual_key_rows("SQLite", "passthru-keys", kind, tp, cpu, store_cpu, lat50)
+    route_rpm = cpu["passthru-keys route rpm_limit"] / cpu["passthru-keys"] - 1
+    key_limits = cpu["passthru-keys virtual key with limits"] / cpu["passthru-keys"] - 1
+    rows.append(("route `rpm_limit` (SQLite): CPU per request over no limit", f"{route_rpm * 100:+.0f} %",
+                 f"{cpu['passthru-keys route rpm_limit']:.0f} vs {cpu['passthru-keys']:.0f} µs/request; a virtual key "
+                 f"with limits {key_limits * 100:+.0f} %", "≤ the key's",
+                 verdict(route_rpm <= key_limits)))  # fmt: skip
     if res.pg_skipped:
         rows.append(("`auth: true` (virtual key, PostgreSQL): CPU per request over no auth", "—",
                      f"not run: {res.pg_skipped}", "< +25 %", "SKIPPED"))  # fmt: skip

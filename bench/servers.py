@@ -275,11 +275,20 @@ def passthru_config(tmp: Path, nginx: Nginx, py: PyUpstream, *, keys: bool) -> P
          "output_cost_per_token": 1e-5},
         {"path": "/usage-bin", "target": f"{fixed}/openai.bin", "input_cost_per_token": 2.5e-6,
          "output_cost_per_token": 1e-5},
+        # Two healthy targets, against /small's one: what the choice between them costs a call.
+        {"path": "/two", "targets": [{"url": f"{fixed}/small", "name": "a"}, {"url": f"{fixed}/small", "name": "b"}]},
+        # A first target that refuses every connection (nothing listens on its port) and never cools down: every
+        # call fails over to the second, the latency failover adds.
+        {"path": "/failover", "allowed_fails": 10**9, "targets": [
+            {"url": f"http://127.0.0.1:{free_port()}/small", "name": "refusing"},
+            {"url": f"{fixed}/small", "name": "healthy", "order": 2}]},
     ]  # fmt: skip
     general: dict[str, Any] = {"pass_through_endpoints": routes}
     if keys:
         general["master_key"] = MASTER_KEY
         routes.append({"path": "/small-auth", "target": f"{fixed}/small", "auth": True, "cost_per_request": 0.001})
+        # A route rpm_limit it never reaches: every call counted in the store's window, in leases, as a key's are.
+        routes.append({"path": "/small-rpm", "target": f"{fixed}/small", "rpm_limit": 2_000_000_000})
     path = tmp / ("passthru-keys.yaml" if keys else "passthru.yaml")
     path.write_text(json.dumps({"general_settings": general}, indent=2))  # JSON is YAML
     return path

@@ -14,6 +14,11 @@ import tempfile
 # files here. It must be set before anything imports prometheus_client, so it is the first thing done.
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="passthru-metrics-")
+# max_parallel_requests (a route's, a key's) holds across this server's workers: each call in flight locks a byte of
+# a file here, which the kernel unlocks if its worker dies (passthru/slots.py). One folder per server, made before
+# any worker starts; workers of a reload share it with the old ones still finishing their calls.
+if "PASSTHRU_LIMITS_DIR" not in os.environ:
+    os.environ["PASSTHRU_LIMITS_DIR"] = tempfile.mkdtemp(prefix="passthru-limits-")
 
 # PaaS hosts give the port in PORT; HOST=127.0.0.1 keeps passthru off the network (a laptop, behind nginx).
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '4000')}"
@@ -170,7 +175,11 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Remove the metrics directory this config created (one given in the environment is left in place)."""
-    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    if os.path.basename(metrics_dir).startswith("passthru-metrics-"):
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    """Remove the metrics and limits directories this config created (ones given in the environment are left)."""
+    for variable, prefix in (
+        ("PROMETHEUS_MULTIPROC_DIR", "passthru-metrics-"),
+        ("PASSTHRU_LIMITS_DIR", "passthru-limits-"),
+    ):
+        directory = os.environ[variable]
+        if os.path.basename(directory).startswith(prefix):
+            shutil.rmtree(directory, ignore_errors=True)

@@ -12,6 +12,7 @@ from typing import Any
 from passthru.config import Endpoint
 from passthru.errors import AccessDenied, AuthError, BudgetExceeded, KeyStoreError, PassthruError, RateLimited
 from passthru.keystore.records import CallStore, KeyInfo, Opened, Refusal, Store
+from passthru.limits import Held, Limits
 
 # The header forms LiteLLM accepts, in the order they are read: the first one present is the key.
 CREDENTIAL_HEADERS = ("x-litellm-api-key", "authorization", "api-key", "x-api-key", "x-goog-api-key")
@@ -103,27 +104,35 @@ class Authenticator:
             raise AuthError(INVALID_KEY)
         return opened, info
 
-    def admit(self, key: str | None, endpoint: Endpoint) -> tuple[str, float]:
+    def admit(self, key: str | None, endpoint: Endpoint, limits: Limits | None) -> tuple[str, float, Held | None]:
         """May this key call this route? The master key always; a virtual key when it is allowed the route and, for
         a key with limits or an expiry, the store (or a lease, keystore/leases.py) admits the call; otherwise from
-        what this worker read of it (KeyInfo.counted says why).
+        what this worker read of it (KeyInfo.counted says why). In between, the route's limits and the key's calls
+        in flight (limits.py): a call they refuse is never counted against the key.
 
         Returns the token the call is logged and charged under (the master key's hash for its calls, as LiteLLM logs
-        them) and what the store already charged (a counted key's cost_per_request): the rest is charged at the end.
+        them), what the store already charged (a counted key's cost_per_request): the rest is charged at the end,
+        and what the call holds until its answer ends.
         """
         found = self.identify(key)
         if found is None:
-            return self.master.hex(), 0.0
+            return self.master.hex(), 0.0, None if limits is None else limits.enter(None)
         opened, info = found
         if not route_allowed(info.allowed_routes, endpoint.path):
             raise AccessDenied(f"this key is not allowed to call {endpoint.path}", param="allowed_routes")
-        if info.counted:
-            refusal = opened.leases.admit(info, endpoint.cost_per_request)
-            if refusal is not None:
-                raise refused(refusal)
-        elif info.blocked:
+        if not info.counted and info.blocked:
             raise key_refused("blocked")
-        return info.token, endpoint.cost_per_request if info.counted else 0.0
+        held = None if limits is None else limits.enter(info)
+        if info.counted:
+            try:
+                refusal = opened.leases.admit(info, endpoint.cost_per_request)
+                if refusal is not None:
+                    raise refused(refusal)
+            except BaseException:  # refused, or the store failed: the call is not made
+                if held is not None:
+                    held.undo()
+                raise
+        return info.token, endpoint.cost_per_request if info.counted else 0.0, held
 
     def require_master(self, environ: Mapping[str, Any]) -> None:
         """/metrics when protected: the master key passes, anything else is 401 (the store is never opened)."""
@@ -164,6 +173,7 @@ def refused(refusal: Refusal) -> PassthruError:
         return RateLimited(
             f"Rate limit exceeded: this key's {refusal.reason}_limit is reached; retry in {refusal.retry_after}s",
             retry_after=refusal.retry_after,
+            limit=f"key_{refusal.reason}_limit",
         )
     return key_refused(refusal.reason)
 

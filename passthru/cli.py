@@ -73,11 +73,21 @@ def check(path: str) -> int:
     print(f"{settings.source}: ok, {len(settings.endpoints)} route(s)")
     for ep in settings.endpoints:
         flags = [f"auth={str(ep.auth).lower()}", f"timeout={ep.timeout:g}s"]
+        flags += [f"{name}={value}" for name, value in vars(ep.limits).items() if value is not None]
         flags += [name for name in ("include_subpath", "forward_headers") if getattr(ep, name)]
+        if ep.retries.num_retries:
+            flags.append(f"num_retries={ep.retries.num_retries}")
         subpath = "/**" if ep.include_subpath else ""
-        print(f"  {ep.path}{subpath} -> {ep.target_shown}  [{' '.join(ep.methods)}] {' '.join(flags)}")
-        for name, _ in ep.headers:
-            print(f"      {name}: ***")
+        several = len(ep.targets) > 1
+        where = f"{len(ep.targets)} targets" if several else ep.targets[0].url_shown
+        print(f"  {ep.path}{subpath} -> {where}  [{' '.join(ep.methods)}] {' '.join(flags)}")
+        for target in ep.targets:
+            indent = "      "
+            if several:
+                print(f"{indent}{target.name}: {target.url_shown}  order={target.order} weight={target.weight:g}")
+                indent += "    "
+            for name, _ in target.headers:
+                print(f"{indent}{name}: ***")
         for name, value in ep.default_query_params:
             print(f"      ?{name}={mask(value)}")
     if settings.database_shown is not None:

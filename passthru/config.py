@@ -8,19 +8,19 @@ at a time in config_fields.py, the key store's URL in keystore/url.py, the serve
 
 from __future__ import annotations
 
-import base64
 import difflib
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import yaml
 
-from passthru.config_fields import HEADER_NAME as HEADER_NAME  # the header check forward.py shares
 from passthru.config_fields import FieldReader, kind
+from passthru.config_limits import LIMIT_FIELDS, RouteLimits, read_limits
+from passthru.config_targets import RETRY_FIELDS, Retries, Target, read_headers, read_targets
 from passthru.errors import ConfigError
 from passthru.keystore.url import read_database_url
 from passthru.otel_settings import OtelSettings, read_otel
@@ -31,10 +31,9 @@ ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 DEFAULT_TIMEOUT = 600.0
 # A route path: segments of URL-safe characters; no werkzeug converters (<...>), no query, no dot segments.
 ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?$|^/$")
-LANGFUSE_HEADERS = ("langfuse_public_key", "langfuse_secret_key")
 ENDPOINT_FIELDS = (
     "path", "target", "headers", "auth", "forward_headers", "include_subpath", "methods", "timeout",
-    "default_query_params", "cost_per_request", *PRICE_FIELDS,
+    "default_query_params", "cost_per_request", *PRICE_FIELDS, *RETRY_FIELDS, *LIMIT_FIELDS,
 )  # fmt: skip
 GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url", "model_prices",
                   "disable_spend_logs", "otel")  # fmt: skip
@@ -43,6 +42,7 @@ BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metric
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
 KEY_API_PATHS = ("/key/generate", "/key/info", "/key/update", "/key/delete", "/key/list", "/key/block",
                  "/key/unblock", "/spend/logs", "/global/spend/report")  # fmt: skip
+UI_PATH = "/ui"  # the admin page (ui/), with master_key: a pass-through route may not cover it or any path below it
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ class Endpoint:
 
     index: int
     path: str  # the route on passthru, without a trailing slash (except "/")
-    target: str  # the upstream URL, query included, as the forwarder uses it
-    target_shown: str  # the same URL with environment-derived parts masked, for logs and `passthru check`
-    headers: tuple[tuple[str, str], ...]  # sent upstream on every call, overriding the caller's
+    targets: tuple[Target, ...]  # where its calls go: its `target` as a list of one, or its `targets`
+    retries: Retries  # how calls move across them (config_targets.py)
+    headers: tuple[tuple[str, str], ...]  # the route's own, sent upstream on every call; each target's merge in
     auth: bool
     forward_headers: bool
     include_subpath: bool
@@ -62,6 +62,7 @@ class Endpoint:
     default_query_params: tuple[tuple[str, str], ...]
     cost_per_request: float
     prices: Prices  # the route's own per-token prices (pricing.py)
+    limits: RouteLimits = RouteLimits()  # its rpm_limit and max_parallel_requests (config_limits.py)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Settings:
     metrics_require_auth: bool
     secrets: frozenset[str]  # every value a log line or an answer must mask
     warnings: tuple[str, ...]  # said at start-up: routes that hand environment secrets to anyone
-    # The key store's SQLAlchemy URL, set exactly when master_key is (virtual keys are administered with it).
+    # The key store's SQLAlchemy URL, set when master_key is (virtual keys) or a route has an rpm_limit (its counts).
     database_url: str | None = None
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
     model_prices: Mapping[str, Prices] = field(default_factory=dict)  # general_settings.model_prices
@@ -145,10 +146,10 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
     if metrics_require_auth and master_key is None:
         raise reader.error("general_settings.metrics_require_auth", "is true but master_key is not set")
     # The key API is served only with a master key; the health and metrics paths always.
-    built_in = BUILT_IN_PATHS + (KEY_API_PATHS if master_key is not None else ())
+    built_in = BUILT_IN_PATHS + (KEY_API_PATHS + (UI_PATH,) if master_key is not None else ())
     seen: dict[str, int] = {}
     for ep in endpoints:
-        clash = next((path for path in built_in if _serves(ep, path)), None)
+        clash = next((p for p in built_in if _serves(ep, p) or p == UI_PATH and ep.path.startswith(p + "/")), None)
         if clash:
             raise reader.error(f"{_where(ep.index, ep.path)}.path", f"clashes with passthru's built-in route {clash}")
         # Paths that one request could name in two spellings (letter case, escapes, ;parameters) are one path.
@@ -165,14 +166,14 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         f"{source}: route {ep.path} injects secrets from the environment and has auth: false; "
         "anyone who can reach passthru can use them"
         for ep in endpoints
-        if not ep.auth and any(value in reader.from_environment for _, value in ep.headers)
+        if not ep.auth and any(value in reader.from_environment for target in ep.targets for _, value in target.headers)
     ]
     database_url = database_shown = None
-    if master_key is not None:
+    if master_key is not None or any(ep.limits.rpm_limit for ep in endpoints):
         database_url, database_shown = read_database_url(reader, general.get("database_url"), environ)
     elif general.get("database_url") is not None:
-        warnings.append(f"{source}: general_settings.database_url is set but master_key is not; the key store is "
-                        "only used for virtual keys, which need the master key")  # fmt: skip
+        warnings.append(f"{source}: general_settings.database_url is set but unused: the key store holds virtual keys "
+                        "(which need master_key) and routes' rpm_limit counts, and there are neither")  # fmt: skip
     model_prices = read_model_prices(reader, general.get("model_prices"))
     otel = read_otel(reader, general.get("otel"), environ)
     disable_spend_logs = reader.boolean(general, "disable_spend_logs", "general_settings")
@@ -195,23 +196,18 @@ def _endpoint(reader: FieldReader, index: int, entry: Any) -> Endpoint:
         raise reader.error(_where(index, None), f"must be a mapping with path and target, not {kind(entry)}")
     raw_path = entry.get("path")
     where = _where(index, raw_path if isinstance(raw_path, str) else None)
-    for key in entry:
-        if key not in ENDPOINT_FIELDS:
-            close = difflib.get_close_matches(str(key), ENDPOINT_FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known fields: {', '.join(ENDPOINT_FIELDS)})"
-            raise reader.error(f"{where}.{key}", f"unknown field{hint}")
-    for key in ("path", "target"):
-        if entry.get(key) in (None, ""):
-            raise reader.error(f"{where}.{key}", "is required")
+    reader.known(entry, ENDPOINT_FIELDS, where)
+    if entry.get("path") in (None, ""):
+        raise reader.error(f"{where}.path", "is required")
     path = _route_path(reader, entry["path"], f"{where}.path")
-    target, target_shown = _target(reader, entry["target"], f"{where}.target")
-    headers = _headers(reader, entry, where)
+    headers = read_headers(reader, entry, where)
+    targets, retries = read_targets(reader, entry, where, headers)
     methods = _methods(reader, entry.get("methods"), f"{where}.methods")
     return Endpoint(
         index=index,
         path=path,
-        target=target,
-        target_shown=target_shown,
+        targets=targets,
+        retries=retries,
         headers=headers,
         auth=reader.boolean(entry, "auth", where),
         forward_headers=reader.boolean(entry, "forward_headers", where),
@@ -221,6 +217,7 @@ def _endpoint(reader: FieldReader, index: int, entry: Any) -> Endpoint:
         default_query_params=tuple(reader.mapping(entry, "default_query_params", where, secret=False)),
         cost_per_request=reader.number(entry.get("cost_per_request", 0), f"{where}.cost_per_request"),
         prices=read_prices(reader, entry, where),
+        limits=read_limits(reader, entry, where),
     )
 
 
@@ -236,49 +233,6 @@ def _route_path(reader: FieldReader, value: Any, field: str) -> str:
     if any(FORBIDDEN.search(unquote(segment)) for segment in value.split("/")):
         raise reader.error(field, "must not hide a slash, backslash or control character in an escape")
     return value.rstrip("/") or "/"
-
-
-def _target(reader: FieldReader, value: Any, field: str) -> tuple[str, str]:
-    target, shown = reader.resolve(value, field)
-    try:
-        parts = urlsplit(target)
-        port = parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise reader.error(field, "is not a valid URL") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise reader.error(field, "must be an http:// or https:// URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise reader.error(field, "must not carry user:password@; send credentials with headers: Authorization")
-    if parts.fragment or target.endswith("#"):
-        raise reader.error(field, "must not have a #fragment")
-    if any(c.isspace() for c in target) or (port is not None and port == 0):
-        raise reader.error(field, "is not a valid URL")
-    return target, shown
-
-
-def _headers(reader: FieldReader, entry: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
-    pairs = reader.mapping(entry, "headers", where, secret=True)
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if not HEADER_NAME.fullmatch(name):
-            raise reader.error(f"{where}.headers.{name}", "is not a valid HTTP header name")
-        if name.lower() in seen:
-            raise reader.error(f"{where}.headers.{name}", "is given twice (header names ignore case)")
-        seen.add(name.lower())
-    langfuse = {name.lower(): value for name, value in pairs if name.lower() in LANGFUSE_HEADERS}
-    if not langfuse:
-        return tuple(pairs)
-    # LiteLLM's Langfuse tutorial: the two keys become one Basic credential, as Langfuse's API expects.
-    if len(langfuse) == 1:
-        (name,) = langfuse
-        raise reader.error(f"{where}.headers.{name.upper()}", "needs LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY both")
-    if "authorization" in seen:
-        raise reader.error(f"{where}.headers.Authorization", "cannot be set together with the LANGFUSE_* keys")
-    token = base64.b64encode(f"{langfuse['langfuse_public_key']}:{langfuse['langfuse_secret_key']}".encode()).decode()
-    reader.secrets.update((token, f"Basic {token}"))
-    reader.from_environment.add(f"Basic {token}")
-    kept = [(name, value) for name, value in pairs if name.lower() not in LANGFUSE_HEADERS]
-    return (*kept, ("Authorization", f"Basic {token}"))
 
 
 def _methods(reader: FieldReader, value: Any, field: str) -> tuple[str, ...]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from passthru.errors import ConfigError
 
 ENV_REF = re.compile(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)")
 DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-# RFC 9110 token characters: a header name that is anything else cannot be sent.
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # fullmatch it
 
 
 class FieldReader:
@@ -56,8 +54,8 @@ class FieldReader:
             self.secrets.add(resolved)
         return resolved, ENV_REF.sub("***", text)
 
-    def known(self, entry: Mapping[Any, Any], fields: Sequence[str], where: str) -> None:
-        """Refuse a key that is not one of `fields`, naming the closest (a misspelt field would be ignored)."""
+    def known(self, entry: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
+        """Refuse a key of `entry` that is none of `fields`, naming the closest one (a misspelling is no default)."""
         for key in entry:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), fields, n=1)
@@ -84,6 +82,14 @@ class FieldReader:
         if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
             raise self.error(field, "must be a positive number" if positive else "must be zero or more")
         return float(value)
+
+    def integer(self, value: Any, field: str, *, least: int = 0) -> int:
+        """A whole number, `least` or more: YAML's 3, not 3.0 or "3"."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(field, f"must be a whole number, not {kind(value)}")
+        if value < least:
+            raise self.error(field, f"must be {least} or more")
+        return value
 
     def mapping(self, entry: dict[str, Any], key: str, where: str, *, secret: bool) -> list[tuple[str, str]]:
         value = entry.get(key) or {}

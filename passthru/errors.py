@@ -7,7 +7,7 @@
     ├── AuthError               no key, or an unknown, blocked or expired one (401)
     │   └── AccessDenied        a valid key that may not do this: route not allowed, admin-only API (403)
     ├── NotFound                the key named in a /key/* call does not exist (404)
-    ├── RateLimited             a virtual key is over its rpm_limit or tpm_limit; carries Retry-After (429)
+    ├── RateLimited             a key or route over a limit (rpm, tpm, calls in flight); carries Retry-After (429)
     ├── KeyStoreError           the key store cannot be reached or answered with an error (503)
     └── UpstreamError           the upstream refused, reset or broke the exchange (502)
         └── UpstreamTimeout     the upstream did not answer within the route's timeout (504)
@@ -76,9 +76,10 @@ class RateLimited(PassthruError):
     status = 429
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: int, limit: str) -> None:
         super().__init__(message)
         self.retry_after = max(1, retry_after)
+        self.limit = limit  # which one: its config or key field's name, "key_" first for a key's (metrics.LIMITED)
 
     @property
     def headers(self) -> dict[str, str]:

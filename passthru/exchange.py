@@ -1,7 +1,8 @@
 """One Exchange per request: made when the request arrives, filled in by the stages it passes, finished once when its
-answer's body is done (or the client went away). Each owner then records its own part from it: the usage and spend
-(pricing.meter), metrics, the key store's spend entry, the heap trim, the exported spans, the access line — bound at
-start-up in app.py, in that order. Its trace (tracing.py) is begun with it, and its answer names passthru's span.
+answer's body is done (or the client went away). Each owner then records its own part from it: the call's slots let go
+of (limits.release), the usage and spend (pricing.meter), metrics, the key store's spend entry, the heap trim, the
+exported spans, the access line — bound at start-up in app.py, in that order. Its trace (tracing.py) is begun with it,
+and its answer names passthru's span.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from passthru.logs import REQUEST_IDS, log, printable
 from passthru.tracing import Trace
 
 if TYPE_CHECKING:
+    from passthru.limits import Held
     from passthru.pricing import Pricing
     from passthru.usage import Usage
     from passthru.usage_tap import Tap
@@ -54,16 +56,20 @@ class Exchange:
     trace: Trace  # its trace context: the ids sent upstream and back, its attempts' spans
     route: str = UNMATCHED  # the route's path (or passthru's own path) that served it: the metrics label
     body: Counted | None = None  # the caller's body as it is streamed upstream
-    upstream_seconds: float | None = None  # until the upstream's headers arrived
+    upstream_seconds: float | None = None  # until the headers of the answer that counts arrived, retries included
+    target: str | None = None  # the name of the target that answered, or the last one tried
+    attempts: int = 0  # attempts sent upstream
     pricing: Pricing | None = None  # the route's prices: set on pass-through calls only, which are metered
     caller: str | None = None  # the token of the key that made the call (the master key's hash for its calls)
     precharged: float = 0.0  # what the key store charged the key at admission
+    held: Held | None = None  # the slots the call holds on this host until its answer ends (limits.py)
     tap: Tap | None = None  # reads the usage from a JSON or SSE answer as it is relayed (usage.py)
     response_cost: float | None = None  # the upstream's x-litellm-response-cost
     usage: Usage | None = None  # set when finished (pricing.meter): the tokens the answer reported
     model: str | None = None  # set when finished (pricing.meter): the answer's model, else the request's
     spend: float | None = None  # set when finished (pricing.meter): what the call cost
     status: int = 0  # the answer's status, once started
+    length: int | None = None  # the answer's Content-Length, when it has one
     sent: int = 0  # answer body bytes the server took
     first_byte: float | None = None  # time.perf_counter() when the answer's first body byte went out
     complete: bool = False  # the whole answer went out (not cut off by the upstream or the client)
@@ -109,9 +115,12 @@ class Exchanges:
             ours = [("x-request-id", request_id), ("x-litellm-call-id", request_id),
                     ("traceparent", trace.traceparent())]  # fmt: skip  # so that the caller can find the trace
             for name, value in headers:
+                lower = name.lower()
                 # The upstream's own id (an API provider's, for its support desk) stays available under a new name.
-                if name.lower() == "x-request-id" and value != request_id:
+                if lower == "x-request-id" and value != request_id:
                     ours.append(("x-upstream-request-id", value))
+                elif lower == "content-length" and value.isdigit():
+                    exchange.length = int(value)
             kept = [(name, value) for name, value in headers if name.lower() not in ANSWER_IDS]
             return start_response(status, kept + ours, exc_info)
 
@@ -128,11 +137,21 @@ class _Relayed:
 
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
+        # The call's slots (limits.py) are let go of as its last byte is handed to the server, not once the server is
+        # done: a client that sends its next call as soon as it has an answer must find them free. Its last byte is
+        # the one that completes the Content-Length; without one, the end comes after the body (a final chunk, or
+        # the connection closed), so the body's end is early enough.
+        held = exchange.held
+        last = exchange.length if held is not None and exchange.length is not None else -1
         for chunk in self.body:
             if not exchange.sent and chunk:
                 exchange.first_byte = time.perf_counter()
             exchange.sent += len(chunk)
+            if held is not None and exchange.sent >= last >= 0:
+                held.release()
             yield chunk
+        if held is not None:
+            held.release()
         exchange.complete = True
 
     def close(self) -> None:

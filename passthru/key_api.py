@@ -38,9 +38,11 @@ from passthru.keystore.records import KeyAdmin, KeyInfo, NewKey, ReportGroup, Sp
 Operation = Callable[[KeyAdmin, Fields], Any]
 
 NEW_KEY_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "rpm_limit", "tpm_limit", "budget_duration",
-                            "allowed_routes", "metadata"})  # fmt: skip
+                            "allowed_routes", "metadata", "max_parallel_requests"})  # fmt: skip
 UPDATE_FIELDS = frozenset({"key", "key_alias", "duration", "max_budget", "spend", "rpm_limit", "tpm_limit",
-                           "budget_duration", "allowed_routes", "metadata", "blocked"})  # fmt: skip
+                           "budget_duration", "allowed_routes", "metadata", "blocked",
+                           "max_parallel_requests"})  # fmt: skip
+
 # /global/spend/report's group_by, and the name of each day's list of groups (LiteLLM's report says "teams").
 REPORT_GROUPS: dict[str, str] = {"api_key": "api_keys", "route": "routes", "model": "models"}
 
@@ -66,6 +68,7 @@ def shown(info: KeyInfo) -> dict[str, Any]:
         "metadata": dict(info.metadata), "blocked": info.blocked, "expires": _when(info.expires),
         "created_at": _when(info.created_at), "prompt_tokens": info.prompt_tokens,
         "completion_tokens": info.completion_tokens, "total_tokens": info.total_tokens,
+        "max_parallel_requests": info.max_parallel_requests,
     }  # fmt: skip
 
 
@@ -87,6 +90,7 @@ def generate_key(store: KeyAdmin, body: Fields, *, master_key: str | None = None
         budget_duration=key_fields.budget_duration(fields.get("budget_duration")),
         allowed_routes=key_fields.routes(fields.get("allowed_routes")),
         metadata=key_fields.metadata(fields.get("metadata")),
+        max_parallel_requests=key_fields.number(fields, "max_parallel_requests", integer=True),
     )  # fmt: skip
     info = store.create(new)
     return {"key": key, **shown(info), "token_id": info.token}
@@ -109,7 +113,7 @@ def update_key(store: KeyAdmin, body: Fields) -> dict[str, Any]:
     for name, value in fields.items():
         if name in ("max_budget", "spend"):
             changes[name] = key_fields.number(fields, name)
-        elif name in ("rpm_limit", "tpm_limit"):
+        elif name in key_fields.INTEGER_BOUNDS:
             changes[name] = key_fields.number(fields, name, integer=True)
         elif name == "duration":
             changes[name] = key_fields.duration(value)
@@ -177,10 +181,10 @@ def spend_logs(store: KeyAdmin, args: Fields) -> list[dict[str, Any]]:
     start = key_fields.instant(args.get("start_date"), "start_date", end=False)
     end = key_fields.instant(args.get("end_date"), "end_date", end=True)
     limit = key_fields.positive_int(args, "limit", 1000, MAX_SPEND_LOGS)
-    return [_entry(entry) for entry in store.spend_logs(token, start, end, limit)]
+    return [shown_entry(entry) for entry in store.spend_logs(token, start, end, limit)]
 
 
-def _entry(entry: SpendEntry) -> dict[str, Any]:
+def shown_entry(entry: SpendEntry) -> dict[str, Any]:
     """LiteLLM's names for what it logs too; request_id is the call's id as its caller saw it (x-request-id), or the
     entry's own id for entries written before the call's id was kept."""
     return {

@@ -44,6 +44,7 @@ def _keys_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-budget", type=float)
     generate.add_argument("--rpm-limit", type=int)
     generate.add_argument("--tpm-limit", type=int, help="tokens a minute, counted as answers end")
+    generate.add_argument("--max-parallel-requests", type=int, help="calls in flight at once, on each host")
     generate.add_argument("--budget-duration", help='spend goes back to 0 every "30d", "1mo" (a calendar month), …')
     generate.add_argument("--allowed-route", action="append", dest="allowed_routes", metavar="PATH",
                           help="a route the key may call (repeat; default: all)")  # fmt: skip
@@ -79,9 +80,10 @@ def _db_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _store_settings(path: str) -> Settings:
+def _store_settings(path: str, *, keys: bool) -> Settings:
     settings = load_settings(path)
-    if settings.database_url is None:
+    # A store kept only for routes' rpm_limit counts has no use for keys: no route would take them.
+    if settings.database_url is None or (keys and settings.master_key is None):
         raise ConfigError(f"{settings.source}: virtual keys need general_settings.master_key (there is no key store)")
     configure_logging(
         settings.secrets, False, read_server_settings().json_logs
@@ -92,7 +94,7 @@ def _store_settings(path: str) -> Settings:
 def keys(args: argparse.Namespace) -> int:
     """Run one key operation on the config's store and print its JSON answer; 1 on any error."""
     try:
-        settings = _store_settings(args.config)
+        settings = _store_settings(args.config, keys=True)
         assert settings.database_url is not None
         store = open_store(settings.database_url)
         try:
@@ -125,7 +127,7 @@ def _key_operation(args: argparse.Namespace, store: KeyAdmin, master_key: str | 
 def db(args: argparse.Namespace) -> int:
     """`passthru db upgrade`: bring the store to the newest schema; 1 if it cannot be reached."""
     try:
-        settings = _store_settings(args.config)
+        settings = _store_settings(args.config, keys=False)
         assert settings.database_url is not None
         revision = migrate(settings.database_url)
     except PassthruError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 from passthru.auth import digest
 from passthru.errors import RequestError
 from passthru.keystore.budget import DURATION, SECONDS
+from passthru.slots import MAX_PARALLEL
 
 Fields = Mapping[str, Any]
 
@@ -29,6 +30,8 @@ MAX_SPEND_LOGS = 10_000
 MAX_DURATION = 100 * 365 * 86400  # 100 years: an expiry stays a date that Python and every client can show
 MAX_AMOUNT = 1e15  # max_budget and spend: finite, and exact to the cent in a double
 MAX_LIMIT = 2**31 - 1  # the rpm_limit and tpm_limit columns are PostgreSQL integers
+# Each whole-number field's bound: max_parallel_requests counts calls in flight on a host, a slot each (slots.py).
+INTEGER_BOUNDS = {"rpm_limit": MAX_LIMIT, "tpm_limit": MAX_LIMIT, "max_parallel_requests": MAX_PARALLEL}
 MAX_ROUTES = 100  # allowed_routes entries: each call of the key checks them in turn
 MAX_ROUTE_LENGTH = 1024
 MAX_METADATA_BYTES = 4096  # metadata as compact UTF-8 JSON: a note about the key, not a document store
@@ -76,7 +79,7 @@ def number(fields: Fields, name: str, *, integer: bool = False) -> Any:
     value = fields.get(name)
     if value is None:
         return None
-    most = MAX_LIMIT if integer else MAX_AMOUNT
+    most = INTEGER_BOUNDS.get(name, MAX_LIMIT) if integer else MAX_AMOUNT
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise RequestError(f"{name} must be {'an integer' if integer else 'a number'} or null", param=name)
     if not 0 <= value <= most:  # NaN fails both comparisons

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
-ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s trace=%s%s%s"
+ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s trace=%s%s%s"
 # (request id, trace id) of the request this thread serves, for every line logged about it; one variable, set once a
 # request (each set costs as much as the rest of a line's bookkeeping).
 REQUEST_IDS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("passthru_ids", default=None)
@@ -137,8 +137,8 @@ def printable(text: str) -> str:
 
 
 def access_line(exchange: Exchange) -> None:
-    """The exchange's one access line: method, path without query, status, bytes, total and upstream time, and the
-    trace id (the request id is in every line's prefix)."""
+    """The exchange's one access line: method, path without query, status, bytes, total and upstream time, the target
+    that answered and the attempts it took, and the trace id (the request id is in every line's prefix)."""
     if not log.isEnabledFor(logging.INFO):
         return
     path, upstream, status = printable(exchange.path), exchange.upstream_seconds, exchange.status
@@ -146,6 +146,7 @@ def access_line(exchange: Exchange) -> None:
         "method": exchange.method, "path": path, "status": status, "bytes": exchange.sent,
         "duration_ms": round(exchange.seconds * 1000, 1),
         "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None, "complete": exchange.complete,
+        "target": exchange.target, "attempts": exchange.attempts,
     }  # fmt: skip
     usage, spent = "", ""
     if exchange.usage is not None:
@@ -157,7 +158,8 @@ def access_line(exchange: Exchange) -> None:
         spent = f" spend={exchange.spend:.6g}"
     args = (
         exchange.method, path, status or "-", exchange.sent, exchange.seconds * 1000,
-        f"{upstream * 1000:.1f}ms" if upstream is not None else "-", exchange.trace.trace_id,
+        f"{upstream * 1000:.1f}ms" if upstream is not None else "-",
+        f" target={exchange.target} attempts={exchange.attempts}" if exchange.target else "", exchange.trace.trace_id,
         "" if exchange.complete else " incomplete", usage + spent,
     )  # fmt: skip
     # Made and handled here: log.info would first search the stack for the calling line, which no one reads.

@@ -49,8 +49,14 @@ IN_FLIGHT = Gauge(
     "passthru_streams_in_flight", "Upstream answers being relayed now", ["route"], multiprocess_mode="livesum"
 )
 UPSTREAM_ERRORS = Counter("passthru_upstream_errors", "Upstream failures", ["route", "kind"])
+# Outcomes: answered, a status of the route's retry_on (429, 503, ...), refused, timeout, reset, stale, malformed.
+ATTEMPTS = Counter("passthru_upstream_attempts", "Attempts sent upstream", ["route", "target", "outcome"])
+COOLDOWNS = Counter("passthru_upstream_cooldowns", "Times a target began to cool down", ["route", "target"])
 TOKENS = Counter("passthru_tokens", "Tokens the answers reported", ["route", "model", "kind"])
 SPEND = Counter("passthru_spend", "What pass-through calls cost (pricing.py)", ["route"])
+# Calls refused with 429, by the limit that refused them: a route's rpm_limit or max_parallel_requests, or a key's
+# (key_rpm_limit, key_tpm_limit, key_max_parallel_requests). Five values at most: refusals cannot grow the series.
+LIMITED = Counter("passthru_limited", "Calls refused by a rate limit (429)", ["route", "limit"])
 # reason: queue_full (the collector is slower than the calls) or export_failed (down, refusing, or out of time).
 SPANS_DROPPED = Counter("passthru_trace_spans_dropped", "Spans not exported (otel.py)", ["reason"])
 
@@ -80,6 +86,12 @@ def _series(route: str, method: str, status_class: str) -> tuple[Any, Any, Any, 
 def in_flight(route: str) -> Any:
     """The in-flight gauge of one route (looked up once)."""
     return IN_FLIGHT.labels(route)
+
+
+@lru_cache(maxsize=1024)
+def attempts(route: str, target: str, outcome: str) -> Any:
+    """The attempts counter of one route, target and outcome (looked up once; the labels are the config's)."""
+    return ATTEMPTS.labels(route, target, outcome)
 
 
 def record(exchange: Exchange) -> None:
@@ -130,6 +142,11 @@ def _spend(route: str) -> Any:
     return SPEND.labels(route)
 
 
+def limited(route: str, limit: str) -> None:
+    """Count a call refused by a limit (errors.RateLimited.limit)."""
+    LIMITED.labels(route, limit).inc()
+
+
 def labelled(blueprint: Blueprint) -> Blueprint:
     """Count the blueprint's requests under their own path (/metrics, /health, /key/generate), not as unmatched."""
 
@@ -145,10 +162,7 @@ def build_blueprint(authenticator: Authenticator | None, metrics_dir: str | None
     """GET /metrics in Prometheus text format, summed over every worker's files in `metrics_dir` (gunicorn), else
     this process's own; behind the master key when an authenticator is given (metrics_require_auth)."""
     blueprint = Blueprint("metrics", __name__)
-    registry = PROCESS_REGISTRY
-    if metrics_dir is not None:
-        registry = CollectorRegistry()
-        registry.register(_AllWorkers(metrics_dir))  # reads the folder's files at each scrape
+    registry = registry_of(metrics_dir)
 
     @blueprint.get("/metrics")
     def metrics() -> Response:
@@ -157,6 +171,16 @@ def build_blueprint(authenticator: Authenticator | None, metrics_dir: str | None
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return blueprint
+
+
+def registry_of(metrics_dir: str | None) -> CollectorRegistry:
+    """Where the samples are read: every worker's files in `metrics_dir` (gunicorn), else this process's own (the
+    /metrics answer, and the admin page's routes)."""
+    if metrics_dir is None:
+        return PROCESS_REGISTRY
+    registry = CollectorRegistry()
+    registry.register(_AllWorkers(metrics_dir))  # reads the folder's files at each scrape
+    return registry
 
 
 class _AllWorkers(Collector):

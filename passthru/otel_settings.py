@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from passthru.config_fields import HEADER_NAME, FieldReader, kind
+from passthru.config_fields import FieldReader, kind
+from passthru.config_targets import HEADER_NAME
 from passthru.errors import ConfigError
 from passthru.tracing import Sampler
 

@@ -3,7 +3,7 @@
 Prices have LiteLLM's names: `input_cost_per_token` and `output_cost_per_token` on a route, and per model under
 `general_settings.model_prices` for routes that serve many models. A route's own price wins over its model's, field
 by field. An upstream's `x-litellm-response-cost` header (LiteLLM's convention for any target) is the call's whole
-cost. Read at start-up (config.py), applied when an answer ends (`meter`, the first of the exchange's recorders).
+cost. Read at start-up (config.py), applied when an answer ends (`meter`, the recorder the others read).
 """
 
 from __future__ import annotations

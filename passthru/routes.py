@@ -8,7 +8,7 @@ inside it: the path that picks the route, and so its auth, methods and cost, is 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from urllib.parse import unquote
@@ -19,11 +19,13 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response
 
+from passthru import metrics
 from passthru.auth import Authenticator, digest, headers_carrying, read_key
-from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, Endpoint, Settings
-from passthru.errors import RequestError
-from passthru.exchange import of
+from passthru.config import ALL_METHODS, BUILT_IN_PATHS, KEY_API_PATHS, UI_PATH, Endpoint, Settings
+from passthru.errors import RateLimited, RequestError
+from passthru.exchange import Exchange, of
 from passthru.forward import Forwarder
+from passthru.limits import Limits
 from passthru.paths import ResolvedPath, loose, raw_path, resolve_path
 from passthru.pricing import Pricing
 from passthru.upstream_request import Route
@@ -35,14 +37,15 @@ def _key(segments: tuple[str, ...] | list[str]) -> str:
 
 @dataclass(frozen=True)
 class Served:
-    """One route as the table serves it: what to forward, the key check when auth is on, the methods allowed, what
-    its calls cost."""
+    """One route as the table serves it: what to forward, the key check when auth is on, its limits, the methods
+    allowed, what its calls cost."""
 
     endpoint: Endpoint  # what the key check weighs: the route's path (allowed_routes) and cost
     route: Route
     authenticator: Authenticator | None  # None on an auth: false route
     methods: frozenset[str]
     pricing: Pricing
+    limits: Limits | None = None  # its own and its keys' (limits.py); None: its calls have none
 
 
 @dataclass(frozen=True)
@@ -89,20 +92,28 @@ def _lookup(
     return None
 
 
-def _any_path_but(own: tuple[str, ...]) -> type[BaseConverter]:
-    """A converter for every path, empty and slash-led ones too, except passthru's own paths: the route table, not
-    werkzeug, reads and resolves it; and a wrong method on /key/generate stays werkzeug's 405 with its Allow."""
-    exclude = "|".join(re.escape(path.lstrip("/")) for path in own)
+def _any_path_but(own: tuple[str, ...], trees: tuple[str, ...] = ()) -> type[BaseConverter]:
+    """A converter for every path, empty and slash-led ones too, except passthru's own paths and those below `trees`
+    (the admin page's): the route table, not werkzeug, reads and resolves it; and a wrong method on /key/generate or
+    /ui/keys stays werkzeug's 405 with its Allow."""
+    exclude = "|".join([re.escape(path.lstrip("/")) + "$" for path in own] +
+                       [re.escape(tree.lstrip("/")) + "(?:/|$)" for tree in trees])  # fmt: skip
 
     class AnyPath(BaseConverter):
-        regex = f"(?!(?:{exclude})$).*"
+        regex = f"(?!(?:{exclude})).*"
         part_isolating = False
 
     return AnyPath
 
 
-def build_table(settings: Settings, forwarder: Forwarder, authenticator: Authenticator | None) -> RouteTable:
-    """Each endpoint compiled and bound to its key check, under its decoded path (config.py refuses clashes)."""
+def build_table(
+    settings: Settings,
+    forwarder: Forwarder,
+    authenticator: Authenticator | None,
+    limits: Callable[[Endpoint, bool], Limits | None],
+) -> RouteTable:
+    """Each endpoint compiled and bound to its key check and limits, under its decoded path (config.py refuses
+    clashes)."""
     exact: dict[str, Served] = {}
     prefixes: dict[str, Served] = {}
     loose_exact: dict[str, Served] = {}
@@ -115,6 +126,7 @@ def build_table(settings: Settings, forwarder: Forwarder, authenticator: Authent
             authenticator if endpoint.auth else None,
             frozenset(methods),
             Pricing(endpoint.cost_per_request, endpoint.prices, settings.model_prices),
+            limits(endpoint, endpoint.auth),
         )
         segments = [unquote(part, encoding="latin-1") for part in endpoint.path.split("/") if part]
         exact[_key(segments)] = served
@@ -125,13 +137,20 @@ def build_table(settings: Settings, forwarder: Forwarder, authenticator: Authent
     return RouteTable(exact, prefixes, loose_exact, loose_prefixes)
 
 
-def build_blueprint(settings: Settings, forwarder: Forwarder, authenticator: Authenticator | None) -> Blueprint:
-    """A fresh Blueprint whose one catch-all rule hands every path werkzeug does not know to the route table."""
+def build_blueprint(
+    settings: Settings,
+    forwarder: Forwarder,
+    authenticator: Authenticator | None,
+    limits: Callable[[Endpoint, bool], Limits | None],
+) -> Blueprint:
+    """A fresh Blueprint whose one catch-all rule hands every path werkzeug does not know to the route table.
+    `limits` binds a route's limits (limits.bind, with the worker's store and slot files)."""
     blueprint = Blueprint("passthru", __name__)
     # The master key is stripped from relayed headers on every route, authenticated or not.
     proxy_keys = (digest(settings.master_key),) if settings.master_key else ()
-    view = partial(_serve, build_table(settings, forwarder, authenticator), forwarder, proxy_keys)
-    converter = _any_path_but(BUILT_IN_PATHS + (KEY_API_PATHS if settings.master_key else ()))
+    view = partial(_serve, build_table(settings, forwarder, authenticator, limits), forwarder, proxy_keys)
+    own = BUILT_IN_PATHS + (KEY_API_PATHS if settings.master_key else ())
+    converter = _any_path_but(own, (UI_PATH,) if settings.master_key else ())
 
     def add_converter(state: BlueprintSetupState) -> None:
         state.app.url_map.converters["passthru_any"] = converter
@@ -161,10 +180,26 @@ def _serve(table: RouteTable, forwarder: Forwarder, proxy_keys: tuple[bytes, ...
     drop: frozenset[str] = frozenset()
     if served.authenticator is not None:
         found = read_key(environ)
-        exchange.caller, exchange.precharged = served.authenticator.admit(found[0] if found else None, served.endpoint)
+        _admit(served, found[0] if found else None, exchange)
         if found:
             proxy_keys = (*proxy_keys, digest(found[0]))
+    elif served.limits is not None:
+        _admit(served, None, exchange)
     if route.forward_headers and proxy_keys:
         drop = headers_carrying(environ, proxy_keys)
     exchange.pricing = served.pricing  # admitted: from here on the call is metered, logged and charged
     return forwarder.forward(route, subpath, exchange, environ, drop)
+
+
+def _admit(served: Served, key: str | None, exchange: Exchange) -> None:
+    """The key check (auth: true) and the limits (limits.py), in that order; the refusals by a limit counted."""
+    try:
+        if served.authenticator is not None:
+            exchange.caller, exchange.precharged, exchange.held = served.authenticator.admit(
+                key, served.endpoint, served.limits
+            )
+        elif served.limits is not None:
+            exchange.held = served.limits.enter(None)
+    except RateLimited as exc:
+        metrics.limited(exchange.route, exc.limit)
+        raise

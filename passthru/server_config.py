@@ -12,6 +12,8 @@ from ipaddress import ip_address, ip_network
 
 from passthru.config import Settings, parse_settings, parse_yaml, read_file
 from passthru.errors import ConfigError
+from passthru.keystore.budget import DURATION, SECONDS
+from passthru.slots import LIMITS_DIR_VARIABLE
 
 # Where a server finds its config (load_from_environment): the YAML itself wins over a file path.
 CONFIG_YAML_VARIABLE = "PASSTHRU_CONFIG_YAML"
@@ -19,6 +21,9 @@ CONFIG_FILE_VARIABLE = "PASSTHRU_CONFIG"
 # Set by the gunicorn master for its workers (accept_from_environment): the config text it last accepted.
 ACCEPTED_TEXT = "_PASSTHRU_ACCEPTED_CONFIG"
 ACCEPTED_SOURCE = "_PASSTHRU_ACCEPTED_SOURCE"
+# How long an admin page login lasts (ui/session.py): a duration such as "12h" or "30m", from 1 minute to 30 days.
+UI_SESSION_VARIABLE = "PASSTHRU_UI_SESSION"
+UI_SESSION_DEFAULT = 12 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,11 @@ class ServerSettings:
     metrics_dir: str | None
     # Set for workers by a gunicorn master that accepted the config: it said the config's warnings once already.
     config_accepted: bool
+    # PASSTHRU_LIMITS_DIR: the lock files that bound calls in flight across the server's workers (slots.py;
+    # deploy/gunicorn.conf.py sets it); None outside gunicorn: the bound holds in the process.
+    limits_dir: str | None = None
+    # PASSTHRU_UI_SESSION: seconds an admin page login lasts, counted from the login (not from the last page).
+    ui_session: float = UI_SESSION_DEFAULT
 
 
 def read_server_settings(environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -45,7 +55,20 @@ def read_server_settings(environ: Mapping[str, str] | None = None) -> ServerSett
         json_logs=environ.get("JSON_LOGS", "").strip().lower() in ("1", "true", "yes"),
         metrics_dir=environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
         config_accepted=ACCEPTED_TEXT in environ,
+        limits_dir=environ.get(LIMITS_DIR_VARIABLE) or None,
+        ui_session=ui_session(environ.get(UI_SESSION_VARIABLE, "")),
     )
+
+
+def ui_session(value: str) -> float:
+    """PASSTHRU_UI_SESSION in seconds ("12h", "30m", "1d"; unset: 12 hours), from a minute to 30 days."""
+    if not value.strip():
+        return UI_SESSION_DEFAULT
+    match = DURATION.fullmatch(value.strip())
+    seconds = int(match.group(1)) * SECONDS[match.group(2)] if match and match.group(2) in SECONDS else 0
+    if not 60 <= seconds <= 30 * 86400:
+        raise ConfigError(f"{UI_SESSION_VARIABLE}: {value!r} is not a duration from 1m to 30d, such as 12h")
+    return float(seconds)
 
 
 def proxy_trust(spec: str) -> Callable[[str], bool]:

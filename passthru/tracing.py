@@ -128,6 +128,11 @@ class Trace:
             span = self.upstream[-1]
             span.error, span.ended = type(exc).__name__, time.perf_counter()
 
+    def dropped(self) -> None:
+        """The last attempt's answer is not relayed (another attempt follows): its span ends here."""
+        if self.recorded:
+            self.upstream[-1].ended = time.perf_counter()
+
 
 def begin(environ: Mapping[str, Any], sampler: Sampler | None = None) -> Trace:
     """This request's trace: the caller's, continued, when its traceparent is valid; else a new one.

@@ -174,6 +174,18 @@ def test_check_masks_environment_values_in_default_query_params(tmp_path: Path) 
     _assert_no_secret(out, err)
 
 
+def test_check_lists_route_limits_and_the_store_that_counts_them(tmp_path: Path) -> None:
+    config = _config(tmp_path / "config.yaml", {"general_settings": {"pass_through_endpoints": [
+        {"path": "/v1/chat", "target": "http://127.0.0.1:9/chat", "rpm_limit": 600, "max_parallel_requests": 50},
+    ]}})  # fmt: skip
+    status, out, err = _run([sys.executable, "-m", "passthru", "check", "--config", str(config)], tmp_path,
+                            _environment())  # fmt: skip
+    assert status == 0, err
+    assert "/v1/chat -> http://127.0.0.1:9/chat  [" in out
+    assert "timeout=600s rpm_limit=600 max_parallel_requests=50" in out
+    assert "  key store: sqlite:///" in out  # no master key: the store is there for the rpm counts
+
+
 ENTRY = "general_settings.pass_through_endpoints[0] (/v1/x)"
 UNSET_MESSAGE = "environment variable NOT_SET_X is not set"
 
@@ -196,6 +208,7 @@ def _unset_variable_config(tmp_path: Path) -> Path:
                                                    "did you mean include_subpath"], id="misspelt-field"),
         pytest.param({"timeout": -1}, [f"{ENTRY}.timeout: "], id="negative-timeout"),
         pytest.param({"target": "ftp://127.0.0.1/x"}, [f"{ENTRY}.target: "], id="bad-scheme"),
+        pytest.param({"rpm_limit": 0}, [f"{ENTRY}.rpm_limit: must be from 1"], id="rpm-limit-zero"),
     ],
 )  # fmt: skip
 def test_check_bad_config_says_one_line(tmp_path: Path, entry: dict[str, Any], needles: list[str]) -> None:

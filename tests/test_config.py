@@ -45,12 +45,17 @@ def test_seed_rerank_config_loads_with_defaults(tmp_path: Path) -> None:
     (ep,) = settings.endpoints
     assert settings.master_key == "sk-1234"
     assert ep.path == "/v1/rerank"
-    assert ep.target == "https://api.cohere.com/v1/rerank"
+    (target,) = ep.targets
+    assert (target.name, target.url_shown, target.weight, target.order) == ("api.cohere.com", target.url, 1, 1)
+    assert target.url == "https://api.cohere.com/v1/rerank"
+    assert target.headers == ep.headers
     assert ep.headers == (
         ("Authorization", "bearer co-secret-123"),
         ("content-type", "application/json"),
         ("accept", "application/json"),
     )
+    assert (ep.retries.num_retries, ep.retries.allowed_fails, ep.retries.cooldown_time) == (0, 3, 30)
+    assert ep.retries.retry_on == {429, 500, 502, 503, 504} and ep.retries.retry_body_limit == 1024 * 1024
     assert (ep.auth, ep.forward_headers, ep.include_subpath) == (False, False, False)
     assert ep.methods == ALL_METHODS
     assert ep.timeout == 600.0
@@ -78,7 +83,7 @@ def test_every_field_is_read() -> None:
     )
     (ep,) = settings.endpoints
     assert ep.path == "/svc"
-    assert ep.target == "http://127.0.0.1:9/base?v=2"
+    assert [target.url for target in ep.targets] == ["http://127.0.0.1:9/base?v=2"]
     assert (ep.auth, ep.forward_headers, ep.include_subpath) == (True, True, True)
     assert ep.methods == ("GET", "POST")
     assert ep.timeout == 2.5
@@ -90,8 +95,9 @@ def test_every_field_is_read() -> None:
 
 def test_env_reference_inside_a_value_and_masked_target() -> None:
     (ep,) = settings_of([{"path": "/g", "target": "https://h.example/v1?key=os.environ/COHERE_API_KEY"}]).endpoints
-    assert ep.target == "https://h.example/v1?key=co-secret-123"
-    assert ep.target_shown == "https://h.example/v1?key=***"
+    (target,) = ep.targets
+    assert target.url == "https://h.example/v1?key=co-secret-123"
+    assert target.url_shown == "https://h.example/v1?key=***"
 
 
 def test_langfuse_keys_become_one_basic_authorization() -> None:
@@ -401,7 +407,7 @@ def test_database_url_without_master_key_is_unused_and_said_so() -> None:
     settings = settings_of([], database_url="sqlite:///x.db")
     assert settings.database_url is None
     (warning,) = settings.warnings
-    assert "database_url is set but master_key is not" in warning
+    assert "database_url is set but unused" in warning
 
 
 @pytest.mark.parametrize(
@@ -436,6 +442,8 @@ def test_bad_database_url_in_the_environment_is_named() -> None:
         pytest.param({"path": "/key", "target": "http://a", "include_subpath": True}, id="prefix"),
         pytest.param({"path": "/global/spend/report", "target": "http://a"}, id="spend-report"),
         pytest.param({"path": "/global", "target": "http://a", "include_subpath": True}, id="report-prefix"),
+        pytest.param({"path": "/ui", "target": "http://a"}, id="admin-page"),
+        pytest.param({"path": "/ui/keys/x", "target": "http://a"}, id="below-the-admin-page"),
     ],
 )
 def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
@@ -446,8 +454,8 @@ def test_pass_through_routes_may_not_cover_the_key_api(entry: dict) -> None:
 
 def test_routes_beside_the_key_api_are_fine() -> None:
     entries = [{"path": "/key", "target": "http://a"}, {"path": "/keys", "target": "http://a", "include_subpath": True},
-               {"path": "/key/generate2", "target": "http://a"}]  # fmt: skip
-    assert len(settings_of(entries, master_key="sk-1").endpoints) == 3
+               {"path": "/key/generate2", "target": "http://a"}, {"path": "/uix", "target": "http://a"}]  # fmt: skip
+    assert len(settings_of(entries, master_key="sk-1").endpoints) == 4
 
 
 def test_numbers_yaml_reads_as_strings_are_read_as_the_numbers_they_say(tmp_path: Path) -> None:

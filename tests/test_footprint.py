@@ -61,6 +61,25 @@ def test_without_spend_logs_master_key_and_open_routes_never_load_the_store(
     assert not maps_sqlalchemy(server.process.pid)
 
 
+def test_route_limits_load_the_store_only_where_a_route_counts_in_it(gunicorn: Callable[..., Gunicorn],
+                                                                     upstream: Upstream) -> None:  # fmt: skip
+    """No master key: max_parallel_requests is counted on the host and never needs the store; a route's rpm_limit
+    does, in the worker that serves that route, the first time."""
+    server = gunicorn([{"path": "/parallel", "target": f"{upstream.url}/echo", "max_parallel_requests": 2},
+                       {"path": "/counted", "target": f"{upstream.url}/echo", "rpm_limit": 100}])  # fmt: skip
+    worker = worker_pid(server)
+    for _ in range(3):
+        assert requests.post(f"{server.url}/parallel", json={}, timeout=10).status_code == 200
+    assert not maps_sqlalchemy(worker) and not maps_sqlalchemy(server.process.pid)
+    assert requests.post(f"{server.url}/counted", json={}, timeout=15).status_code == 200
+    assert maps_sqlalchemy(worker) and not maps_sqlalchemy(server.process.pid)
+    server.stop()
+    no_store = gunicorn([{"path": "/parallel", "target": f"{upstream.url}/echo", "max_parallel_requests": 2}])
+    assert requests.post(f"{no_store.url}/parallel", json={}, timeout=10).status_code == 200
+    ready = requests.get(f"{no_store.url}/health/readiness", timeout=10).json()
+    assert ready["db"] == "not configured" and not maps_sqlalchemy(worker_pid(no_store))
+
+
 @pytest.mark.parametrize("first_use", ["virtual key", "readiness"])
 def test_first_use_opens_the_store_once_per_worker(gunicorn: Callable[..., Gunicorn], upstream: Upstream,
                                                    first_use: str) -> None:  # fmt: skip

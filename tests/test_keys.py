@@ -158,9 +158,7 @@ def test_duration_units_set_the_expiry(proxy: Proxy, duration: str, seconds: int
         pytest.param({"tpm_limit": 1.5}, "tpm_limit", id="tpm-float"),
         pytest.param({"budget_duration": "0d"}, "budget_duration", id="budget-period-of-0"),
         pytest.param({"budget_duration": "1 month"}, "budget_duration", id="budget-period-words"),
-        pytest.param(
-            {"key": "sk-1234567890", "max_parallel_requests": 2}, "max_parallel_requests", id="unsupported-limit"
-        ),
+        pytest.param({"key": "sk-1234567890", "soft_budget": 2}, "soft_budget", id="unsupported-limit"),
     ],
 )
 def test_generate_refuses_bad_fields(proxy: Proxy, fields: dict[str, Any], param: str | None) -> None:
@@ -182,7 +180,7 @@ def test_generate_refuses_taken_keys_aliases_and_the_master_key(proxy: Proxy) ->
 
 
 def test_litellm_fields_that_are_empty_are_accepted(proxy: Proxy) -> None:
-    made = proxy.generate(models=[], user_id=None, team_id="", tpm_limit=None, max_parallel_requests=0)
+    made = proxy.generate(models=[], user_id=None, team_id="", tpm_limit=None, max_parallel_requests=None)
     assert made["key"].startswith("sk-")
 
 

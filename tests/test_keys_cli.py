@@ -40,11 +40,13 @@ def test_generate_list_info_block_delete(config: Path, capsys: pytest.CaptureFix
                                          upstream: Upstream, database_url: str) -> None:  # fmt: skip
     status, made, _ = run(capsys, "keys", "generate", "--config", str(config), "--key-alias", "ci", "--duration",
                           "7d", "--max-budget", "5", "--rpm-limit", "10", "--allowed-route", "/v1/rerank",
-                          "--metadata", '{"team": "a"}', "--tpm-limit", "1000", "--budget-duration", "1mo")  # fmt: skip
+                          "--metadata", '{"team": "a"}', "--tpm-limit", "1000", "--budget-duration", "1mo",
+                          "--max-parallel-requests", "4")  # fmt: skip
     assert status == 0
     key = made["key"]
     assert (made["key_alias"], made["max_budget"], made["rpm_limit"], made["allowed_routes"]) == (
         "ci", 5.0, 10, ["/v1/rerank"])  # fmt: skip
+    assert made["max_parallel_requests"] == 4
     assert (made["tpm_limit"], made["budget_duration"]) == (1000, "1mo") and made["budget_reset_at"] is not None
     status, listed, _ = run(capsys, "keys", "list", "--config", str(config))
     assert status == 0 and listed["total_count"] == 1
@@ -96,6 +98,17 @@ def test_without_a_master_key_there_is_no_store(tmp_path: Path, capsys: pytest.C
     for args in (["keys", "list"], ["db", "upgrade"]):
         status, _, err = run(capsys, *args, "--config", str(config))
         assert status == 1 and "virtual keys need general_settings.master_key" in err
+
+
+def test_a_store_for_route_counts_only_is_migrated_and_holds_no_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, [{"path": "/r", "target": "http://127.0.0.1:9/r", "rpm_limit": 5}],
+                          database_url=f"sqlite:///{tmp_path / 'routes.db'}")  # fmt: skip
+    status, out, _ = run(capsys, "db", "upgrade", "--config", str(config))
+    assert status == 0 and out.strip().endswith(f"at revision {head_revision()}")
+    status, _, err = run(capsys, "keys", "list", "--config", str(config))
+    assert status == 1 and "virtual keys need general_settings.master_key" in err
 
 
 def test_unreachable_store_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -101,7 +101,8 @@ def test_json_logs_parse(gunicorn: Callable[..., Gunicorn], upstream: Upstream) 
 
 
 ACCESS = re.compile(
-    r"passthru: (\S+) (\S+) (\d+|-) (\d+)B ([\d.]+)ms upstream=([\d.]+ms|-) trace=[0-9a-f]{32}( incomplete)?$"
+    r"passthru: (\S+) (\S+) (\d+|-) (\d+)B ([\d.]+)ms upstream=([\d.]+ms|-)(?: target=(\S+) attempts=(\d+))?"
+    r" trace=[0-9a-f]{32}( incomplete)?$"
 )
 
 
@@ -124,13 +125,15 @@ def test_access_line_gives_total_and_upstream_time(
     # Each line is written when the server closes the answer, just after the client has read it.
     assert wait_until(lambda: {"/late", "/events", "/nowhere"} <= lines().keys(), 5), seen
     found = lines()
-    method, _, status, size, total, up, incomplete = found["/late"]
+    method, _, status, size, total, up, target, attempts, incomplete = found["/late"]
     assert (method, status, size, incomplete) == ("GET", "200", "4", None)
+    assert (target, attempts) == (upstream.url.removeprefix("http://"), "1")  # the target's default name: its host
     assert 400 <= float(up[:-2]) <= float(total) < 3000, found["/late"]
-    _, _, status, size, total, up, incomplete = found["/events"]
+    _, _, status, size, total, up, _, _, incomplete = found["/events"]
     assert (status, size, incomplete) == ("200", str(len("data: 0\n\n") * 3), None)
     assert float(up[:-2]) < 300 and 600 <= float(total) < 3000, found["/events"]
-    assert (found["/nowhere"][2], found["/nowhere"][5]) == ("404", "-")  # no upstream was called
+    _, _, status, _, _, up, target, _, _ = found["/nowhere"]
+    assert (status, up, target) == ("404", "-", None)  # no upstream was called
 
 
 def test_redact_masks_message_args_and_traceback() -> None:
@@ -198,3 +201,4 @@ def test_json_access_entry_carries_the_model_tokens_and_spend(
     (access,) = [e for e in entries if e.get("request_id") == "json-2" and "status" in e]
     assert (access["model"], access["prompt_tokens"], access["completion_tokens"]) == ("gpt-4o-2024-08-06", 1117, 46)
     assert access["spend"] == pytest.approx(1.117)
+    assert (access["target"], access["attempts"]) == (upstream.url.removeprefix("http://"), 1)

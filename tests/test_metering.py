@@ -20,6 +20,14 @@ from upstream import Answer, Upstream, wait_until
 Serve = Callable[..., str]
 IN, OUT = 2e-6, 8e-6  # the route's prices per input and output token
 REQUEST = b'{"model": "' + REQUEST_MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}]}'
+MASTER = "sk-master-of-metering-0123"
+ADMIN = {"Authorization": f"Bearer {MASTER}"}
+
+
+def logged(base: str, **params: str) -> list[dict[str, Any]]:
+    answer = requests.get(f"{base}/spend/logs", params=params, headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return list(answer.json())
 
 
 def give(upstream: Upstream, name: str) -> str:
@@ -45,13 +53,19 @@ def test_each_answer_shape_is_relayed_byte_for_byte_and_its_tokens_and_spend_cou
     path = give(upstream, name)
     route = f"/priced/{name.replace('.', '-')}"  # a route of its own: its series start at zero
     base = serve([{"path": route, "target": f"{upstream.url}{path}", "cost_per_request": 0.5,
-                   "input_cost_per_token": IN, "output_cost_per_token": OUT}])  # fmt: skip
-    answer = requests.post(f"{base}{route}", data=REQUEST, headers={"Content-Type": "application/json"}, timeout=10)
+                   "input_cost_per_token": IN, "output_cost_per_token": OUT}], master_key=MASTER)  # fmt: skip
+    answer = requests.post(f"{base}{route}", data=REQUEST, headers={"x-request-id": "shape-1"}, timeout=10)
     assert answer.status_code == 200
     assert answer.content == body_of(name)
-    model, prompt, completion = EXPECTED[name][:3]
-    want = (prompt, completion, pytest.approx(0.5 + prompt * IN + completion * OUT))
-    assert wait_until(lambda: counted(base, route, model) == want, 5), counted(base, route, model)
+    model, prompt, completion, total = EXPECTED[name][:4]
+    spend = pytest.approx(0.5 + prompt * IN + completion * OUT)
+    assert wait_until(lambda: counted(base, route, model) == (prompt, completion, spend), 5), counted(
+        base, route, model
+    )
+    assert wait_until(lambda: len(logged(base)) == 1, 5)
+    (entry,) = logged(base)
+    assert (entry["request_id"], entry["api_key"], entry["model"], entry["spend"]) == ("shape-1", None, model, spend)
+    assert (entry["prompt_tokens"], entry["completion_tokens"], entry["total_tokens"]) == (prompt, completion, total)
 
 
 def test_model_prices_price_the_model_the_answer_names_and_a_route_price_wins(serve: Serve, upstream: Upstream) -> None:
@@ -147,15 +161,6 @@ def test_model_prices_are_checked_at_start_up(tmp_path: Path) -> None:
 
 
 # --- the spend log: every call, with its usage, when there is a key store -----------------------------------------
-
-MASTER = "sk-master-of-metering-0123"
-ADMIN = {"Authorization": f"Bearer {MASTER}"}
-
-
-def logged(base: str, **params: str) -> list[dict[str, Any]]:
-    answer = requests.get(f"{base}/spend/logs", params=params, headers=ADMIN, timeout=10)
-    assert answer.status_code == 200, answer.text
-    return list(answer.json())
 
 
 def test_master_key_and_open_route_calls_are_logged_with_their_usage(

@@ -25,6 +25,7 @@ def test_health_paths(serve: Serve, upstream: Upstream) -> None:
     for path in ("/health/readiness", "/health"):
         body = requests.get(f"{base}{path}", timeout=10).json()
         assert body["status"] == "healthy" and body["routes"] == 1 and body["version"]
+        assert body["targets"] == {"/e": [{"name": upstream.url.removeprefix("http://"), "state": "ok"}]}
         assert upstream.url not in json.dumps(body) and "secret-value-123" not in json.dumps(body)
 
 

@@ -16,6 +16,7 @@ import pytest
 import requests
 from conftest import Gunicorn, importable, require
 from prometheus_client import REGISTRY
+from test_attempts import refusing
 from test_deploy import processes, require_gevent
 from upstream import Answer, Upstream, wait_until
 
@@ -98,6 +99,7 @@ def test_a_continued_trace_is_exported_with_its_links(traced: Traced, collector:
     assert client.attributes == {
         "http.request.method": "POST", "server.address": "127.0.0.1", "server.port": port,
         "url.full": f"http://127.0.0.1:{port}/echo/sub?stream=***", "http.response.status_code": 200,
+        "passthru.target": f"127.0.0.1:{port}",  # the target's default name: its host
         "gen_ai.request.model": "m", "gen_ai.response.model": "m",
     }  # fmt: skip
     assert server.start <= client.start < client.end <= server.end
@@ -288,6 +290,29 @@ def test_gunicorn_workers_export_after_the_fork_and_flush_on_reload_and_stop(
         (child,) = [span for span in spans if span.parent_id == own[2]]
         assert (mine.kind, mine.parent_id, mine.trace_id, child.kind) == ("SERVER", PARENT, TRACE, "CLIENT")
     no_secret_in(spans, SECRET, MASTER)
+
+
+def test_a_failover_is_a_client_span_per_attempt(traced: Traced, collector: Any, upstream: Upstream) -> None:
+    """A route with several targets (issue 15): the refused attempt and the one whose 503 was dropped end when they
+    failed; each attempt after the first is a resend; each upstream got its own attempt's span id as parent."""
+    with refusing() as down:
+        route = {"path": "/f", "num_retries": 2, "targets": [
+            {"url": down, "name": "first", "order": 1},
+            {"url": f"{upstream.url}/status/503", "name": "second", "order": 2},
+            {"url": f"{upstream.url}/echo", "name": "third", "order": 3}]}  # fmt: skip
+        base = traced([route], {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
+        assert requests.post(f"{base}/f", json={}, timeout=10).status_code == 200
+        assert wait_until(lambda: len(collector.spans) == 4, 5), collector.spans
+    (server,) = by_kind(collector.spans, "SERVER")
+    attempts = sorted(by_kind(collector.spans, "CLIENT"), key=lambda span: span.start)
+    assert [span.attributes["passthru.target"] for span in attempts] == ["first", "second", "third"]
+    assert [span.attributes.get("http.request.resend_count") for span in attempts] == [None, 1, 2]
+    assert [span.attributes.get("error.type") for span in attempts] == ["NewConnectionError", "503", None]
+    assert [span.attributes.get("http.response.status_code") for span in attempts] == [None, 503, 200]
+    assert attempts[0].end <= attempts[1].start and attempts[1].end <= attempts[2].start
+    assert attempts[2].end == server.end and {span.parent_id for span in attempts} == {server.span_id}
+    sent = [TRACEPARENT.fullmatch(got.header("traceparent") or "") for got in upstream.requests]
+    assert [match[2] for match in sent if match] == [attempts[1].span_id, attempts[2].span_id]
 
 
 def test_each_attempt_is_a_client_span_and_later_ones_are_resends(collector: Any) -> None:

@@ -39,7 +39,8 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 def _config(directory: Path, database_url: str) -> Path:
     path = directory / "config.yaml"
-    routes = [{"path": "/v1", "target": "http://127.0.0.1:9/v1", "auth": True}]
+    # The target's host is not the store's: readiness names targets by host, and must never name the store's host.
+    routes = [{"path": "/v1", "target": "http://upstream.test:9/v1", "auth": True}]
     general = {"master_key": MASTER, "database_url": database_url, "pass_through_endpoints": routes}
     path.write_text(yaml.safe_dump({"general_settings": general}))
     return path

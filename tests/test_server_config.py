@@ -28,3 +28,14 @@ def test_server_settings_are_read_from_the_environment_once() -> None:
     assert not default.json_logs and default.metrics_dir is None
     with pytest.raises(ConfigError, match="FORWARDED_ALLOW_IPS"):
         read_server_settings({"FORWARDED_ALLOW_IPS": "localhost"})
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("", 12 * 3600), ("30m", 1800), ("1d", 86400), (" 2h ", 7200)])
+def test_the_admin_page_session_lasts_what_PASSTHRU_UI_SESSION_says(value: str, seconds: float) -> None:
+    assert read_server_settings({"PASSTHRU_UI_SESSION": value}).ui_session == seconds
+
+
+@pytest.mark.parametrize("value", ["12", "30s", "31d", "1mo", "forever", "0h"])
+def test_a_session_length_that_is_no_duration_or_out_of_range_stops_start_up(value: str) -> None:
+    with pytest.raises(ConfigError, match="PASSTHRU_UI_SESSION"):
+        read_server_settings({"PASSTHRU_UI_SESSION": value})

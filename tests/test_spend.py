@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,11 +15,15 @@ import sqlalchemy as sa
 from upstream import wait_until
 
 from passthru.errors import KeyStoreError
+from passthru.exchange import Exchange
 from passthru.keystore import spend
 from passthru.keystore.records import Charge, NewKey, SpendEntry, Tally, Unused
 from passthru.keystore.schema import keys
 from passthru.keystore.spend import SpendWriter
 from passthru.keystore.sql import SqlKeyStore, open_store
+from passthru.keystore.store import spend_recorder
+from passthru.pricing import Prices, Pricing
+from passthru.tracing import begin
 
 
 def call(token: str | None, route: str = "/r", spend: float = 0.0, precharged: float = 0.0, **usage: Any) -> Charge:
@@ -241,3 +246,13 @@ def test_the_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert writer.flush(5)
     assert store.written()[-1] == "/24" and len(store.written()) <= 2 * 10  # the newest are kept
     writer.close()
+
+
+def test_a_calls_entry_names_the_target_that_answered() -> None:
+    """The recorder's part of a finished exchange (keystore/store.py): the target's name, never its URL."""
+    charges: list[Charge] = []
+    store = SimpleNamespace(open=lambda: SimpleNamespace(spend=SimpleNamespace(add=charges.append)))
+    exchange = Exchange("POST", "/chat", "rid-1", 0.0, begin({}), route="/chat", pricing=Pricing(0.0, Prices(), {}),
+                        target="openai-b", attempts=2, status=200)  # fmt: skip
+    spend_recorder(store, "m" * 64, True)(exchange)  # type: ignore[arg-type]
+    assert [(charge.route, charge.target, charge.status) for charge in charges] == [("/chat", "openai-b", 200)]

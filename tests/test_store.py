@@ -54,7 +54,7 @@ def test_migrations_create_exactly_the_tables_the_code_uses(store: SqlKeyStore) 
         context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE})
         assert compare_metadata(context, metadata) == []
         tables = set(sa.inspect(conn).get_table_names())
-    assert tables == {"passthru_keys", "passthru_spend_logs", "passthru_alembic_version"}
+    assert tables == {"passthru_keys", "passthru_spend_logs", "passthru_route_windows", "passthru_alembic_version"}
 
 
 def test_0002_upgrades_a_0001_store_with_rows_in_it(database_url: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
+from test_attempts import access_line
 from upstream import Upstream, wait_until
 
 from passthru import tracing
@@ -214,15 +215,8 @@ def test_the_trace_id_is_in_the_access_line(
 ) -> None:
     base = serve([{"path": "/e", "target": f"{upstream.url}/echo"}])
     requests.get(f"{base}/e", headers={"traceparent": f"00-{TRACE}-{PARENT}-01", "x-request-id": "rid-1"}, timeout=10)
-    seen = ""
-
-    def line() -> str | None:
-        nonlocal seen
-        seen += capsys.readouterr().err
-        return next((text for text in seen.splitlines() if "GET /e 200" in text), None)
-
-    assert wait_until(lambda: line() is not None, 5), seen
-    assert "[rid-1]" in str(line()) and f" trace={TRACE}" in str(line())
+    line = access_line(capsys, "GET /e 200")
+    assert "[rid-1]" in line and f" trace={TRACE}" in line
 
 
 def test_the_trace_id_is_in_every_json_line_about_the_request(

@@ -1,5 +1,5 @@
-"""The key store: virtual keys and their spend, behind the Protocols in records.py: CallStore for each
-call, KeyAdmin for /key/* and `passthru keys`.
+"""The key store: virtual keys and their spend, and routes' rpm_limit windows, behind the Protocols in records.py:
+CallStore for each call, KeyAdmin for /key/* and `passthru keys`.
 
     records.py   what the store takes and returns, and the Protocols the app's modules depend on
     store.py     the store of a server process: opened on first use, migrated by the gunicorn master in a child
@@ -8,7 +8,8 @@ call, KeyAdmin for /key/* and `passthru keys`.
     admin.py     the /key/* operations' queries; report.py, /global/spend/report's
     budget.py    a key's budget period (budget_duration): when its spend next goes back to 0
     guard.py     every call into the store: driver errors as 503, a store that stalls or is down failed fast
-    leases.py    a busy key's calls admitted a few at a time
+    leases.py    a busy key's (or route's) calls admitted a few at a time
+    windows.py   routes' rpm_limit windows: counted as a key's, in a table of their own
     spend.py     the spend log writer, one thread per worker, in batches
     engine.py    the engine (SQLite pragmas, pools), and the schema migrated with Alembic (migrations/)
     schema.py    the tables

@@ -25,6 +25,7 @@ def insert_key(conn: sa.Connection, new: NewKey) -> Row[Any]:
         "rpm_limit": new.rpm_limit, "tpm_limit": new.tpm_limit, "metadata": dict(new.metadata or {}),
         "allowed_routes": None if new.allowed_routes is None else list(new.allowed_routes),
         "budget_duration": new.budget_duration, "budget_reset_at": _first_reset(conn, new.budget_duration),
+        "max_parallel_requests": new.max_parallel_requests,
     }  # fmt: skip
     if conn.execute(sa.select(keys.c.token).where(keys.c.token == new.token)).first() is not None:
         raise RequestError("this key already exists", param="key")
@@ -75,29 +76,56 @@ def delete_keys(conn: sa.Connection, tokens: Sequence[str]) -> list[str]:
     return missing
 
 
-def page_rows(conn: sa.Connection, page: int, size: int, key_alias: str | None) -> tuple[list[Row[Any]], int]:
-    """One page of keys' rows, newest first, each with the store's time (to find resets due), and the count of all."""
+def page_rows(
+    conn: sa.Connection, page: int, size: int, key_alias: str | None, alias_contains: str | None = None
+) -> tuple[list[Row[Any]], int]:
+    """One page of keys' rows, newest first, each with the store's time (to find resets due), and the count of all:
+    of the key with this alias, or of those whose alias contains this text (in any letter case), or of all."""
     where = [keys.c.key_alias == key_alias] if key_alias is not None else []
+    if alias_contains:
+        where.append(keys.c.key_alias.icontains(alias_contains, autoescape=True))
     query = sa.select(keys, store_now().label("now")).where(*where)
     query = query.order_by(keys.c.created_at.desc(), keys.c.token.desc()).limit(size).offset((page - 1) * size)
     total = conn.scalar(sa.select(sa.func.count()).select_from(keys).where(*where)) or 0
     return list(conn.execute(query).all()), total
 
 
+def key_rows(conn: sa.Connection, tokens: Sequence[str]) -> list[Row[Any]]:
+    """The rows of the keys among these tokens that exist (in no particular order)."""
+    return list(conn.execute(sa.select(keys).where(keys.c.token.in_(tokens))).all()) if tokens else []
+
+
 def spend_entries(
-    conn: sa.Connection, token: str | None, start: float | None, end: float | None, limit: int
+    conn: sa.Connection,
+    token: str | None,
+    start: float | None,
+    end: float | None,
+    limit: int,
+    route: str | None = None,
+    status: int | None = None,
 ) -> list[SpendEntry]:
-    """Spend log entries, newest first, of one key (or the master key's hash) or all, started in [start, end)."""
+    """Spend log entries, newest first, of one key (or the master key's hash) or all, started in [start, end), of one
+    route or status if given. Each filter has an index led by its column and followed by start_time."""  # fmt: skip
     c = spend_logs.c
     where = []
     if token is not None:
         where.append(c.token == token)
+    if route is not None:
+        where.append(c.route == route)
+    if status is not None:
+        where.append(c.status == status)
     if start is not None:
         where.append(c.start_time >= start)
     if end is not None:
         where.append(c.start_time < end)
     query = sa.select(spend_logs).where(*where).order_by(c.start_time.desc()).limit(limit)
     return [SpendEntry(**row._mapping) for row in conn.execute(query)]
+
+
+def spend_entry(conn: sa.Connection, request_id: str) -> SpendEntry | None:
+    """One spend log entry by its own id (SpendEntry.request_id), or None."""
+    row = conn.execute(sa.select(spend_logs).where(spend_logs.c.request_id == request_id)).first()
+    return None if row is None else SpendEntry(**row._mapping)
 
 
 def _first_reset(conn: sa.Connection, duration: str | None) -> float | None:

@@ -16,13 +16,18 @@ worker calls seldom, every call is decided by the store, one by one, exactly as 
 A key with a tpm_limit is never leased. Its tokens are known only when its calls end, so no lease could know how
 much room is left, and calls admitted from memory would pass for up to HOLD after the limit was reached: each of its
 calls is decided by the store, which refuses the first one after the window holds tpm_limit tokens.
+
+A route's rpm_limit (windows.py) is leased the same way, by the same rule (admit_route): its window never admits more
+than the limit; a busy route with room costs one UPDATE per lease instead of one per call.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from passthru.keystore.records import CallStore, KeyInfo, Refusal, Unused
 
@@ -45,10 +50,13 @@ class Lease:
     until: float  # on the monotonic clock
     edits: int  # the store's edits when taken: a key changed by this worker ends its leases at once
     window_start: float | None  # the rpm window they were counted in (None: one call, nothing to give back)
+    route: bool = False  # a route's calls (admit_route), not a key's
 
 
 class Leases:
-    """The leases of one worker; `admit` is the whole per-call check of a counted key."""
+    """The leases of one worker; `admit` is the whole per-call check of a counted key, `admit_route` the count of a
+    route's rpm_limit. A key's slot is (its token, the call's cost), a route's (its path, 0): a path starts with /,
+    a token never does, so the two never meet."""
 
     def __init__(self, store: CallStore, hold: float = HOLD, most: int = MOST) -> None:
         self.store = store
@@ -67,34 +75,65 @@ class Leases:
         lease = self._leases.get(slot)
         if lease is not None and self._take(lease):
             return None
+        most = self.most if info.rpm_limit is None else info.rpm_limit // SHARE
+        if info.tpm_limit is not None:
+            most = 1  # see the module docstring
+        one, many = partial(self.store.admit, info.token, cost), partial(self.store.lease, info.token, cost)
+        outcome = self._count(slot, most, one, many, False)
+        return outcome if isinstance(outcome, Refusal) else None
+
+    def admit_route(self, route: str, limit: int) -> float | Refusal | None:
+        """Count one call on a route with an rpm_limit, from a lease or by the store: the start of the window it was
+        counted in (to give it back in, give_back_route), None when that is not known, or why not."""
+        slot = (route, 0.0)
+        lease = self._leases.get(slot)
+        if lease is not None and self._take(lease):
+            return lease.window_start
+        one, many = partial(self.store.routes.admit, route, limit), partial(self.store.routes.lease, route, limit)
+        return self._count(slot, limit // SHARE, one, many, True)
+
+    def give_back_route(self, route: str, window_start: float) -> None:
+        """A route's call that was counted and did not go upstream (its key refused it): given back with the next
+        spend log batch, to the window it was counted in if that still lasts."""
+        with self._lock:
+            self._unused.append(Unused(route, 1, 0.0, window_start, route=True))
+
+    def _count(
+        self,
+        slot: tuple[str, float],
+        most: int,
+        one: Callable[[], float | Refusal | None],
+        many: Callable[[int, int, float], float | None],
+        route: bool,
+    ) -> float | Refusal | None:
+        """Take a call from the slot's lease, else ask the store for a lease of the slot's next size (`most` at
+        most), else for the call alone: the window it was counted in, or None (admitted all the same), or why not."""
         lock = self._locks.get(slot) or self._locks.setdefault(slot, threading.Lock())
-        with lock:  # one thread per key asks the store; the others then take from the lease it got
+        with lock:  # one thread per slot asks the store; the others then take from the lease it got
             lease = self._leases.get(slot)
             if lease is not None:
                 if self._take(lease):
-                    return None
+                    return lease.window_start
                 self._end(slot, lease)
             started = time.monotonic()  # before the store's clock reads: the lease never outlives HOLD there
             edits = self.store.edits
-            size = self._sizes.get(slot, 1)
-            if info.rpm_limit is not None:
-                size = min(size, info.rpm_limit // SHARE)
-            if info.tpm_limit is not None:
-                size = 1  # see the module docstring
+            size = min(self._sizes.get(slot, 1), most)
+            token, cost = slot
             if size > 1 and self._no_lease_until.get(slot, 0.0) <= started:
-                window_start = self.store.lease(info.token, cost, size, size * SHARE, self.hold)
+                window_start = many(size, size * SHARE, self.hold)
                 if window_start is not None:
                     left: list[None] = [None] * (size - 1)
-                    self._start(slot, Lease(info.token, cost, size, left, started + self.hold, edits, window_start))
-                    return None
+                    lease = Lease(token, cost, size, left, started + self.hold, edits, window_start, route)
+                    self._start(slot, lease)
+                    return window_start
                 self._no_lease_until[slot] = started + self.hold  # near a limit: one by one for a while
-            refusal = self.store.admit(info.token, cost)
-            if refusal is None:
-                # A lease of one call, used at once: if the next call comes within HOLD, the one after is leased.
-                self._start(slot, Lease(info.token, cost, 1, [], started + self.hold, edits, None))
-            else:
+            outcome = one()
+            if isinstance(outcome, Refusal):
                 self._sizes[slot] = 1
-            return refusal
+            else:
+                # A lease of one call, used at once: if the next call comes within HOLD, the one after is leased.
+                self._start(slot, Lease(token, cost, 1, [], started + self.hold, edits, outcome, route))
+            return outcome
 
     def _start(self, slot: tuple[str, float], lease: Lease) -> None:
         # Another thread may have got a lease meanwhile, if the slot's lock was forgotten (see unused): its calls
@@ -126,7 +165,7 @@ class Leases:
             unused += 1
         if unused and lease.window_start is not None:
             with self._lock:
-                self._unused.append(Unused(lease.token, unused, unused * lease.cost, lease.window_start))
+                self._unused.append(Unused(lease.token, unused, unused * lease.cost, lease.window_start, lease.route))
         used_up_in_time = unused == 0 and lease.until > time.monotonic()
         self._sizes[slot] = min(self.most, 2 * lease.calls) if used_up_in_time else max(1, lease.calls - unused)
 
@@ -152,4 +191,13 @@ class Leases:
                 self._no_lease_until.pop(slot, None)
         with self._lock:
             unused, self._unused = self._unused, []
-        return unused
+        return _merged(unused) if len(unused) > 1 else unused
+
+
+def _merged(unused: list[Unused]) -> list[Unused]:
+    """One entry per key or route and window: a route whose calls a busy key keeps refusing gets one UPDATE a batch."""
+    sums: dict[tuple[str, float, bool], tuple[int, float]] = {}
+    for u in unused:
+        calls, amount = sums.get((u.token, u.window_start, u.route), (0, 0.0))
+        sums[u.token, u.window_start, u.route] = (calls + u.calls, amount + u.amount)
+    return [Unused(token, calls, amount, start, route) for (token, start, route), (calls, amount) in sums.items()]

@@ -31,6 +31,7 @@ class KeyInfo:
     prompt_tokens: int = 0  # the key's tokens so far, as its calls' answers reported them
     completion_tokens: int = 0
     total_tokens: int = 0
+    max_parallel_requests: int | None = None  # its calls in flight at once on each host (limits.py, not the store)
 
     @property
     def counted(self) -> bool:
@@ -64,6 +65,7 @@ class NewKey:
     metadata: Mapping[str, Any] | None = None
     tpm_limit: int | None = None
     budget_duration: str | None = None  # validated (key_fields.budget_duration); the first reset is one from now
+    max_parallel_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,22 @@ class Tally:
 
 
 @dataclass(frozen=True)
-class ReportRow:
-    """One day and group of /global/spend/report: what the spend log holds for them (tokens None: none known)."""
+class GroupTotal:
+    """What the spend log holds for one key, route or model over a range of time (tokens None: none known)."""
 
-    day: int  # days since 1970-01-01, UTC
     group: str | None  # the key's token, the route or the model; None: no key (open route), or no model known
     spend: float
     calls: int
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ReportRow(GroupTotal):
+    """One day and group of /global/spend/report."""
+
+    day: int = 0  # days since 1970-01-01, UTC
 
 
 @dataclass(frozen=True)
@@ -139,17 +147,19 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Unused:
-    """Calls of a key that a worker leased (leases.py) and did not use, to give back to the key."""
+    """Calls of a key or a route that a worker leased (leases.py) and did not use, to give back to it; and a route's
+    calls that a key then refused, which never went upstream."""
 
-    token: str
+    token: str  # the key's token, or the route's path
     calls: int
-    amount: float  # what they were charged
+    amount: float  # what they were charged (a route's: nothing)
     window_start: float  # the rpm window they were counted in: the count goes back only while it lasts
+    route: bool = False  # a route's rpm window (windows.py), not a key's
 
 
 # Fields /key/update may change; "duration" sets a new expiry counted from now, "budget_duration" a new reset time.
 UPDATABLE = frozenset({"key_alias", "duration", "max_budget", "spend", "rpm_limit", "tpm_limit", "budget_duration",
-                       "allowed_routes", "metadata", "blocked"})  # fmt: skip
+                       "allowed_routes", "metadata", "blocked", "max_parallel_requests"})  # fmt: skip
 ReportGroup = Literal["api_key", "route", "model"]
 
 
@@ -166,8 +176,21 @@ class KeyReads(Protocol):
     def ping(self) -> None: ...
 
 
+class RouteCounts(Protocol):
+    """Routes' rpm_limit windows (windows.RouteWindows): a call counted one by one (the window's start, when it is
+    known, to give the call back in; or why not), or several at once (a lease: the window's start, or None)."""
+
+    def admit(self, route: str, limit: int) -> float | Refusal | None: ...
+
+    def lease(self, route: str, limit: int, calls: int, room: int, hold: float) -> float | None: ...
+
+
 class CallStore(KeyReads, Protocol):
-    """The per-call side: admitting a counted key's call (one by one or in leases) and writing spend entries."""
+    """The per-call side: admitting a counted key's call (one by one or in leases), counting a route's calls, and
+    writing spend entries."""
+
+    @property
+    def routes(self) -> RouteCounts: ...
 
     def admit(self, token: str, cost: float) -> Refusal | None: ...
 
@@ -187,11 +210,22 @@ class KeyAdmin(KeyReads, Protocol):
 
     def delete(self, tokens: Sequence[str]) -> list[str]: ...
 
-    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]: ...
+    def page(
+        self, page: int, size: int, key_alias: str | None = None, alias_contains: str | None = None
+    ) -> tuple[list[KeyInfo], int]: ...
 
-    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]: ...
+    def find_many(self, tokens: Sequence[str]) -> list[KeyInfo]: ...
+
+    def spend_logs(
+        self, token: str | None, start: float | None, end: float | None, limit: int, route: str | None = None,
+        status: int | None = None,
+    ) -> list[SpendEntry]: ...  # fmt: skip
+
+    def spend_entry(self, request_id: str) -> SpendEntry | None: ...
 
     def spend_report(self, group: ReportGroup, start: float, end: float, limit: int) -> list[ReportRow]: ...
+
+    def spend_totals(self, group: ReportGroup, start: float, end: float, limit: int) -> list[GroupTotal]: ...
 
 
 class KeyStore(CallStore, KeyAdmin, Protocol):
@@ -201,9 +235,14 @@ class KeyStore(CallStore, KeyAdmin, Protocol):
 
 
 class Admission(Protocol):
-    """Admits a counted key's call, by the store or from a lease this worker holds (leases.Leases)."""
+    """Admits a counted key's call or counts a route's, by the store or from a lease this worker holds
+    (leases.Leases)."""
 
     def admit(self, info: KeyInfo, cost: float) -> Refusal | None: ...
+
+    def admit_route(self, route: str, limit: int) -> float | Refusal | None: ...
+
+    def give_back_route(self, route: str, window_start: float) -> None: ...
 
 
 class SpendLog(Protocol):

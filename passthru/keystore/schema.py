@@ -1,4 +1,5 @@
-"""The key store's schema: two SQLAlchemy Core tables and the store's clock. The migrations' target."""
+"""The key store's schema: SQLAlchemy Core tables (keys, the spend log, routes' rpm windows) and the store's clock.
+The migrations' target."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ keys = sa.Table(
     sa.Column("prompt_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("completion_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("total_tokens", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    # LiteLLM's: calls of the key in flight at once, on each host (limits.py; not counted here).
+    sa.Column("max_parallel_requests", sa.Integer),
+    sa.Index("ix_passthru_keys_created", "created_at", "token"),  # the key list's order, newest first
 )
 spend_logs = sa.Table(
     "passthru_spend_logs",
@@ -60,6 +64,17 @@ spend_logs = sa.Table(
     sa.Column("target", sa.Text),  # the name of the upstream target that answered
     sa.Index("ix_passthru_spend_logs_token_start", "token", "start_time"),
     sa.Index("ix_passthru_spend_logs_start", "start_time"),
+    sa.Index("ix_passthru_spend_logs_route_start", "route", "start_time"),  # the admin page's filters
+    sa.Index("ix_passthru_spend_logs_status_start", "status", "start_time"),
+)
+# A route's rpm_limit window (windows.py), fixed as a key's: one row per configured route path, made by its first
+# call, shared by every host that serves the path.
+route_windows = sa.Table(
+    "passthru_route_windows",
+    metadata,
+    sa.Column("route", sa.Text, primary_key=True),
+    sa.Column("window_start", sa.Double, nullable=False, server_default=sa.text("0")),
+    sa.Column("window_count", sa.Integer, nullable=False, server_default=sa.text("0")),
 )
 
 

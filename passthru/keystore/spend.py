@@ -78,11 +78,12 @@ class SpendWriter:
             self._pending.popleft()
             self._dropped += 1
         if self._thread is None:
-            self._start()
+            self.start()
         if len(self._pending) >= BATCH:
             self._wake.set()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the writing thread, once: in the process that serves, after gunicorn forked."""
         with self._lock:
             if self._thread is None:
                 thread = threading.Thread(target=self._run, name="passthru-spend-log", daemon=True)

@@ -27,6 +27,7 @@ from passthru.keystore import admin, budget
 from passthru.keystore.engine import READ_ONLY, dbapi_cursor, ensure_schema, open_engine, pool_slots
 from passthru.keystore.guard import StoreGuard
 from passthru.keystore.records import (
+    GroupTotal,
     KeyInfo,
     NewKey,
     Refusal,
@@ -36,8 +37,9 @@ from passthru.keystore.records import (
     Tally,
     Unused,
 )
-from passthru.keystore.report import report_rows
+from passthru.keystore.report import report_rows, total_rows
 from passthru.keystore.statements import RECORD_ROWS, USAGE, per_call_statements
+from passthru.keystore.windows import RouteWindows
 
 log = logging.getLogger("passthru")
 
@@ -57,6 +59,7 @@ class SqlKeyStore:
         self._guard = StoreGuard(pool_slots(engine))
         self._reads = engine.execution_options(**{READ_ONLY: True})
         self._sql = per_call_statements(engine, window)
+        self.routes = RouteWindows(engine, self._guard, window)  # routes' rpm_limit windows (records.RouteCounts)
 
     def ping(self) -> None:
         """One round trip to the store: KeyStoreError when it cannot be reached (readiness asks this)."""
@@ -176,9 +179,11 @@ class SqlKeyStore:
                 {"t": u.token, "calls": u.calls, "amount": u.amount, "window_start": u.window_start}
             )
             for u in unused
+            if not u.route
         ]
+        routes_back = [self.routes.give_back(u) for u in unused if u.route]
         # On SQLite, lone INSERTs need no transaction, and a transaction would hold the write lock across GIL waits.
-        atomic = not self._sql.sqlite or bool(charged) or bool(given_back)
+        atomic = not self._sql.sqlite or bool(charged) or bool(given_back) or bool(routes_back)
         nothing = (None,) * len(USAGE)
         bare = [entry for entry in entries if self._sql.usage(entry) == nothing]
         used = [entry for entry in entries if self._sql.usage(entry) != nothing] if len(bare) < len(entries) else []
@@ -196,6 +201,8 @@ class SqlKeyStore:
                 cursor.executemany(self._sql.charge.sql, charged)
             if given_back:
                 cursor.executemany(self._sql.give_back.sql, given_back)
+            if routes_back:
+                cursor.executemany(self.routes.give_back_sql, routes_back)
 
     # --- administration: the queries in admin.py, on a connection opened here ---------------------------------
 
@@ -221,22 +228,42 @@ class SqlKeyStore:
         self.edits += 1
         return missing
 
-    def page(self, page: int, size: int, key_alias: str | None = None) -> tuple[list[KeyInfo], int]:
-        """One page of keys, newest first, and how many there are in all."""
+    def page(
+        self, page: int, size: int, key_alias: str | None = None, alias_contains: str | None = None
+    ) -> tuple[list[KeyInfo], int]:
+        """One page of keys, newest first, and how many there are in all (filtered by alias: admin.page_rows)."""
         with self._guard("listing keys"), self._reads.begin() as conn:
-            rows, total = admin.page_rows(conn, page, size, key_alias)
+            rows, total = admin.page_rows(conn, page, size, key_alias, alias_contains)
         return [self._current(row) for row in rows], total
 
-    def spend_logs(self, token: str | None, start: float | None, end: float | None, limit: int) -> list[SpendEntry]:
-        """Spend log entries, newest first, of one key or all, started in [start, end)."""
+    def find_many(self, tokens: Sequence[str]) -> list[KeyInfo]:
+        """The keys among these tokens that exist, as stored (their names, for pages that list many tokens)."""
+        with self._guard("reading keys"), self._reads.connect() as conn:
+            return [_info(row) for row in admin.key_rows(conn, tokens)]
+
+    def spend_logs(
+        self, token: str | None, start: float | None, end: float | None, limit: int, route: str | None = None,
+        status: int | None = None,
+    ) -> list[SpendEntry]:  # fmt: skip
+        """Spend log entries, newest first, of one key or all, started in [start, end), of one route or status."""
         with self._guard("reading spend logs"), self._reads.connect() as conn:
-            return admin.spend_entries(conn, token, start, end, limit)
+            return admin.spend_entries(conn, token, start, end, limit, route, status)
+
+    def spend_entry(self, request_id: str) -> SpendEntry | None:
+        """One spend log entry by its own id."""
+        with self._guard("reading spend logs"), self._reads.connect() as conn:
+            return admin.spend_entry(conn, request_id)
 
     def spend_report(self, group: ReportGroup, start: float, end: float, limit: int) -> list[ReportRow]:
         """Spend, calls and tokens per UTC day and group, of the entries started in [start, end): `limit` rows at
         most, days in order and the biggest spenders first within a day."""
         with self._guard("reading the spend report"), self._reads.connect() as conn:
             return report_rows(conn, group, start, end, limit)
+
+    def spend_totals(self, group: ReportGroup, start: float, end: float, limit: int) -> list[GroupTotal]:
+        """Spend, calls and tokens per key, route or model over [start, end), the biggest spenders first."""
+        with self._guard("reading the spend report"), self._reads.connect() as conn:
+            return total_rows(conn, group, start, end, limit)
 
     def close(self) -> None:
         """Close the pooled connections (tests, and the gunicorn master after migrating)."""
@@ -253,6 +280,7 @@ def _info(row: Row[Any]) -> KeyInfo:
         metadata=m["metadata"] or {}, tpm_limit=m["tpm_limit"], budget_duration=m["budget_duration"],
         budget_reset_at=m["budget_reset_at"], prompt_tokens=m["prompt_tokens"],
         completion_tokens=m["completion_tokens"], total_tokens=m["total_tokens"],
+        max_parallel_requests=m["max_parallel_requests"],
     )  # fmt: skip
 
 

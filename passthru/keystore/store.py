@@ -119,7 +119,11 @@ def _open(url: str) -> OpenedStore:
         log.warning("%s", exc)
         raise KeyStoreError(UNAVAILABLE) from exc
     leases = Leases(store)
-    return OpenedStore(store, SpendWriter(store, leases.unused), leases)
+    writer = SpendWriter(store, leases.unused)
+    # Started now, not by the first entry: a store kept only for routes' rpm_limit has no entries, and its writer
+    # still gives back the calls its leases did not use.
+    writer.start()
+    return OpenedStore(store, writer, leases)
 
 
 def migrate_in_child(url: str, timeout: float = MIGRATION_TIMEOUT) -> None:
@@ -234,6 +238,7 @@ def spend_recorder(store: Store, master: str, logged: bool) -> Recorder:
                 completion_tokens=None if usage is None else usage.completion_tokens,
                 total_tokens=None if usage is None else usage.total_tokens,
                 logged=logged,
+                target=exchange.target,
             )
         )
 

@@ -179,6 +179,16 @@ def test_sse_events_arrive_spaced(upstream: Upstream, framing: str) -> None:
     assert all(0.1 < g < 2.0 for g in gaps), gaps
 
 
+def test_sse_cut_resets_after_its_events(upstream: Upstream) -> None:
+    with closing(_conn(upstream)) as conn:
+        conn.request("GET", "/sse?cut=2&gap=0.05")
+        resp = conn.getresponse()
+        assert resp.chunked and resp.readline() + resp.readline() == b"data: 0\n\n"
+        assert resp.readline() + resp.readline() == b"data: 1\n\n"
+        with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+            resp.read()
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_bytes_stream_integrity(upstream: Upstream, framing: str) -> None:
     size = 1_000_003

@@ -285,10 +285,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, _GZIP_BODY, "text/plain", (("Content-Encoding", "gzip"),))
 
     def _sse(self, q: dict[str, str]) -> None:
-        """Events with real gaps, framed chunked or (like some SSE servers) by closing the socket."""
+        """Events with real gaps, framed chunked or (like some SSE servers) by closing the socket; with ?cut=k, a
+        TCP reset after k events (chunked), where the stream's end should be."""
         chunked = q.get("framing", "chunked") != "close"
         framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
         self._start(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), framing])
+        if "cut" in q:
+            for event in self._events(int(q["cut"]), float(q.get("gap", 0.2))):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self._abort()
+            return
         self._stream(self._events(int(q.get("n", 5)), float(q.get("gap", 0.2))), chunked)
 
     def _bytes(self, q: dict[str, str]) -> None:
@@ -315,6 +321,10 @@ class _Handler(BaseHTTPRequestHandler):
         if q.get("phase", "headers") == "body":
             self._start(200, [("Content-Type", "application/octet-stream"), ("Content-Length", "1000")])
             self.wfile.write(b"r" * 100)
+        self._abort()
+
+    def _abort(self) -> None:
+        """Close with a TCP RST (linger 0): the peer sees a reset, not an end."""
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.rfile.close()  # its reference would keep the fd open past close()
         self.connection.close()
