@@ -7,7 +7,7 @@ from functools import partial
 
 from flask import Flask
 
-from passthru import __version__, exchange, health, limits, metrics, pricing, routes, ui
+from passthru import __version__, exchange, health, limits, metrics, pricing, routes, tracing, ui
 from passthru.auth import Authenticator
 from passthru.config import Settings, load_settings
 from passthru.errors import register_error_handlers
@@ -68,12 +68,22 @@ def create_app(
     register_error_handlers(app)
     # What each owner records once an answer is done: the call's slots let go of first; the usage and spend, which
     # the others read; metrics, the spend log entry (every pass-through call, when there are virtual keys: nothing
-    # reads a spend log without the master key), the heap trim, the access line.
+    # reads a spend log without the master key), the heap trim, the spans, the access line.
     spend_log: tuple[exchange.Recorder, ...] = ()
     if store is not None and authenticator is not None:
         spend_log = (spend_recorder(store, authenticator.master.hex(), not settings.disable_spend_logs),)
-    recorders = (limits.release, pricing.meter, metrics.record, *spend_log, heap.record, access_line)
-    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders)  # type: ignore[method-assign]
+    # Every request continues its caller's trace or starts one (tracing.py); its spans are exported when
+    # general_settings.otel or OTEL_* say so, and only then is the OpenTelemetry SDK loaded, in this worker.
+    begin: exchange.Begin = tracing.begin
+    spans: tuple[exchange.Recorder, ...] = ()
+    if settings.otel is not None:
+        from passthru.otel import Export
+
+        export = Export(settings.otel, settings.secrets, server.trusted_proxy)
+        app.extensions["passthru.export"] = export
+        begin, spans = export.begin, (export.record,)
+    recorders = (limits.release, pricing.meter, metrics.record, *spend_log, heap.record, *spans, access_line)
+    app.wsgi_app = exchange.Exchanges(app.wsgi_app, recorders, begin)  # type: ignore[method-assign]
     # Under gunicorn the master said these once, when it accepted the config; each worker would repeat them.
     for warning in () if server.config_accepted else settings.warnings:
         log.warning(warning)

@@ -92,6 +92,8 @@ def check(path: str) -> int:
             print(f"      ?{name}={mask(value)}")
     if settings.database_shown is not None:
         print(f"  key store: {settings.database_shown}")
+    if settings.otel is not None:  # from the config or the OTEL_* variables of this shell
+        print(f"  traces: exported to {settings.otel.endpoint_shown}")
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ from passthru.config_limits import LIMIT_FIELDS, RouteLimits, read_limits
 from passthru.config_targets import RETRY_FIELDS, Retries, Target, read_headers, read_targets
 from passthru.errors import ConfigError
 from passthru.keystore.url import read_database_url
+from passthru.otel_settings import OtelSettings, read_otel
 from passthru.paths import DOTS, FORBIDDEN, loose
 from passthru.pricing import PRICE_FIELDS, Prices, read_model_prices, read_prices
 
@@ -35,7 +36,7 @@ ENDPOINT_FIELDS = (
     "default_query_params", "cost_per_request", *PRICE_FIELDS, *RETRY_FIELDS, *LIMIT_FIELDS,
 )  # fmt: skip
 GENERAL_FIELDS = ("master_key", "pass_through_endpoints", "metrics_require_auth", "database_url", "model_prices",
-                  "disable_spend_logs")  # fmt: skip
+                  "disable_spend_logs", "otel")  # fmt: skip
 # passthru's own routes: a pass-through path may not take them (it would shadow them or be shadowed).
 BUILT_IN_PATHS = ("/health", "/health/liveliness", "/health/readiness", "/metrics")
 # Served by key_api.py whenever master_key is set (LiteLLM's paths); a pass-through route may not cover them.
@@ -79,6 +80,7 @@ class Settings:
     database_shown: str | None = None  # the same URL with its password masked, for logs and `passthru check`
     model_prices: Mapping[str, Prices] = field(default_factory=dict)  # general_settings.model_prices
     disable_spend_logs: bool = False  # LiteLLM's: keys are still charged, no spend log entry is written
+    otel: OtelSettings | None = None  # span export (general_settings.otel and OTEL_*): None when off
 
 
 def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -173,10 +175,10 @@ def parse_settings(raw: Any, source: str, environ: Mapping[str, str]) -> Setting
         warnings.append(f"{source}: general_settings.database_url is set but unused: the key store holds virtual keys "
                         "(which need master_key) and routes' rpm_limit counts, and there are neither")  # fmt: skip
     model_prices = read_model_prices(reader, general.get("model_prices"))
-    secrets = frozenset(reader.secrets)
+    otel = read_otel(reader, general.get("otel"), environ)
     disable_spend_logs = reader.boolean(general, "disable_spend_logs", "general_settings")
-    return Settings(source, master_key, endpoints, metrics_require_auth, secrets, tuple(warnings), database_url,
-                    database_shown, model_prices, disable_spend_logs)  # fmt: skip
+    return Settings(source, master_key, endpoints, metrics_require_auth, frozenset(reader.secrets), tuple(warnings),
+                    database_url, database_shown, model_prices, disable_spend_logs, otel)  # fmt: skip
 
 
 def _serves(endpoint: Endpoint, path: str) -> bool:

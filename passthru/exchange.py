@@ -1,7 +1,8 @@
 """One Exchange per request: made when the request arrives, filled in by the stages it passes, finished once when its
 answer's body is done (or the client went away). Each owner then records its own part from it: the call's slots let go
 of (limits.release), the usage and spend (pricing.meter), metrics, the key store's spend entry, the heap trim, the
-access line — bound at start-up in app.py, in that order.
+exported spans, the access line — bound at start-up in app.py, in that order. Its trace (tracing.py) is begun with it,
+and its answer names passthru's span.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from passthru.logs import REQUEST_ID, log, printable
+from passthru.logs import REQUEST_IDS, log, printable
+from passthru.tracing import Trace
 
 if TYPE_CHECKING:
     from passthru.limits import Held
@@ -26,10 +28,13 @@ ENVIRON_KEY = "passthru.exchange"
 UNMATCHED = "(none)"  # the route of requests that matched no route
 # A caller's x-request-id is kept when it looks like an id; anything else (long, spaces, control) is replaced.
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id")
+# Set by passthru on every answer, in place of the upstream's: the request id (under LiteLLM's name too), and the
+# traceparent of passthru's span.
+ANSWER_IDS = ("x-request-id", "x-litellm-call-id", "traceparent")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Begin = Callable[[dict[str, Any]], Trace]  # a request's trace from its environ: tracing.begin, or otel's when exporting
 
 
 class Counted(Protocol):
@@ -48,6 +53,7 @@ class Exchange:
     path: str  # PATH_INFO, decoded as the WSGI server gives it
     request_id: str
     started: float  # time.perf_counter() at arrival
+    trace: Trace  # its trace context: the ids sent upstream and back, its attempts' spans
     route: str = UNMATCHED  # the route's path (or passthru's own path) that served it: the metrics label
     body: Counted | None = None  # the caller's body as it is streamed upstream
     upstream_seconds: float | None = None  # until the headers of the answer that counts arrived, retries included
@@ -65,6 +71,7 @@ class Exchange:
     status: int = 0  # the answer's status, once started
     length: int | None = None  # the answer's Content-Length, when it has one
     sent: int = 0  # answer body bytes the server took
+    first_byte: float | None = None  # time.perf_counter() when the answer's first body byte went out
     complete: bool = False  # the whole answer went out (not cut off by the upstream or the client)
     seconds: float = 0.0  # arrival to the end of the answer, set when finished
 
@@ -86,9 +93,10 @@ def of(environ: dict[str, Any]) -> Exchange:
 class Exchanges:
     """WSGI middleware: an Exchange for each request, with its id; its recorders run once its answer is done."""
 
-    def __init__(self, app: WSGIApp, recorders: tuple[Recorder, ...]) -> None:
+    def __init__(self, app: WSGIApp, recorders: tuple[Recorder, ...], begin: Begin) -> None:
         self.app = app
         self.recorders = recorders
+        self.begin = begin
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -96,13 +104,16 @@ class Exchanges:
         if not SANE_REQUEST_ID.match(request_id):
             # Not uuid4: os.urandom lets go of the GIL, a wait behind every busy thread (random is reseeded per fork).
             request_id = f"{random.getrandbits(128):032x}"
-        exchange = Exchange(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""), request_id, started)
+        trace = self.begin(environ)
+        method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+        exchange = Exchange(method, path, request_id, started, trace)
         environ[ENVIRON_KEY] = exchange
-        REQUEST_ID.set(request_id)
+        REQUEST_IDS.set((request_id, trace.trace_id))
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             exchange.status = int(status.split(" ", 1)[0])
-            ours = [(name, request_id) for name in REQUEST_ID_HEADERS]
+            ours = [("x-request-id", request_id), ("x-litellm-call-id", request_id),
+                    ("traceparent", trace.traceparent())]  # fmt: skip  # so that the caller can find the trace
             for name, value in headers:
                 lower = name.lower()
                 # The upstream's own id (an API provider's, for its support desk) stays available under a new name.
@@ -110,7 +121,7 @@ class Exchanges:
                     ours.append(("x-upstream-request-id", value))
                 elif lower == "content-length" and value.isdigit():
                     exchange.length = int(value)
-            kept = [(name, value) for name, value in headers if name.lower() not in REQUEST_ID_HEADERS]
+            kept = [(name, value) for name, value in headers if name.lower() not in ANSWER_IDS]
             return start_response(status, kept + ours, exc_info)
 
         return _Relayed(self.app(environ, start), exchange, self.recorders)
@@ -133,6 +144,8 @@ class _Relayed:
         held = exchange.held
         last = exchange.length if held is not None and exchange.length is not None else -1
         for chunk in self.body:
+            if not exchange.sent and chunk:
+                exchange.first_byte = time.perf_counter()
             exchange.sent += len(chunk)
             if held is not None and exchange.sent >= last >= 0:
                 held.release()
@@ -155,4 +168,4 @@ class _Relayed:
                 except Exception as exc:  # the answer is gone; one owner failing must not stop the others
                     log.warning("%s not recorded for %s: %s", getattr(record, "__name__", record),
                                 printable(exchange.path), exc, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
-            REQUEST_ID.set(None)
+            REQUEST_IDS.set(None)

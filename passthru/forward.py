@@ -126,12 +126,14 @@ def _attempts(
         headers = upstream_headers(route, destination, environ, drop, exchange.request_id)
         if length is not None:
             headers["Content-Length"] = length
+        target = upstream_target(route, destination, subpath, query)
+        exchange.trace.attempt(headers, destination.pool, target, destination.name)  # its traceparent; its span
         try:
             # No retries by urllib3 (this loop decides), no redirects (relayed, not followed), nothing decoded or
             # preloaded: the answer is relayed as it arrives, and its connection released when the body is done.
             upstream = destination.pool.urlopen(
                 method,
-                upstream_target(route, destination, subpath, query),
+                target,
                 body=body,  # type: ignore[arg-type]  # urllib3 only calls body.read()
                 headers=headers,
                 retries=False,
@@ -144,6 +146,7 @@ def _attempts(
                 chunked=body is not None and length is None,
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            exchange.trace.failed(exc)
             if body is not None and body.broken:
                 raise RequestError("the request body broke off or was malformed") from exc
             kind = _kind(exc)
@@ -165,6 +168,7 @@ def _attempts(
             log.warning("upstream %s on %s from %s (%s); trying again", kind, path, destination.name, describe(exc))
         else:
             status = upstream.status
+            exchange.trace.answered(status)
             if log.isEnabledFor(logging.DEBUG):  # --detailed_debug: names and sizes only, never a header value
                 log.debug(
                     "forward %s %s -> %s%s (%s, attempt %d) headers=[%s] request_length=%s -> %s response_length=%s",
@@ -181,6 +185,7 @@ def _attempts(
                 return upstream  # relayed as it is: the last failure is the caller's answer
             metrics.attempts(path, destination.name, str(status)).inc()
             log.warning("upstream on %s from %s answered %d; trying again", path, destination.name, status)
+            exchange.trace.dropped()
             _discard(upstream)
         retries, tried = retries - 1, (*tried, index)
         index = rotation.pick(tried)

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("passthru")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] [%(request_id)s] %(name)s: %(message)s"
 MASK = "***"
-ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s%s%s"
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("passthru_request_id", default=None)
+ACCESS_LINE = "%s %s %s %dB %.1fms upstream=%s%s trace=%s%s%s"
+# (request id, trace id) of the request this thread serves, for every line logged about it; one variable, set once a
+# request (each set costs as much as the rest of a line's bookkeeping).
+REQUEST_IDS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("passthru_ids", default=None)
 # Virtual keys are made at run time, so no list holds them; every key passthru makes or accepts starts with sk-.
 # A lookbehind keeps words such as "task-list" intact.
 KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9_])sk-[A-Za-z0-9_-]{6,}")
@@ -49,7 +51,8 @@ class Redact(logging.Filter):
         fields = getattr(record, "access", None)
         if fields:
             record.access = {k: self.mask(v) if isinstance(v, str) else v for k, v in fields.items()}
-        record.request_id = REQUEST_ID.get() or "-"
+        ids = REQUEST_IDS.get()
+        record.request_id = ids[0] if ids else "-"
         return True
 
 
@@ -69,15 +72,17 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(TextFormatter):
-    """One JSON object per line: time, level, pid, logger, request_id, message, and the access fields."""
+    """One JSON object per line: time, level, pid, logger, request_id, trace_id, message, and the access fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        request_id, trace_id = REQUEST_IDS.get() or (None, None)
         entry: dict[str, Any] = {
             "time": self.formatTime(record),
             "level": record.levelname,
             "pid": record.process,
             "logger": record.name,
-            "request_id": REQUEST_ID.get(),
+            "request_id": request_id,
+            "trace_id": trace_id,
             "message": record.getMessage(),
         }
         entry.update(getattr(record, "access", None) or {})
@@ -133,7 +138,7 @@ def printable(text: str) -> str:
 
 def access_line(exchange: Exchange) -> None:
     """The exchange's one access line: method, path without query, status, bytes, total and upstream time, the target
-    that answered and the attempts it took."""
+    that answered and the attempts it took, and the trace id (the request id is in every line's prefix)."""
     if not log.isEnabledFor(logging.INFO):
         return
     path, upstream, status = printable(exchange.path), exchange.upstream_seconds, exchange.status
@@ -154,7 +159,7 @@ def access_line(exchange: Exchange) -> None:
     args = (
         exchange.method, path, status or "-", exchange.sent, exchange.seconds * 1000,
         f"{upstream * 1000:.1f}ms" if upstream is not None else "-",
-        f" target={exchange.target} attempts={exchange.attempts}" if exchange.target else "",
+        f" target={exchange.target} attempts={exchange.attempts}" if exchange.target else "", exchange.trace.trace_id,
         "" if exchange.complete else " incomplete", usage + spent,
     )  # fmt: skip
     # Made and handled here: log.info would first search the stack for the calling line, which no one reads.

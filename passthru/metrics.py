@@ -57,6 +57,8 @@ SPEND = Counter("passthru_spend", "What pass-through calls cost (pricing.py)", [
 # Calls refused with 429, by the limit that refused them: a route's rpm_limit or max_parallel_requests, or a key's
 # (key_rpm_limit, key_tpm_limit, key_max_parallel_requests). Five values at most: refusals cannot grow the series.
 LIMITED = Counter("passthru_limited", "Calls refused by a rate limit (429)", ["route", "limit"])
+# reason: queue_full (the collector is slower than the calls) or export_failed (down, refusing, or out of time).
+SPANS_DROPPED = Counter("passthru_trace_spans_dropped", "Spans not exported (otel.py)", ["reason"])
 
 
 # Label values come from callers too (any method name on any path): anything else is counted as "other", so a

@@ -29,9 +29,10 @@ HOP_BY_HOP = frozenset(
      "transfer-encoding", "upgrade"}
 )  # fmt: skip
 # Never copied from the caller: framing is redone for the body we send, Host is the target's, Expect: 100-continue
-# was already answered by the WSGI server, and X-Forwarded-* and X-Request-Id are set by passthru.
+# was already answered by the WSGI server, and X-Forwarded-*, X-Request-Id and the trace context (each attempt's
+# traceparent, and the caller's tracestate only when its traceparent was valid: tracing.py) are set by passthru.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
-                             "x-forwarded-host", "x-request-id"}  # fmt: skip
+                             "x-forwarded-host", "x-request-id", "traceparent", "tracestate"}  # fmt: skip
 # Headers that name the client's address, as some fronts (CDNs, load balancers) set them; an upstream may trust them
 # for rate limits or logs. From a peer that is not a trusted front they are someone's claim, and never relayed.
 CLIENT_ADDRESS = frozenset({"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",

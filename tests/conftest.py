@@ -201,6 +201,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., str]]:
             server.server_close()
             if "passthru.key_store" in app.extensions:
                 app.extensions["passthru.key_store"].close()
+            if "passthru.export" in app.extensions:  # its thread, and its flush at exit
+                app.extensions["passthru.export"].close(0.5)
 
 
 @dataclass

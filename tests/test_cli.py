@@ -147,6 +147,20 @@ def test_check_warns_about_unauthenticated_secret_routes(tmp_path: Path) -> None
     _assert_no_secret(out, err)
 
 
+def test_check_says_where_spans_are_exported(tmp_path: Path) -> None:
+    config = _config(tmp_path / "config.yaml", {"general_settings": {"pass_through_endpoints": [], "otel": {
+        "endpoint": "https://collector.example/os.environ/QUERY_KEY", "headers": {"x-key": "os.environ/UPSTREAM_KEY"},
+    }}})  # fmt: skip
+    status, out, err = _run([sys.executable, "-m", "passthru", "check", "--config", str(config)], tmp_path,
+                            _environment(**SECRETS))  # fmt: skip
+    assert status == 0, err
+    assert "  traces: exported to https://collector.example/***/v1/traces" in out
+    _assert_no_secret(out, err)
+    status, out, err = _run([sys.executable, "-m", "passthru", "check", "--config", str(config)], tmp_path,
+                            _environment(**SECRETS, OTEL_SDK_DISABLED="true"))  # fmt: skip
+    assert status == 0 and "traces:" not in out, err
+
+
 def test_check_masks_environment_values_in_default_query_params(tmp_path: Path) -> None:
     """A default query parameter often is the API key (`key=` for Google): check must not print its value."""
     config = _config(tmp_path / "config.yaml", {"general_settings": {"pass_through_endpoints": [

@@ -1,5 +1,6 @@
 """What the gunicorn master and its workers load: the key store's driver (SQLAlchemy, Alembic) only in a worker that
-needs the store, never in the master, so a worker that serves the master key stays small."""
+needs the store, never in the master, so a worker that serves the master key stays small; the OpenTelemetry SDK only
+in workers that export spans."""
 
 from __future__ import annotations
 
@@ -131,6 +132,40 @@ def test_workers_of_a_migrating_master_never_import_alembic(tmp_path: Path, upst
     assert re.findall(r"^probe master: (\S+)$", output, re.M) == ["none", "none"], output
     assert re.findall(r"^probe worker: (\S+) (\S+)$", output, re.M) == [("/key/generate", "sqlalchemy"),
                                                                         ("/auth", "sqlalchemy")], output  # fmt: skip
+
+
+OTEL_PROBE = """\
+import runpy, sys
+settings = runpy.run_path({conf!r})
+globals().update({{k: v for k, v in settings.items() if not k.startswith('__')}})
+def loaded():
+    return ','.join(m for m in ('opentelemetry', 'opentelemetry.sdk', 'google.protobuf') if m in sys.modules) or 'none'
+def pre_fork(server, worker):
+    print('probe master:', loaded(), flush=True)
+def post_request(worker, req, environ, resp):
+    print('probe worker:', loaded(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_only_workers_that_export_load_opentelemetry(tmp_path: Path, upstream: Upstream, export: bool) -> None:
+    """The W3C trace context needs no package; the SDK, the exporter and protobuf are loaded by a worker only when
+    spans are exported, and never by the master, which checks the otel settings all the same."""
+    probe = tmp_path / "probe.conf.py"
+    probe.write_text(OTEL_PROBE.format(conf=str(ROOT / "deploy/gunicorn.conf.py")))
+    config = write_config(tmp_path, [{"path": "/open", "target": f"{upstream.url}/echo"}])
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"} if export else {}
+    server = start_gunicorn(config, tmp_path / "gunicorn.log", env, conf=str(probe))
+    try:
+        answer = requests.get(f"{server.url}/open", headers={"traceparent": f"00-{'1' * 32}-{'2' * 16}-01"}, timeout=10)
+        assert answer.status_code == 200 and answer.headers["traceparent"].startswith(f"00-{'1' * 32}-")
+        assert wait_until(lambda: "probe worker:" in server.output(), 5), server.output()
+    finally:
+        server.stop()
+    output = server.output()
+    assert re.findall(r"^probe master: (\S+)$", output, re.M) == ["none"], output
+    worker = "opentelemetry,opentelemetry.sdk,google.protobuf" if export else "none"
+    assert re.findall(r"^probe worker: (\S+)$", output, re.M) == [worker], output
 
 
 def test_threads_at_first_use_share_one_opening(monkeypatch: pytest.MonkeyPatch) -> None:

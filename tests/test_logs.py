@@ -102,7 +102,7 @@ def test_json_logs_parse(gunicorn: Callable[..., Gunicorn], upstream: Upstream) 
 
 ACCESS = re.compile(
     r"passthru: (\S+) (\S+) (\d+|-) (\d+)B ([\d.]+)ms upstream=([\d.]+ms|-)(?: target=(\S+) attempts=(\d+))?"
-    r"( incomplete)?$"
+    r" trace=[0-9a-f]{32}( incomplete)?$"
 )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from passthru.exchange import Exchange
 from passthru.pricing import Prices, Pricing, meter
+from passthru.tracing import begin
 from passthru.usage import Usage
 from passthru.usage_tap import tap_for
 
@@ -45,7 +46,7 @@ class Body:
 
 
 def finished(answer: bytes, content_type: str = "application/json", head: bytes = b"") -> Exchange:
-    exchange = Exchange("POST", "/r", "id", 0.0, route="/r", pricing=Pricing(0.0, Prices(1.0, 2.0), {}))
+    exchange = Exchange("POST", "/r", "id", 0.0, begin({}), route="/r", pricing=Pricing(0.0, Prices(1.0, 2.0), {}))
     exchange.body = Body(len(head), head)
     exchange.tap = tap_for(content_type, None, None)
     if exchange.tap is not None:
@@ -85,6 +86,6 @@ def test_meter_logs_once_when_the_answers_usage_was_lost(
 
 
 def test_a_call_that_is_not_a_pass_through_call_is_not_metered() -> None:
-    exchange = Exchange("GET", "/health", "id", 0.0)
+    exchange = Exchange("GET", "/health", "id", 0.0, begin({}))
     meter(exchange)
     assert (exchange.usage, exchange.spend, exchange.model) == (None, None, None)

@@ -23,6 +23,7 @@ from passthru.keystore.spend import SpendWriter
 from passthru.keystore.sql import SqlKeyStore, open_store
 from passthru.keystore.store import spend_recorder
 from passthru.pricing import Prices, Pricing
+from passthru.tracing import begin
 
 
 def call(token: str | None, route: str = "/r", spend: float = 0.0, precharged: float = 0.0, **usage: Any) -> Charge:
@@ -251,7 +252,7 @@ def test_a_calls_entry_names_the_target_that_answered() -> None:
     """The recorder's part of a finished exchange (keystore/store.py): the target's name, never its URL."""
     charges: list[Charge] = []
     store = SimpleNamespace(open=lambda: SimpleNamespace(spend=SimpleNamespace(add=charges.append)))
-    exchange = Exchange("POST", "/chat", "rid-1", 0.0, route="/chat", pricing=Pricing(0.0, Prices(), {}),
+    exchange = Exchange("POST", "/chat", "rid-1", 0.0, begin({}), route="/chat", pricing=Pricing(0.0, Prices(), {}),
                         target="openai-b", attempts=2, status=200)  # fmt: skip
     spend_recorder(store, "m" * 64, True)(exchange)  # type: ignore[arg-type]
     assert [(charge.route, charge.target, charge.status) for charge in charges] == [("/chat", "openai-b", 200)]
