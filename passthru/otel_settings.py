@@ -7,6 +7,7 @@ SDK (and `database_url` over `DATABASE_URL` here); among the variables, a traces
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ WHERE = "general_settings.otel"
 OTEL_FIELDS = ("endpoint", "headers", "service_name", "sampler", "sampler_arg")
 TRACES_PATH = "v1/traces"  # appended to a base endpoint (OTEL_EXPORTER_OTLP_ENDPOINT's rule)
 PROTOCOL = "http/protobuf"  # the one OTLP protocol passthru speaks (opentelemetry-exporter-otlp-proto-http)
+EXPORTER = "opentelemetry-exporter-otlp-proto-http"  # requirements-otel.txt: looked up, not imported, at start-up
 # OTEL_TRACES_SAMPLER's values: (ratio, parent-based); None takes the ratio from the argument (default 1.0).
 SAMPLERS: dict[str, tuple[float | None, bool]] = {
     "always_on": (1.0, False),
@@ -69,6 +71,12 @@ def read_otel(reader: FieldReader, value: Any, environ: Mapping[str, str]) -> Ot
     endpoint = _endpoint(reader, value, environ)
     if endpoint is None:
         return None
+    url, shown, field = endpoint
+    try:  # found now, by the master: not at each worker's start, where it would fail over and over
+        importlib.metadata.version(EXPORTER)
+    except importlib.metadata.PackageNotFoundError:
+        raise _error(reader, field, "exporting spans needs the OpenTelemetry packages: pip install -r "
+                     "requirements-otel.txt") from None  # fmt: skip
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         protocol = environ.get(name, "").strip()
         if protocol:
@@ -84,13 +92,14 @@ def read_otel(reader: FieldReader, value: Any, environ: Mapping[str, str]) -> Ot
     if batch_size > queue_size:
         raise ConfigError(f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE: must not be above OTEL_BSP_MAX_QUEUE_SIZE ({queue_size})")
     return OtelSettings(
-        *endpoint, _headers(reader, value, environ), service_name, _sampler(reader, value, environ),
+        url, shown, _headers(reader, value, environ), service_name, _sampler(reader, value, environ),
         timeout / 1000, delay / 1000, queue_size, batch_size,
     )  # fmt: skip
 
 
-def _endpoint(reader: FieldReader, value: dict[str, Any], environ: Mapping[str, str]) -> tuple[str, str] | None:
-    """(URL, URL shown) to post spans to: the config's base URL, else the traces URL, else the base URL variable."""
+def _endpoint(reader: FieldReader, value: dict[str, Any], environ: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """(URL, URL shown, where it was said) to post spans to: the config's base URL, else the traces URL variable,
+    else the base URL variable."""
     if value.get("endpoint") is not None:
         field = f"{WHERE}.endpoint"
         url, shown = reader.resolve(value["endpoint"], field)
@@ -112,7 +121,7 @@ def _endpoint(reader: FieldReader, value: dict[str, Any], environ: Mapping[str, 
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise _error(reader, field, "must be an http:// or https:// URL with a host")
-    return url, shown
+    return url, shown, field
 
 
 def _traces_url(base: str) -> str:

@@ -3,6 +3,7 @@ naming the field or the variable, never quoting a secret."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 import pytest
@@ -302,3 +303,24 @@ def test_errors_never_quote_a_secret() -> None:
     assert "otlp-secret-9" not in message
     message = refused({"endpoint": "not a url os.environ/KEY"}, KEY="otlp-secret-8")
     assert "otlp-secret-8" not in message
+
+
+@pytest.mark.parametrize(
+    ("section", "environ", "field"),
+    [
+        pytest.param({"endpoint": "http://c"}, {}, "config.yaml: general_settings.otel.endpoint", id="config"),
+        pytest.param(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, "OTEL_EXPORTER_OTLP_ENDPOINT", id="variable"),
+    ],
+)
+def test_export_without_the_packages_stops_start_up(
+    section: dict[str, Any] | None, environ: dict[str, str], field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the master, which never imports them: each worker would otherwise fail at its start, again and again."""
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    message = refused(section, **environ)
+    assert message == f"{field}: exporting spans needs the OpenTelemetry packages: pip install -r requirements-otel.txt"
+    assert otel(section, OTEL_SDK_DISABLED="true", **environ) is None  # off: nothing is needed
